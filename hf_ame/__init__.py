@@ -1,0 +1,50 @@
+"""hf_ame: merge fine-tuned Hugging Face checkpoints with Amortized Model Ensembling (AME).
+
+The merge is an optimizer run in weight space: (merge - ingredient) differences are
+pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for the definition.
+"""
+from .algorithm import AMEStep, AMEStepper, ame_merge, ame_merge_many, plan_steps, soup
+from .checkpoints import Checkpoint, CheckpointError, TensorInfo
+from .checks import IncompatibleCheckpointsError, check_compatible
+from .config import AMEConfig, ConfigError
+from .engine import MergeReport, merge_checkpoints
+from .optimizers import (
+    OptimizerArgumentError,
+    UnknownOptimizerError,
+    build_optimizer,
+    get_optimizer,
+    list_optimizers,
+    register_optimizer,
+)
+from .output import OutputExistsError
+from .schedules import amplification, learning_rate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMEConfig",
+    "ConfigError",
+    "AMEStep",
+    "AMEStepper",
+    "ame_merge",
+    "ame_merge_many",
+    "plan_steps",
+    "soup",
+    "Checkpoint",
+    "CheckpointError",
+    "TensorInfo",
+    "IncompatibleCheckpointsError",
+    "check_compatible",
+    "MergeReport",
+    "merge_checkpoints",
+    "OutputExistsError",
+    "OptimizerArgumentError",
+    "UnknownOptimizerError",
+    "build_optimizer",
+    "get_optimizer",
+    "list_optimizers",
+    "register_optimizer",
+    "amplification",
+    "learning_rate",
+    "__version__",
+]

@@ -1,0 +1,238 @@
+"""The AME algorithm on plain tensors: no files, no models (see ``shared/spec/AME.md``).
+
+For one tensor, with ordered ingredients x_1..x_N, S = ceil(N / B) steps per epoch:
+
+    w <- w_0;  for each step t (global, from 1) over batches b of the (shuffled) order:
+        p <- w if adaptive_pivot else w_0
+        g <- zeta_t * (p - mean_{j in b} x_j) / S
+        w <- optimizer.step(w, g) at learning rate eta_t
+
+Every coordinate-wise optimizer treats tensors independently, so a whole model is merged tensor
+by tensor with the same :func:`plan_steps` (the shuffle is drawn once per epoch, shared by all
+tensors); stepping several tensors through one optimizer gives identical results.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .config import AMEConfig, ConfigError
+from .optimizers import build_optimizer
+from .schedules import amplification, learning_rate
+
+__all__ = [
+    "AMEStep",
+    "plan_steps",
+    "resolve_pivot",
+    "soup",
+    "initial_merge",
+    "AMEStepper",
+    "ame_merge",
+    "ame_merge_many",
+]
+
+
+@dataclass(frozen=True)
+class AMEStep:
+    """One optimizer step: global index ``t`` (from 1), its epoch (from 1), the ingredient
+    indices averaged in it, the learning rate eta_t and the gradient scale zeta_t / S."""
+
+    t: int
+    epoch: int
+    batch: Tuple[int, ...]
+    lr: float
+    scale: float
+
+
+def plan_steps(n_ingredients: int, config: AMEConfig) -> List[AMEStep]:
+    """The full step schedule for ``n_ingredients`` ingredients (indices into the given order).
+
+    With ``shuffle`` the order of each epoch is ``torch.randperm`` drawn from a generator seeded
+    with ``config.seed``, once per epoch: identical for every tensor of a model.
+    """
+    if n_ingredients < 1:
+        raise ValueError("AME needs at least one ingredient")
+    b = config.batch_size
+    s = math.ceil(n_ingredients / b)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    steps: List[AMEStep] = []
+    t = 0
+    for epoch in range(1, config.epochs + 1):
+        if config.shuffle:
+            order = torch.randperm(n_ingredients, generator=gen).tolist()
+        else:
+            order = list(range(n_ingredients))
+        for start in range(0, n_ingredients, b):
+            t += 1
+            zeta = amplification(t, config.amplification)
+            lr = learning_rate(t, config.lr, config.lr_schedule, config.lr_power)
+            steps.append(AMEStep(t, epoch, tuple(order[start:start + b]), lr, zeta / s))
+    return steps
+
+
+PivotSpec = Tuple[str, Optional[int]]
+
+
+def resolve_pivot(pivot: Union[str, int], n: int, names: Sequence[str] = ()) -> PivotSpec:
+    """Map ``config.pivot`` to ("soup", None), ("index", i) or ("base", None).
+
+    ``"first"`` is index 0 of the given order; a string equal to an ingredient's name selects that
+    ingredient; any other string names a separate base checkpoint.
+    """
+    if isinstance(pivot, int) and not isinstance(pivot, bool):
+        if not -n <= pivot < n:
+            raise ConfigError(f"pivot: ingredient index {pivot} is out of range for {n} ingredients")
+        return ("index", pivot % n)
+    if pivot == "soup":
+        return ("soup", None)
+    if pivot == "first":
+        return ("index", 0)
+    if isinstance(pivot, str) and pivot in names:
+        return ("index", list(names).index(pivot))
+    return ("base", None)
+
+
+def soup(ingredients: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32,
+         device: Optional[torch.device] = None) -> torch.Tensor:
+    """Uniform average in ``dtype``, accumulated one ingredient at a time (never stacked).
+
+    Computed as x_1 + mean_i(x_i - x_1): fine-tunes differ by small deltas, so this loses less
+    precision than summing raw weights, and identical ingredients give x_1 back exactly.
+    """
+    n = len(ingredients)
+    first = ingredients[0].to(device=device, dtype=dtype, copy=True)
+    if n == 1:
+        return first
+    acc = torch.zeros_like(first)
+    for i in range(1, n):
+        acc.add_(ingredients[i].to(device=first.device)).sub_(first)
+    return first.add_(acc, alpha=1.0 / n)
+
+
+def initial_merge(ingredients: Sequence[torch.Tensor], pivot: PivotSpec, *, base: Optional[torch.Tensor] = None,
+                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> torch.Tensor:
+    """w_0 for one tensor, as a fresh tensor in ``dtype`` on ``device``."""
+    kind, idx = pivot
+    if kind == "soup":
+        return soup(ingredients, dtype, device)
+    if kind == "index":
+        return ingredients[idx].to(device=device, dtype=dtype, copy=True)
+    if base is None:
+        raise ConfigError("pivot: a base checkpoint was named but no base tensor was given")
+    return base.to(device=device, dtype=dtype, copy=True)
+
+
+class AMEStepper:
+    """The merge state of one or more tensors, advanced one :class:`AMEStep` at a time.
+
+    ``init`` holds w_0 for each tensor (float, any device); the stepper owns fresh copies.
+    ``state_dict`` / ``load_state_dict`` capture weights AND optimizer state (greedy AME).
+    """
+
+    def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig):
+        self.config = config
+        self.weights: List[torch.Tensor] = [w.detach().clone() for w in init]
+        # The fixed pivot is only kept when it is used.
+        self.pivots: Optional[List[torch.Tensor]] = None if config.adaptive_pivot else [w.clone() for w in self.weights]
+        self._grads = [torch.empty_like(w) for w in self.weights]
+        for w, g in zip(self.weights, self._grads):
+            w.grad = g
+        self.optimizer = build_optimizer(config.optimizer, self.weights, lr=float(config.lr),
+                                         kwargs=config.optimizer_arguments())
+
+    @torch.no_grad()
+    def step(self, step: AMEStep, ingredients: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Apply ``step``; ``ingredients[k][j]`` is ingredient j's copy of tensor k."""
+        scale = step.scale / len(step.batch)
+        for k, (w, g) in enumerate(zip(self.weights, self._grads)):
+            p = w if self.pivots is None else self.pivots[k]
+            # g = scale * sum_j (p - x_j): each difference is exact 0 where x_j == p, so identical
+            # ingredients give a zero pseudogradient (adaptive optimizers would amplify rounding).
+            for i, j in enumerate(step.batch):
+                x = ingredients[k][j].to(device=g.device, non_blocking=True)
+                if i == 0:
+                    torch.sub(p, x, out=g)
+                else:
+                    g.add_(p).sub_(x)
+            g.mul_(scale)
+            if w.grad is not g:  # an optimizer may have replaced .grad; keep ours
+                w.grad = g
+        for group in self.optimizer.param_groups:
+            group["lr"] = step.lr
+        self.optimizer.step()
+
+    def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+        for s in steps:
+            self.step(s, ingredients)
+        return self.weights
+
+    def release(self) -> List[torch.Tensor]:
+        """Drop optimizer state and buffers now and return the merged weights (detached).
+
+        torch optimizers sit in reference cycles, so without this their state (several copies of
+        the tensor) would live until the next garbage collection: memory would grow with the model.
+        """
+        out = [w.detach() for w in self.weights]
+        for w in self.weights:
+            w.grad = None
+        self.optimizer.state.clear()
+        self.optimizer.param_groups.clear()
+        self.weights, self._grads, self.pivots = [], [], None
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        """A deep copy of the weights and the optimizer state."""
+        opt = self.optimizer.state_dict()
+        opt_copy = {"state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                              for k, s in opt["state"].items()},
+                    "param_groups": [dict(g) for g in opt["param_groups"]]}
+        return {"weights": [w.detach().clone() for w in self.weights], "optimizer": opt_copy}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for w, v in zip(self.weights, state["weights"]):
+                w.copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def ame_merge_many(
+    ingredients: Sequence[Sequence[torch.Tensor]],
+    config: AMEConfig,
+    *,
+    names: Sequence[str] = (),
+    bases: Optional[Sequence[torch.Tensor]] = None,
+    device: Optional[torch.device] = None,
+) -> List[torch.Tensor]:
+    """Merge several tensors together: ``ingredients[k][j]`` is ingredient j's tensor k.
+
+    Returns the merged tensors in ``config.compute_dtype``. Equal, tensor for tensor, to calling
+    :func:`ame_merge` on each tensor alone.
+    """
+    if not ingredients:
+        return []
+    n = len(ingredients[0])
+    if any(len(xs) != n for xs in ingredients):
+        raise ValueError("every tensor needs one copy per ingredient")
+    config.validate()
+    pivot = resolve_pivot(config.pivot, n, names)
+    dtype = config.torch_compute_dtype
+    init = [initial_merge(xs, pivot, base=None if bases is None else bases[k], dtype=dtype, device=device)
+            for k, xs in enumerate(ingredients)]
+    stepper = AMEStepper(init, config)
+    stepper.run(plan_steps(n, config), ingredients)
+    return stepper.release()
+
+
+def ame_merge(
+    ingredients: Sequence[torch.Tensor],
+    config: AMEConfig,
+    *,
+    names: Sequence[str] = (),
+    base: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Merge one tensor from its N ingredient copies (in the given order); returns compute dtype."""
+    return ame_merge_many([ingredients], config, names=names, bases=None if base is None else [base], device=device)[0]

@@ -1,0 +1,234 @@
+"""Local checkpoint folders: config, tensor headers, and lazy per-tensor reads.
+
+Only headers are read to plan and check a merge; tensors are read one at a time with
+safetensors' ``safe_open`` (memory-mapped, never a whole file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+
+__all__ = [
+    "TensorInfo",
+    "Checkpoint",
+    "CheckpointError",
+    "read_safetensors_header",
+    "SAFETENSORS_DTYPES",
+    "WEIGHT_FILE_NAMES",
+]
+
+SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# Looked for in this order; transformers writes the first two, older checkpoints the last two.
+WEIGHT_FILE_NAMES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+# Bytes read from a safetensors header before we give up (a header is JSON, rarely > a few MB).
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be merged; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor: its file (relative to the folder), dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def read_safetensors_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Read only the JSON header of a safetensors file: ({name: {dtype, shape, data_offsets}}, metadata)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n} is implausible)")
+            header_bytes = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata
+
+
+def infos_from_header(header: Mapping[str, Any], file: str, where: str) -> Dict[str, TensorInfo]:
+    out = {}
+    for name, entry in header.items():
+        dt = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dt is None:
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        out[name] = TensorInfo(name, dt, tuple(int(d) for d in entry["shape"]), file)
+    return out
+
+
+class Checkpoint:
+    """One model folder (as ``save_pretrained`` writes it, or a Hub snapshot).
+
+    Attributes:
+        name: how errors and cards name it (Hub id or the path as given).
+        path: the folder.
+        config: the parsed ``config.json`` ({} when absent).
+        tensors: name -> :class:`TensorInfo`, in file order.
+        format: ``"safetensors"`` or ``"bin"``.
+    """
+
+    def __init__(self, path: Union[str, Path], name: Optional[str] = None):
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.name}: no such checkpoint folder: {self.path}")
+        self._bin_state: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.bytes_read = 0
+        self.config = self._read_config()
+        self.weight_file, self.format = self._find_weights()
+        self.tensors: Dict[str, TensorInfo] = self._read_headers()
+
+    # ---------------------------------------------------------------- discovery
+    def _read_config(self) -> Dict[str, Any]:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{self.name}: config.json is not valid JSON ({exc})") from None
+
+    def _find_weights(self) -> Tuple[str, str]:
+        for fname in WEIGHT_FILE_NAMES:
+            if (self.path / fname).exists():
+                return fname, ("safetensors" if "safetensors" in fname else "bin")
+        present = sorted(p.name for p in self.path.iterdir())[:10]
+        raise CheckpointError(
+            f"{self.name}: no weights found in {self.path} (looked for {', '.join(WEIGHT_FILE_NAMES)}; "
+            f"the folder holds: {', '.join(present) or 'nothing'})"
+        )
+
+    def weight_files(self) -> List[str]:
+        """The weight files (relative names) this checkpoint's tensors live in."""
+        if self.weight_file.endswith(".index.json"):
+            return sorted({i.file for i in self.tensors.values()})
+        return [self.weight_file]
+
+    def _read_headers(self) -> Dict[str, TensorInfo]:
+        if self.weight_file.endswith(".index.json"):
+            try:
+                index = json.loads((self.path / self.weight_file).read_text())
+                weight_map: Dict[str, str] = index["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{self.name}: {self.weight_file} is not a valid index ({exc})") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            for f in files:
+                if not (self.path / f).exists():
+                    raise CheckpointError(f"{self.name}: {self.weight_file} lists {f}, which is missing")
+        else:
+            weight_map, files = None, [self.weight_file]
+        infos: Dict[str, TensorInfo] = {}
+        for f in files:
+            if self.format == "safetensors":
+                header, _ = read_safetensors_header(self.path / f)
+                part = infos_from_header(header, f, f"{self.name}/{f}")
+            else:
+                part = {k: TensorInfo(k, v.dtype, tuple(v.shape), f) for k, v in self._load_bin(f).items()}
+            for k, info in part.items():
+                if weight_map is not None and weight_map.get(k) != f:
+                    continue  # the index is authoritative
+                infos[k] = info
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in infos]
+            if missing:
+                raise CheckpointError(f"{self.name}: tensor {missing[0]!r} is in {self.weight_file} but not in {weight_map[missing[0]]}")
+        return infos
+
+    def _load_bin(self, f: str) -> Dict[str, torch.Tensor]:
+        # pickled checkpoints: mmap + weights_only, so nothing executes and pages load lazily.
+        if f not in self._bin_state:
+            try:
+                sd = torch.load(self.path / f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
+                raise CheckpointError(
+                    f"{self.name}: cannot read {f} safely with torch.load(weights_only=True): {exc}. "
+                    "Convert it to safetensors first."
+                ) from None
+            if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+                raise CheckpointError(f"{self.name}: {f} is not a plain state dict of tensors")
+            self._bin_state[f] = sd
+        return self._bin_state[f]
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def model_type(self) -> Optional[str]:
+        return self.config.get("model_type")
+
+    @property
+    def architectures(self) -> Optional[List[str]]:
+        return self.config.get("architectures")
+
+    def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """Read one tensor (a fresh CPU/device tensor in its stored dtype)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.name}: has no tensor {name!r}")
+        if self.format == "bin":
+            t = self._load_bin(info.file)[name].to(device, copy=True)
+        else:
+            # A fresh handle per read: safetensors maps the file, and pages touched through a
+            # handle kept open stay resident (counted in RSS) until it closes. Per-read handles
+            # tie that memory to the returned tensor's lifetime instead. Opening costs one header parse.
+            with safe_open(str(self.path / info.file), framework="pt", device="cpu") as handle:
+                t = handle.get_tensor(name)
+            if str(device) != "cpu":
+                t = t.to(device, non_blocking=False)
+        self.bytes_read += info.nbytes
+        return t
+
+    def close(self) -> None:
+        self._bin_state.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors, {self.format})"

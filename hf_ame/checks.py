@@ -1,0 +1,69 @@
+"""Compatibility checks on configs and tensor headers only: they run before any weight is read."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
+
+from .checkpoints import TensorInfo
+
+__all__ = ["IncompatibleCheckpointsError", "check_compatible", "HeaderLike"]
+
+
+class IncompatibleCheckpointsError(ValueError):
+    """Ingredients that cannot be merged; the message names the model and the tensor at fault."""
+
+
+class HeaderLike(Protocol):
+    name: str
+    config: Mapping[str, Any]
+    tensors: Mapping[str, TensorInfo]
+
+
+def _fmt_shape(s) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLike] = None, *,
+                     min_ingredients: int = 2) -> None:
+    """Raise :class:`IncompatibleCheckpointsError` unless all ingredients (and the base) share
+    model_type, architectures, tensor names, shapes and dtypes. The first ingredient is the reference."""
+    if len(ingredients) < min_ingredients:
+        raise IncompatibleCheckpointsError(
+            f"a merge needs at least {min_ingredients} ingredients, got {len(ingredients)}"
+            + (f" ({', '.join(i.name for i in ingredients)})" if ingredients else "")
+        )
+    names = [i.name for i in ingredients]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise IncompatibleCheckpointsError(f"ingredient {dup[0]!r} is listed more than once")
+    ref = ingredients[0]
+    others = list(ingredients[1:]) + ([base] if base is not None else [])
+    for other in others:
+        role = "base model" if other is base else "model"
+        for key in ("model_type", "architectures"):
+            a, b = ref.config.get(key), other.config.get(key)
+            if a is not None and b is not None and a != b:
+                raise IncompatibleCheckpointsError(
+                    f"{role} {other.name!r} has {key} {b!r} but {ref.name!r} has {a!r}: "
+                    "only checkpoints of one architecture can be merged"
+                )
+        missing = [k for k in ref.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in ref.tensors]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) of {ref.name!r}, e.g. {missing[0]!r}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) that {ref.name!r} lacks, e.g. {extra[0]!r}")
+            raise IncompatibleCheckpointsError(f"{role} {other.name!r} " + " and ".join(parts))
+        for k, info in ref.tensors.items():
+            o = other.tensors[k]
+            if tuple(o.shape) != tuple(info.shape):
+                raise IncompatibleCheckpointsError(
+                    f"tensor {k!r} has shape {_fmt_shape(o.shape)} in {role} {other.name!r} "
+                    f"but {_fmt_shape(info.shape)} in {ref.name!r}"
+                )
+            if o.dtype != info.dtype and not (o.is_floating and info.is_floating and other is base):
+                raise IncompatibleCheckpointsError(
+                    f"tensor {k!r} has dtype {str(o.dtype).replace('torch.', '')} in {role} {other.name!r} "
+                    f"but {str(info.dtype).replace('torch.', '')} in {ref.name!r}"
+                )

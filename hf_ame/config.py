@@ -1,0 +1,211 @@
+"""The AME hyperparameters (one dataclass) with validation and a plain-dict round trip."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import torch
+
+from .optimizers import OptimizerArgumentError, UnknownOptimizerError, build_optimizer, get_optimizer
+from .schedules import LR_SCHEDULES
+
+__all__ = ["AMEConfig", "ConfigError", "COMPUTE_DTYPES", "parse_dtype"]
+
+COMPUTE_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "double": "float64"}
+
+
+class ConfigError(ValueError):
+    """A bad hyperparameter; the message starts with the field's path (e.g. ``lr: ...``)."""
+
+
+def parse_dtype(value: Union[str, torch.dtype, None], field_name: str = "dtype") -> Optional[torch.dtype]:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None and 'auto' -> None."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        if value not in COMPUTE_DTYPES.values():
+            raise ConfigError(f"{field_name}: unsupported dtype {value}; use one of {', '.join(COMPUTE_DTYPES)}")
+        return value
+    if isinstance(value, str):
+        name = value.replace("torch.", "").lower()
+        name = _DTYPE_ALIASES.get(name, name)
+        if name in COMPUTE_DTYPES:
+            return COMPUTE_DTYPES[name]
+    raise ConfigError(f"{field_name}: expected one of {', '.join(COMPUTE_DTYPES)} (or 'auto'), got {value!r}")
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+@dataclass
+class AMEConfig:
+    """Every hyperparameter of AME (see ``shared/spec/AME.md``; names match the public API).
+
+    Attributes:
+        optimizer: registry name (``sgd``/``gd``, ``adam``, ``adamw``, ``adagrad``, ``adadelta``,
+            ``rmsprop``, ``adamax``, ``nadam``, ``radam`` or a registered one). Default ``"adamw"``.
+        lr: base learning rate eta_0 (> 0). Default 1e-3.
+        lr_schedule: ``"constant"``, ``"harmonic"`` (eta_0 / t) or ``"power"`` (eta_0 * t**lr_power).
+            Default ``"harmonic"`` (the paper's).
+        lr_power: exponent alpha of the ``"power"`` schedule. Default -0.5.
+        epochs: passes over the ingredients (>= 1). Default 1.
+        batch_size: ingredients averaged per optimizer step, B (>= 1). Default 1.
+        shuffle: draw a seeded permutation of the ingredients every epoch. Default True.
+        seed: seed of those permutations. Default 0.
+        pivot: initial merge w_0: ``"soup"`` (mean of the ingredients), ``"first"`` (first in
+            order), an ingredient's index (int) or name, or a base checkpoint's path / Hub id.
+            Default ``"soup"``.
+        adaptive_pivot: pseudogradient against the current merge (True) or against w_0 (False).
+            Default True.
+        amplification: zeta: a number, ``"linear"`` (zeta_t = t + 1) or a callable of the step t
+            (given in a dict as ``"module:function"``). Default 1.0.
+        optimizer_kwargs: passed to the torch optimizer (betas, eps, weight_decay, momentum, ...).
+        compute_dtype: dtype of the merge arithmetic, whatever the storage dtype. Default float32.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_schedule: str = "harmonic"
+    lr_power: float = -0.5
+    epochs: int = 1
+    batch_size: int = 1
+    shuffle: bool = True
+    seed: int = 0
+    pivot: Union[str, int] = "soup"
+    adaptive_pivot: bool = True
+    amplification: Union[float, str, Callable[[int], float]] = 1.0
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = "float32"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def soup(cls) -> "AMEConfig":
+        """The settings under which AME is exactly the uniform soup (spec special case 1)."""
+        return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=1, batch_size=1,
+                   shuffle=False, pivot="soup", adaptive_pivot=False, amplification=1.0)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> "AMEConfig":
+        """Build from a plain dict (as :meth:`to_dict` writes it); unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"{prefix}{unknown[0]}: unknown field; expected one of {', '.join(sorted(names))}"
+            )
+        values = dict(data)
+        amp = values.get("amplification")
+        if isinstance(amp, str) and ":" in amp:
+            values["amplification"] = _import_callable(amp, f"{prefix}amplification")
+        cfg = cls(**values)
+        cfg.validate(prefix=prefix)
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain, YAML-safe dict; a callable amplification becomes ``"module:qualname"``."""
+        out = dataclasses.asdict(self)
+        out["optimizer_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.optimizer_kwargs.items()}
+        if callable(self.amplification):
+            fn = self.amplification
+            path = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '')}"
+            if "<" in path or path.startswith(":"):
+                raise ConfigError(
+                    "amplification: a lambda or local function cannot be written to a recipe; "
+                    "use a module-level function"
+                )
+            out["amplification"] = path
+        return out
+
+    def replace(self, **overrides: Any) -> "AMEConfig":
+        """A validated copy with some fields changed."""
+        cfg = dataclasses.replace(self, **overrides)
+        cfg.validate()
+        return cfg
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return parse_dtype(self.compute_dtype, "compute_dtype") or torch.float32
+
+    def validate(self, prefix: str = "") -> "AMEConfig":
+        """Check every field (and the optimizer's own argument checks) without touching any model."""
+        p = prefix
+
+        def bad(name: str, expected: str, got: Any) -> ConfigError:
+            return ConfigError(f"{p}{name}: expected {expected}, got {got!r}")
+
+        if not isinstance(self.optimizer, str):
+            raise bad("optimizer", "a registry name", self.optimizer)
+        try:
+            get_optimizer(self.optimizer)
+        except UnknownOptimizerError as exc:
+            raise ConfigError(f"{p}optimizer: {exc}") from None
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise bad("lr", "a positive number", self.lr)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        if isinstance(self.lr_power, bool) or not isinstance(self.lr_power, (int, float)) or not math.isfinite(self.lr_power):
+            raise bad("lr_power", "a finite number", self.lr_power)
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "an integer >= 1", v)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad("seed", "an integer", self.seed)
+        for name in ("shuffle", "adaptive_pivot"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false", getattr(self, name))
+        if isinstance(self.pivot, bool) or not isinstance(self.pivot, (str, int)) or self.pivot == "":
+            raise bad("pivot", "'soup', 'first', an ingredient index or name, or a base checkpoint", self.pivot)
+        amp = self.amplification
+        if not callable(amp):
+            if isinstance(amp, str):
+                if amp != "linear":
+                    raise bad("amplification", "a number, 'linear' or a callable", amp)
+            elif isinstance(amp, bool) or not isinstance(amp, (int, float)) or not math.isfinite(amp):
+                raise bad("amplification", "a number, 'linear' or a callable", amp)
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            raise bad("optimizer_kwargs", "a mapping", self.optimizer_kwargs)
+        try:
+            parse_dtype(self.compute_dtype, f"{p}compute_dtype")
+        except ConfigError:
+            raise
+        if self.compute_dtype in (None, "auto"):
+            raise bad("compute_dtype", f"one of {', '.join(COMPUTE_DTYPES)}", self.compute_dtype)
+        # Let the optimizer run its own argument checks now, on a one-element tensor, so a bad
+        # beta or eps fails before any checkpoint is read.
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
+        try:
+            build_optimizer(self.optimizer, [torch.zeros(1)], lr=float(self.lr), kwargs=kwargs)
+        except OptimizerArgumentError as exc:
+            raise ConfigError(f"{p}{exc}") from None
+        return self
+
+    def optimizer_arguments(self) -> Dict[str, Any]:
+        """optimizer_kwargs with YAML lists turned back into the tuples torch expects."""
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
+
+
+def _import_callable(path: str, field_name: str) -> Callable[[int], float]:
+    module, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{field_name}: cannot import {path!r}: {exc}") from None
+    if not callable(obj):
+        raise ConfigError(f"{field_name}: {path!r} is not callable")
+    return obj

@@ -1,0 +1,239 @@
+"""The streaming executor: merge N checkpoint folders tensor by tensor into a new folder.
+
+Plan first (headers only: compatibility, pivot, output dtypes, shard layout, output folder), then
+execute: a background thread reads the N copies of the next tensor while the current one is merged
+and appended to its shard. Memory holds two tensors' worth of ingredients (current + prefetched),
+the merge state and optimizer state of one tensor: never a whole model.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .algorithm import AMEStepper, initial_merge, plan_steps, resolve_pivot
+from .checkpoints import Checkpoint, CheckpointError, TensorInfo
+from .checks import IncompatibleCheckpointsError, check_compatible
+from .config import AMEConfig, ConfigError, parse_dtype
+from .output import check_output_dir, copy_aux_files, staged_output, update_config
+from .writer import ShardedWriter, parse_size, plan_shards
+
+__all__ = ["MergeReport", "merge_checkpoints", "open_checkpoints", "DeviceMap"]
+
+DeviceMap = Union[None, str, torch.device, Mapping[str, Union[str, int, torch.device]], Callable[[str], Union[str, torch.device]]]
+
+
+@dataclass
+class MergeReport:
+    """What a merge did. Times are seconds of wall clock; sizes are bytes."""
+
+    output_dir: Path
+    ingredients: List[str]
+    config: AMEConfig
+    dtype: str
+    tensors: int = 0
+    parameters: int = 0
+    merged_tensors: int = 0
+    copied_tensors: int = 0
+    steps: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    files: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
+    wait_read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    devices: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
+                f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
+                f"{self.steps} optimizer steps per tensor, {self.config.optimizer} lr={self.config.lr}, "
+                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s")
+
+
+def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
+    """Checkpoint objects for folders (or pass through ones already open)."""
+    return [c if isinstance(c, Checkpoint) else Checkpoint(c) for c in items]
+
+
+def _device_lookup(device_map: DeviceMap) -> Callable[[str], torch.device]:
+    """Turn a device map into name -> device. A mapping is keyed by module prefixes, as
+    Accelerate's device maps are ("" = whole model); the longest matching prefix wins."""
+    if device_map is None:
+        return lambda name: torch.device("cpu")
+    if callable(device_map) and not isinstance(device_map, Mapping):
+        return lambda name: torch.device(device_map(name))  # type: ignore[misc]
+    if isinstance(device_map, (str, torch.device, int)):
+        dev = _as_device(device_map)
+        return lambda name: dev
+    prefixes = sorted(((k, _as_device(v)) for k, v in device_map.items()), key=lambda kv: -len(kv[0]))
+
+    def lookup(name: str) -> torch.device:
+        for prefix, dev in prefixes:
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                return dev
+        return torch.device("cpu")
+
+    return lookup
+
+
+def _as_device(v: Union[str, int, torch.device]) -> torch.device:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return torch.device("cuda", v)
+    if v in ("disk", "meta"):
+        return torch.device("cpu")  # offloaded modules are merged on the CPU
+    return torch.device(v)
+
+
+def merge_checkpoints(
+    ingredients: Sequence[Union[Checkpoint, str, Path]],
+    output_dir: Union[str, Path],
+    config: Optional[AMEConfig] = None,
+    *,
+    base: Optional[Union[Checkpoint, str, Path]] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    device_map: DeviceMap = None,
+    prefetch: bool = True,
+    reference: int = 0,
+    extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+) -> MergeReport:
+    """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
+
+    Args:
+        ingredients: folders (or open :class:`Checkpoint`) in merge order (the order AME steps in).
+        output_dir: destination; refused if it exists and is not empty unless ``overwrite``.
+        config: the AME hyperparameters; default :class:`AMEConfig` ().
+        base: a base checkpoint used as pivot when ``config.pivot`` names one (else opened from
+            ``config.pivot`` when that is a folder).
+        dtype: output dtype of floating tensors; default: the ingredients' own.
+        max_shard_size: bytes per output shard (int) or a size string; default "5GB".
+        device_map: where each tensor is merged: None (CPU), a device, or Accelerate-style
+            {module prefix: device} mapping, or a callable name -> device.
+        prefetch: read the next tensor on a background thread while merging this one.
+        reference: index of the ingredient whose config / tokenizer / processor files are copied.
+        extra_files: more files to write into the output (name -> text or bytes), e.g. a recipe.
+    """
+    t0 = time.perf_counter()
+    config = (config or AMEConfig()).validate()
+    out_dtype = parse_dtype(dtype, "dtype")
+    parse_size(max_shard_size)
+    check_output_dir(output_dir, overwrite)  # before reading anything big
+
+    ckpts = open_checkpoints(ingredients)
+    read_before = sum(c.bytes_read for c in ckpts)
+    names = [c.name for c in ckpts]
+    pivot = resolve_pivot(config.pivot, len(ckpts), names)
+    base_ckpt: Optional[Checkpoint] = None
+    if pivot[0] == "base":
+        if base is None:
+            if not Path(str(config.pivot)).is_dir():
+                raise ConfigError(
+                    f"pivot: {config.pivot!r} is neither 'soup', 'first', an ingredient index or name "
+                    f"({', '.join(names)}) nor a checkpoint folder"
+                )
+            base = config.pivot  # type: ignore[assignment]
+        base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
+    check_compatible(ckpts, base_ckpt)
+    if not 0 <= reference < len(ckpts):
+        raise ValueError(f"reference: index {reference} out of range for {len(ckpts)} ingredients")
+    ref = ckpts[reference]
+
+    infos: List[TensorInfo] = list(ref.tensors.values())
+    def target_dtype(info: TensorInfo) -> torch.dtype:
+        return out_dtype if (out_dtype is not None and info.is_floating) else info.dtype
+    plan = plan_shards([(i.name, target_dtype(i), i.shape) for i in infos], max_shard_size)
+    steps = plan_steps(len(ckpts), config)
+    where = _device_lookup(device_map)
+    compute_dtype = config.torch_compute_dtype
+    floating = [i for i in infos if i.is_floating]
+    final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    report = MergeReport(Path(output_dir), names, config, str(final_dtype).replace("torch.", ""),
+                         tensors=len(infos), steps=len(steps), plan_seconds=time.perf_counter() - t0)
+    devices = set()
+
+    def read(info: TensorInfo) -> List[torch.Tensor]:
+        xs = [c.get_tensor(info.name) for c in ckpts]
+        if base_ckpt is not None:
+            xs.append(base_ckpt.get_tensor(info.name))
+        return xs
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if prefetch else None
+    try:
+        with staged_output(output_dir, overwrite) as tmp:
+            writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"})
+            try:
+                pending = pool.submit(read, infos[0]) if (pool and infos) else None
+                bar = tqdm(total=sum(i.nbytes for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
+                           desc="hf_ame merge", disable=not progress)
+                for k, info in enumerate(infos):
+                    ts = time.perf_counter()
+                    xs = pending.result() if pending is not None else read(info)
+                    if pool is not None and k + 1 < len(infos):
+                        pending = pool.submit(read, infos[k + 1])
+                    tc = time.perf_counter()
+                    report.wait_read_seconds += tc - ts
+                    if info.is_floating:
+                        dev = where(info.name)
+                        devices.add(str(dev))
+                        base_x = xs[len(ckpts)] if base_ckpt is not None else None
+                        ing = xs[:len(ckpts)]
+                        if dev.type != "cpu":
+                            ing = [x.to(dev, non_blocking=True) for x in ing]
+                        w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
+                        stepper = AMEStepper([w0], config)
+                        del w0
+                        stepper.run(steps, [ing])
+                        merged = stepper.release()[0]
+                        result = merged.to(target_dtype(info))
+                        del stepper, merged, ing
+                        report.merged_tensors += 1
+                    else:
+                        for c, x in zip(ckpts[1:], xs[1:len(ckpts)]):
+                            if not torch.equal(xs[0], x):
+                                raise IncompatibleCheckpointsError(
+                                    f"non-floating tensor {info.name!r} ({info.dtype}) differs between "
+                                    f"{ckpts[0].name!r} and {c.name!r}; integer buffers cannot be averaged"
+                                )
+                        result = xs[reference]
+                        report.copied_tensors += 1
+                    tw = time.perf_counter()
+                    report.compute_seconds += tw - tc
+                    writer.write(info.name, result)
+                    report.write_seconds += time.perf_counter() - tw
+                    report.parameters += info.numel
+                    del xs, result
+                    bar.update(info.nbytes)
+                bar.close()
+                files = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            report.bytes_written = writer.bytes_written
+            aux = copy_aux_files(ref.path, tmp)
+            update_config(tmp, final_dtype)
+            for fname, content in (extra_files or {}).items():
+                mode = "wb" if isinstance(content, bytes) else "w"
+                with open(tmp / fname, mode) as fh:
+                    fh.write(content)
+            report.files = sorted(files + aux + list(extra_files or {}))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        report.bytes_read = sum(c.bytes_read for c in ckpts) - read_before + (base_ckpt.bytes_read if base_ckpt else 0)
+        for c in ckpts:
+            c.close()
+        if base_ckpt is not None:
+            base_ckpt.close()
+    report.devices = sorted(devices)
+    report.seconds = time.perf_counter() - t0
+    return report

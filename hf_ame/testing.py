@@ -1,0 +1,84 @@
+"""Tiny transformers checkpoints built locally from configs (no Hub): for tests, the demo and
+benchmarks. Each family shares one random init and differs by seeded perturbations, the way
+fine-tunes of one pretrained model differ."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+__all__ = ["tiny_config", "build_model", "make_family", "KINDS"]
+
+KINDS = ("llama", "vit", "bert")
+
+
+def tiny_config(kind: str, **overrides: Any):
+    """A small config of a real architecture: 'llama' (causal LM, tied embeddings),
+    'vit' (8x8 image classifier, 10 labels) or 'bert' (sequence classifier, 3 labels)."""
+    from transformers import BertConfig, LlamaConfig, ViTConfig
+
+    if kind == "llama":
+        kw: Dict[str, Any] = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+        kw.update(overrides)
+        return LlamaConfig(**kw)
+    if kind == "vit":
+        kw = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=64, num_labels=10,
+                  architectures=["ViTForImageClassification"])
+        kw.update(overrides)
+        return ViTConfig(**kw)
+    if kind == "bert":
+        kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                  architectures=["BertForSequenceClassification"])
+        kw.update(overrides)
+        return BertConfig(**kw)
+    raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def build_model(kind: str, seed: int = 0, **overrides: Any):
+    """A freshly initialised model of ``kind`` (deterministic in ``seed``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    cfg = tiny_config(kind, **overrides)
+    torch.manual_seed(seed)
+    auto = {"llama": AutoModelForCausalLM, "vit": AutoModelForImageClassification,
+            "bert": AutoModelForSequenceClassification}[kind]
+    return auto.from_config(cfg).eval()
+
+
+def make_family(
+    kind: str,
+    folder: Union[str, Path],
+    n: int,
+    *,
+    seed: int = 0,
+    noise: float = 0.02,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_size: Union[int, str, None] = None,
+    identical: bool = False,
+    **overrides: Any,
+) -> List[Path]:
+    """Save ``n`` checkpoints ``folder/ft-{i}`` of ``kind``: one init, plus independent Gaussian
+    perturbations of std ``noise`` per ingredient (none if ``identical``). Returns their paths."""
+    folder = Path(folder)
+    model = build_model(kind, seed, **overrides)
+    if dtype is not None:
+        model = model.to(dtype)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    paths = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(seed * 1000 + i + 1)
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                p.copy_(init[k])
+                if p.is_floating_point() and not identical:
+                    p.add_((torch.randn(p.shape, generator=gen) * noise).to(p.dtype))
+        out = folder / f"ft-{i}"
+        kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(out, **kw)
+        paths.append(out)
+    return paths
