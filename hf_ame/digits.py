@@ -1,0 +1,151 @@
+"""Real fine-tuned ViT ingredients, built offline from scikit-learn's digits (1797 8x8 images).
+
+As in the AME paper's class-exclusion experiment (ViT fine-tuned on CIFAR-10): one small ViT is
+pretrained (supervised, all classes) on a split of the images, then K copies get a fresh 10-class
+head and are fine-tuned, with different seeds, on shards that never show some of the classes.
+Ingredients are saved with ``save_pretrained`` (plus a ViT image processor) and cached on disk,
+keyed by every setting, so re-runs are instant.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["DigitsSetup", "load_digits_splits", "build_digits_ingredients", "accuracy", "vit_config"]
+
+
+@dataclass(frozen=True)
+class DigitsSetup:
+    """Every setting that shapes the ingredients (and so their cache key)."""
+
+    n_models: int = 6
+    unseen_fraction: float = 0.5  # fraction of the 10 classes each fine-tune never sees
+    seed: int = 0
+    hidden_size: int = 64
+    layers: int = 3
+    pretrain_epochs: int = 30
+    finetune_epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def vit_config(setup: DigitsSetup):
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=setup.hidden_size,
+                     num_hidden_layers=setup.layers, num_attention_heads=4, intermediate_size=2 * setup.hidden_size,
+                     num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)},
+                     architectures=["ViTForImageClassification"])
+
+
+def load_digits_splits(seed: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, stratified splits of the digits: pretrain 30%, finetune 40%, validation 10%, test 20%.
+    Images are (n, 1, 8, 8) floats normalised to mean 0.5 / std 0.5 of [0, 1], labels int64."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(d.target, dtype=torch.int64)
+    idx = list(range(len(y)))
+    rest, test = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
+    rest_y = y[rest]
+    rest, val = train_test_split(rest, test_size=0.125, random_state=seed, stratify=rest_y)
+    pre, fine = train_test_split(rest, test_size=4 / 7, random_state=seed, stratify=y[rest])
+    return {name: (x[i], y[i]) for name, i in (("pretrain", pre), ("finetune", fine), ("validation", val), ("test", test))}
+
+
+def _train(model, x, y, epochs: int, lr: float, batch_size: int, seed: int, allowed: Optional[List[int]] = None) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), batch_size):
+            b = perm[start:start + batch_size]
+            logits = model(pixel_values=x[b]).logits
+            if allowed is not None:  # the model never learns about unseen classes: softmax over seen ones
+                mask = torch.full((10,), float("-inf"))
+                mask[allowed] = 0.0
+                logits = logits + mask
+            loss = torch.nn.functional.cross_entropy(logits, y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of a ViT classifier (a model or a folder) on images ``x``."""
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(model)
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        pred = model(pixel_values=x[start:start + batch_size]).logits.argmax(-1)
+        correct += int((pred == y[start:start + batch_size]).sum())
+    return correct / len(y)
+
+
+def _classes_for(model_index: int, n_unseen: int, seed: int) -> List[int]:
+    gen = torch.Generator().manual_seed(seed * 7919 + model_index)
+    unseen = set(torch.randperm(10, generator=gen)[:n_unseen].tolist())
+    return [c for c in range(10) if c not in unseen]
+
+
+def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = DigitsSetup(), *, verbose: bool = True) -> List[Path]:
+    """Build (or reuse from ``root/<settings hash>``) ``setup.n_models`` fine-tuned ViT folders."""
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    folder = Path(root) / f"digits-{setup.key()}"
+    paths = [folder / f"vit-digits-ft-{i}" for i in range(setup.n_models)]
+    if (folder / "done.json").exists() and all((p / "model.safetensors").exists() for p in paths):
+        return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    splits = load_digits_splits(setup.seed)
+    torch.manual_seed(setup.seed)
+    backbone = ViTForImageClassification(vit_config(setup))
+    if verbose:
+        print(f"[digits] pretraining a {sum(p.numel() for p in backbone.parameters()) / 1e3:.0f}k-parameter ViT "
+              f"on {len(splits['pretrain'][1])} images (all classes)", flush=True)
+    _train(backbone, *splits["pretrain"], setup.pretrain_epochs, setup.lr, setup.batch_size, setup.seed)
+    pre_state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    xf, yf = splits["finetune"]
+    n_unseen = int(round(10 * setup.unseen_fraction))
+    processor = ViTImageProcessor(do_resize=False, do_rescale=True, rescale_factor=1 / 16, do_normalize=True,
+                                  image_mean=[0.5], image_std=[0.5], size={"height": 8, "width": 8})
+    meta = []
+    for i, path in enumerate(paths):
+        classes = _classes_for(i, n_unseen, setup.seed)
+        keep = torch.isin(yf, torch.tensor(classes))
+        # each fine-tune sees a different random half of the allowed images
+        gen = torch.Generator().manual_seed(setup.seed * 104729 + i)
+        idx = keep.nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)[: max(1, len(idx) // 2 + 1)]]
+        model = ViTForImageClassification(vit_config(setup))
+        model.load_state_dict(pre_state)
+        torch.manual_seed(setup.seed * 1000 + i)
+        model.classifier.reset_parameters()  # a fresh head per fine-tune, as in the paper
+        _train(model, xf[idx], yf[idx], setup.finetune_epochs, setup.lr, setup.batch_size, setup.seed + i, classes)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        meta.append({"path": path.name, "classes": classes, "images": int(len(idx))})
+        if verbose:
+            print(f"[digits] fine-tuned {path.name} on classes {classes} ({len(idx)} images)", flush=True)
+    (folder / "done.json").write_text(json.dumps({"setup": asdict(setup), "models": meta}, indent=2))
+    return paths
