@@ -8,6 +8,8 @@ from .checkpoints import Checkpoint, CheckpointError, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError
 from .engine import MergeReport, merge_checkpoints
+from .hub import Ingredient, IngredientError
+from .merger import AMEMerger, MergeResult
 from .optimizers import (
     OptimizerArgumentError,
     UnknownOptimizerError,
@@ -17,11 +19,17 @@ from .optimizers import (
     register_optimizer,
 )
 from .output import OutputExistsError
+from .placement import DevicePlacementError
 from .schedules import amplification, learning_rate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AMEMerger",
+    "MergeResult",
+    "Ingredient",
+    "IngredientError",
+    "DevicePlacementError",
     "AMEConfig",
     "ConfigError",
     "AMEStep",

@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from . import AMEConfig, merge_checkpoints
+    from . import AMEConfig, AMEMerger
     from .digits import DigitsSetup, accuracy, build_digits_ingredients, load_digits_splits
 
     t0 = time.perf_counter()
@@ -44,11 +44,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "AdamW-AME": AMEConfig(optimizer="adamw", lr=1e-3, lr_schedule="harmonic", epochs=5, batch_size=2,
                                shuffle=True, pivot="soup", optimizer_kwargs={"weight_decay": 0.0}),
     }
+    merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="auto")
     merged_rows = []
     for label, cfg in runs.items():
         dest = out / label.lower().replace(" ", "-")
-        report = merge_checkpoints(paths, dest, cfg, overwrite=True, progress=args.progress)
-        merged_rows.append((label, accuracy(dest, x, y), report))
+        result = merger.merge(cfg, output_dir=dest, overwrite=True, progress=args.progress)
+        merged_rows.append((label, accuracy(result.model, x, y), result.report))
 
     print()
     print(f"{len(paths)} ViT ingredients fine-tuned on digits, each never seeing "

@@ -74,12 +74,18 @@ def _device_lookup(device_map: DeviceMap) -> Callable[[str], torch.device]:
         dev = _as_device(device_map)
         return lambda name: dev
     prefixes = sorted(((k, _as_device(v)) for k, v in device_map.items()), key=lambda kv: -len(kv[0]))
+    counts: Dict[torch.device, int] = {}
+    for _, dev in prefixes:
+        counts[dev] = counts.get(dev, 0) + 1
+    # A tensor whose name matches no module (a file name that differs from the in-memory name)
+    # goes to the device holding most modules.
+    fallback = max(counts, key=lambda d: counts[d]) if counts else torch.device("cpu")
 
     def lookup(name: str) -> torch.device:
         for prefix, dev in prefixes:
             if prefix == "" or name == prefix or name.startswith(prefix + "."):
                 return dev
-        return torch.device("cpu")
+        return fallback
 
     return lookup
 

@@ -1,0 +1,184 @@
+"""Ingredients on the Hub (or in huggingface_hub's cache): resolve, inspect headers, download.
+
+Everything here goes through huggingface_hub. The inspection step reads only config.json and the
+safetensors headers (HTTP range requests), so incompatible ingredients are reported before any
+weight file is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from .checkpoints import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, TensorInfo
+
+__all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns"]
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+class IngredientError(ValueError):
+    """An ingredient that cannot be found or read; the message names it."""
+
+
+@dataclass
+class Ingredient:
+    """One model of a merge. ``id`` is the Hub repo id or the local path as given; ``revision`` what
+    was asked for; ``sha`` the resolved commit (None for a local folder); ``path`` the local folder."""
+
+    id: str
+    revision: Optional[str] = None
+    sha: Optional[str] = None
+    path: Optional[Path] = None
+    local: bool = False
+    order: Optional[int] = None
+    score: Optional[float] = None
+    kept: bool = True
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"id": self.id, "revision": self.revision, "sha": self.sha, "path": str(self.path) if self.path else None,
+                "local": self.local, "order": self.order, "score": self.score, "kept": self.kept}
+
+
+def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_revision: Optional[str] = None,
+                     where: str = "models") -> Ingredient:
+    """``"org/name"``, ``"./folder"``, or ``{"id": ..., "revision": ...}`` (``path`` / ``repo_id`` also accepted)."""
+    if isinstance(entry, Mapping):
+        unknown = set(entry) - {"id", "path", "repo_id", "revision"}
+        if unknown:
+            raise IngredientError(f"{where}: unknown key {sorted(unknown)[0]!r} in {dict(entry)!r}; use id and revision")
+        ident = entry.get("id") or entry.get("repo_id") or entry.get("path")
+        if not ident:
+            raise IngredientError(f"{where}: entry {dict(entry)!r} has no id")
+        revision = entry.get("revision", default_revision)
+    elif isinstance(entry, (str, os.PathLike)):
+        ident, revision = os.fspath(entry), default_revision
+    else:
+        raise IngredientError(f"{where}: expected a repo id, a folder or a mapping, got {type(entry).__name__}")
+    ident = str(ident)
+    path = Path(ident).expanduser()
+    if path.is_dir():
+        return Ingredient(ident, revision=None, path=path, local=True)
+    looks_local = ident.startswith((".", "/", "~")) or ident.count("/") > 1 or os.sep in ident.replace("/", "")
+    if looks_local:
+        raise IngredientError(f"{where}: {ident!r}: no such folder")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(ident)
+    except Exception as exc:  # HFValidationError
+        raise IngredientError(f"{where}: {ident!r} is neither a folder nor a valid Hub repo id ({exc})") from None
+    return Ingredient(ident, revision=revision)
+
+
+@dataclass
+class RemoteHeader:
+    """What :func:`check_compatible` needs, read from the Hub without downloading weights."""
+
+    name: str
+    config: Dict[str, Any]
+    tensors: Dict[str, TensorInfo]
+    sha: str
+    files: List[str] = field(default_factory=list)
+    safetensors: bool = True
+
+
+def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
+    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    rev = f" at revision {ing.revision!r}" if ing.revision else ""
+    if isinstance(exc, GatedRepoError):
+        why = "the repo is gated: accept its terms on the Hub and pass token="
+    elif isinstance(exc, RepositoryNotFoundError):
+        why = "repository not found (or private: pass token=)"
+    elif isinstance(exc, RevisionNotFoundError):
+        why = "revision not found"
+    elif isinstance(exc, OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set; use local_files_only=True with a cached copy, or a local folder"
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    return IngredientError(f"{ing.id!r}{rev}: cannot {what}: {why}")
+
+
+def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, endpoint: Optional[str] = None) -> RemoteHeader:
+    """Resolve the commit sha, read config.json and every safetensors header (range requests only)."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(ing.id, revision=ing.revision)
+    except Exception as exc:  # noqa: BLE001 - wrapped with the repo's name
+        raise _wrap(ing, exc, "resolve it on the Hub") from exc
+    sha = info.sha
+    files = [s.rfilename for s in (info.siblings or [])]
+    config: Dict[str, Any] = {}
+    if "config.json" in files:
+        try:
+            config = json.loads(Path(hf_hub_download(ing.id, "config.json", revision=sha, token=token,
+                                                     endpoint=endpoint)).read_text())
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(ing, exc, "read config.json") from exc
+    tensors: Dict[str, TensorInfo] = {}
+    is_safetensors = any(f.endswith(".safetensors") for f in files)
+    if is_safetensors:
+        try:
+            meta = api.get_safetensors_metadata(ing.id, revision=sha, token=token)
+        except NotASafetensorsRepoError:
+            is_safetensors = False
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(ing, exc, "read its safetensors headers") from exc
+        else:
+            for fname, fmeta in meta.files_metadata.items():
+                for tname, t in fmeta.tensors.items():
+                    if meta.weight_map.get(tname, fname) != fname:
+                        continue
+                    dt = SAFETENSORS_DTYPES.get(t.dtype)
+                    if dt is None:
+                        raise IngredientError(f"{ing.id!r}: tensor {tname!r} has unsupported dtype {t.dtype!r}")
+                    tensors[tname] = TensorInfo(tname, dt, tuple(t.shape), fname)
+    if not is_safetensors and not any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
+        raise IngredientError(f"{ing.id!r}: the repo has no model weights (no *.safetensors nor pytorch_model*.bin); files: "
+                              f"{', '.join(files[:10]) or 'none'}")
+    return RemoteHeader(ing.id, config, tensors, sha, files, is_safetensors)
+
+
+def allow_patterns(files: List[str], trust_remote_code: bool = False) -> List[str]:
+    """Only what a merge needs: safetensors (never .bin when safetensors exist), JSON configs and
+    indexes, tokenizer / processor / generation / chat-template files."""
+    pats = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.spm"]
+    if any(f.endswith(".safetensors") for f in files):
+        pats.append("*.safetensors")
+    else:
+        pats.append("pytorch_model*.bin")
+    if trust_remote_code:
+        pats.append("*.py")
+    return pats
+
+
+def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: Union[str, Path, None] = None,
+             token: Union[bool, str, None] = None, local_files_only: bool = False, trust_remote_code: bool = False,
+             endpoint: Optional[str] = None) -> Tuple[Path, str]:
+    """snapshot_download the files a merge needs at ``ing.sha`` (or ``ing.revision``); returns (folder, sha)."""
+    from huggingface_hub import snapshot_download
+
+    # Ask for the revision as given (so the cache records refs/<branch> and local_files_only works
+    # later), then check it is still the commit whose headers were checked.
+    revision = ing.revision
+    pats = allow_patterns(files or ["model.safetensors"], trust_remote_code) if files is not None else None
+    try:
+        folder = Path(snapshot_download(ing.id, revision=revision, cache_dir=cache_dir, token=token,
+                                        local_files_only=local_files_only, allow_patterns=pats, endpoint=endpoint,
+                                        library_name="hf_ame"))
+    except Exception as exc:  # noqa: BLE001
+        what = "find it in the local cache (local_files_only=True)" if local_files_only else "download it"
+        raise _wrap(ing, exc, what) from exc
+    sha = folder.name if _SHA_RE.match(folder.name) else (ing.sha or "")
+    if ing.sha and sha and sha != ing.sha:
+        raise IngredientError(f"{ing.id!r}: revision {revision!r} moved from {ing.sha} to {sha} during the merge set-up; "
+                              "pin a commit sha")
+    return folder, sha

@@ -1,0 +1,123 @@
+"""Where each tensor is merged: Accelerate device maps over an empty-weight skeleton."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+__all__ = ["DevicePlacementError", "resolve_device_map", "model_class_for", "check_device"]
+
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class DevicePlacementError(ValueError):
+    """A device map that cannot be honoured (e.g. it names a missing GPU)."""
+
+
+def check_device(dev: Union[str, int, torch.device], where: str = "device_map") -> str:
+    """Normalise a device name and check that it exists on this machine."""
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        dev = f"cuda:{dev}"
+    name = str(dev)
+    if name in ("cpu", "disk", "meta"):
+        return name
+    try:
+        d = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DevicePlacementError(f"{where}: {name!r} is not a device name") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count()
+        idx = 0 if d.index is None else d.index
+        if idx >= n:
+            raise DevicePlacementError(
+                f"{where}: {name!r} is not available: torch sees {n} CUDA device(s)" + (" (CPU-only torch build?)" if n == 0 else "")
+            )
+        return f"cuda:{idx}"
+    if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DevicePlacementError(f"{where}: 'mps' is not available on this machine")
+    return str(d)
+
+
+def model_class_for(config: Any, trust_remote_code: bool = False):
+    """The transformers class named by ``config.architectures[0]``, else the Auto class that fits."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _empty_model(config: Any, trust_remote_code: bool):
+    from accelerate import init_empty_weights
+    import transformers
+
+    cls = model_class_for(config, trust_remote_code)
+    with init_empty_weights():
+        if cls is transformers.AutoModel or trust_remote_code:
+            model = transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config)
+    model.tie_weights()  # so tied parameters land on one device
+    return model
+
+
+def resolve_device_map(
+    device_map: Union[None, str, int, torch.device, Mapping[str, Any]],
+    config_path: Optional[str] = None,
+    *,
+    max_memory: Optional[Mapping[Union[int, str], Union[int, str]]] = None,
+    dtype: Optional[torch.dtype] = None,
+    trust_remote_code: bool = False,
+) -> Dict[str, str]:
+    """A {module prefix: device} map (Accelerate's format; "" is the whole model).
+
+    ``None`` / ``"cpu"`` -> CPU; a device -> everything there; a dict -> checked and returned;
+    ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"`` -> Accelerate's
+    ``infer_auto_device_map`` over an empty-weight skeleton of the architecture (no memory used),
+    honouring ``max_memory`` and the model's no-split modules. Without GPUs and without
+    ``max_memory``, "auto" is simply the CPU.
+    """
+    if device_map is None:
+        return {"": "cpu"}
+    if isinstance(device_map, Mapping):
+        out = {}
+        for k, v in device_map.items():
+            if not isinstance(k, str):
+                raise DevicePlacementError(f"device_map: keys are module names (str), got {k!r}")
+            out[k] = check_device(v, f"device_map[{k!r}]")
+        if not out:
+            raise DevicePlacementError("device_map: empty mapping")
+        return out
+    if isinstance(device_map, str) and device_map in _STRATEGIES:
+        if max_memory is None and torch.cuda.device_count() == 0:
+            return {"": "cpu"}
+        if config_path is None:
+            raise DevicePlacementError("device_map='auto' needs the model's config")
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code)
+        model = _empty_model(config, trust_remote_code)
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        mm = dict(max_memory) if max_memory is not None else None
+        if mm is not None:
+            for k in mm:
+                check_device(k, f"max_memory[{k!r}]")
+        if device_map != "sequential" and torch.cuda.device_count() > 1:
+            mm = get_balanced_memory(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=device_map == "balanced_low_0")
+        dm = infer_auto_device_map(model, max_memory=mm, no_split_module_classes=no_split, dtype=dtype)
+        return {k: check_device(v, f"device_map[{k!r}]") for k, v in dm.items()}
+    return {"": check_device(device_map, "device_map")}
+
+
+def devices_in(device_map: Mapping[str, str]) -> Dict[str, int]:
+    """How many entries of the map go to each device."""
+    out: Dict[str, int] = {}
+    for v in device_map.values():
+        out[v] = out.get(v, 0) + 1
+    return out
