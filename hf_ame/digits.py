@@ -33,6 +33,7 @@ class DigitsSetup:
     finetune_epochs: int = 15
     lr: float = 1e-3
     batch_size: int = 32
+    version: int = 2  # bump when the recipe below changes, so caches rebuild
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -41,7 +42,7 @@ class DigitsSetup:
 def vit_config(setup: DigitsSetup):
     from transformers import ViTConfig
 
-    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=setup.hidden_size,
+    return ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=setup.hidden_size,
                      num_hidden_layers=setup.layers, num_attention_heads=4, intermediate_size=2 * setup.hidden_size,
                      num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                      id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)},
@@ -50,12 +51,13 @@ def vit_config(setup: DigitsSetup):
 
 def load_digits_splits(seed: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, stratified splits of the digits: pretrain 30%, finetune 40%, validation 10%, test 20%.
-    Images are (n, 1, 8, 8) floats normalised to mean 0.5 / std 0.5 of [0, 1], labels int64."""
+    Images are (n, 3, 8, 8) floats (grey replicated to RGB, as image pipelines load images),
+    normalised to mean 0.5 / std 0.5 of [0, 1]; labels int64."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1).expand(-1, 3, -1, -1).contiguous() / 16.0
     x = (x - 0.5) / 0.5
     y = torch.tensor(d.target, dtype=torch.int64)
     idx = list(range(len(y)))
@@ -128,7 +130,7 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
     xf, yf = splits["finetune"]
     n_unseen = int(round(10 * setup.unseen_fraction))
     processor = ViTImageProcessor(do_resize=False, do_rescale=True, rescale_factor=1 / 16, do_normalize=True,
-                                  image_mean=[0.5], image_std=[0.5], size={"height": 8, "width": 8})
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 8, "width": 8})
     meta = []
     for i, path in enumerate(paths):
         classes = _classes_for(i, n_unseen, setup.seed)
@@ -149,3 +151,18 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
             print(f"[digits] fine-tuned {path.name} on classes {classes} ({len(idx)} images)", flush=True)
     (folder / "done.json").write_text(json.dumps({"setup": asdict(setup), "models": meta}, indent=2))
     return paths
+
+
+def digits_dataset(split: str = "validation", seed: int = 0):
+    """A ``datasets.Dataset`` of one split: ``image`` (8x8 PIL images, pixel values 0..16 as the
+    saved image processor expects) and ``label`` (int)."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    x, y = load_digits_splits(seed)[split]
+    raw = ((x[:, 0] * 0.5 + 0.5) * 16.0).round().clamp(0, 16).to(torch.uint8).numpy()
+    from PIL import Image as PILImage
+
+    images = [PILImage.fromarray(np.ascontiguousarray(a), mode="L").convert("RGB") for a in raw]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    return Dataset.from_dict({"image": images, "label": y.tolist()}, features=features)

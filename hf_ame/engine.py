@@ -23,7 +23,7 @@ from .config import AMEConfig, ConfigError, parse_dtype
 from .output import check_output_dir, copy_aux_files, staged_output, update_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
-__all__ = ["MergeReport", "merge_checkpoints", "open_checkpoints", "DeviceMap"]
+__all__ = ["MergeReport", "merge_checkpoints", "open_checkpoints", "DeviceMap", "save_state"]
 
 DeviceMap = Union[None, str, torch.device, Mapping[str, Union[str, int, torch.device]], Callable[[str], Union[str, torch.device]]]
 
@@ -112,6 +112,7 @@ def merge_checkpoints(
     prefetch: bool = True,
     reference: int = 0,
     extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    min_ingredients: int = 2,
 ) -> MergeReport:
     """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
 
@@ -128,6 +129,7 @@ def merge_checkpoints(
         prefetch: read the next tensor on a background thread while merging this one.
         reference: index of the ingredient whose config / tokenizer / processor files are copied.
         extra_files: more files to write into the output (name -> text or bytes), e.g. a recipe.
+        min_ingredients: fewer ingredients than this is an error (greedy soup may keep just 1).
     """
     t0 = time.perf_counter()
     config = (config or AMEConfig()).validate()
@@ -149,7 +151,7 @@ def merge_checkpoints(
                 )
             base = config.pivot  # type: ignore[assignment]
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
-    check_compatible(ckpts, base_ckpt)
+    check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients)
     if not 0 <= reference < len(ckpts):
         raise ValueError(f"reference: index {reference} out of range for {len(ckpts)} ingredients")
     ref = ckpts[reference]
@@ -243,3 +245,45 @@ def merge_checkpoints(
     report.devices = sorted(devices)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def save_state(
+    state: Mapping[str, torch.Tensor],
+    reference: Checkpoint,
+    output_dir: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+) -> List[str]:
+    """Write an in-memory merge (floating tensors by file name) as a checkpoint laid out like
+    ``reference``: its non-floating tensors, config and tokenizer/processor files are copied."""
+    out_dtype = parse_dtype(dtype, "dtype")
+    infos = list(reference.tensors.values())
+    missing = [i.name for i in infos if i.is_floating and i.name not in state]
+    if missing:
+        raise ValueError(f"state lacks tensor {missing[0]!r} of {reference.name!r}")
+
+    def target(info: TensorInfo) -> torch.dtype:
+        return out_dtype if (out_dtype is not None and info.is_floating) else info.dtype
+
+    plan = plan_shards([(i.name, target(i), i.shape) for i in infos], max_shard_size)
+    floating = [i for i in infos if i.is_floating]
+    final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    with staged_output(output_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"})
+        try:
+            for info in infos:
+                t = state[info.name] if info.is_floating else reference.get_tensor(info.name)
+                writer.write(info.name, t.detach().to(device="cpu", dtype=target(info)))
+            files = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        aux = copy_aux_files(reference.path, tmp)
+        update_config(tmp, final_dtype)
+        for fname, content in (extra_files or {}).items():
+            with open(tmp / fname, "wb" if isinstance(content, bytes) else "w") as fh:
+                fh.write(content)
+    return sorted(files + aux + list(extra_files or {}))

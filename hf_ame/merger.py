@@ -17,7 +17,7 @@ from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints
 from .hub import Ingredient, IngredientError, RemoteHeader, download, inspect_remote, parse_ingredient
 from .output import check_output_dir, staged_output
-from .placement import model_class_for, resolve_device_map
+from .placement import resolve_device_map
 
 __all__ = ["AMEMerger", "MergeResult"]
 
@@ -35,7 +35,11 @@ class MergeResult:
         ingredients: every ingredient (id, revision, resolved sha, local path, order, score, kept).
         report: the engine's :class:`MergeReport` (tensor counts, bytes, timings in seconds).
         device_map: the {module prefix: device} map the merge ran on.
-        timings: seconds spent per phase ("resolve", "download", "merge").
+        timings: seconds spent per phase ("resolve", "download", "placement", "score", "merge", "score_merged").
+        scores: with ``order_by``: {"merged": float, "best_ingredient": {"id", "score"}, "soup": float (with
+            ``compare_soup``)}; each ingredient's own score is in ``ingredients``.
+        metric: {"name", "greater_is_better", "shipped"} of the ranking metric, or None.
+        greedy, greedy_log: the greedy mode and one entry per candidate / step (score, accepted).
     """
 
     output_dir: Path
@@ -46,6 +50,10 @@ class MergeResult:
     dtype: Optional[torch.dtype] = None
     timings: Dict[str, float] = field(default_factory=dict)
     trust_remote_code: bool = False
+    scores: Dict[str, Any] = field(default_factory=dict)
+    metric: Optional[Dict[str, Any]] = None
+    greedy: Optional[str] = None
+    greedy_log: Optional[List[Dict[str, Any]]] = None
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -53,15 +61,9 @@ class MergeResult:
         """The merged model (a transformers ``PreTrainedModel``), loaded on first access with
         ``from_pretrained(output_dir, device_map=...)``."""
         if self._model is None:
-            from transformers import AutoConfig
+            from .placement import load_model
 
-            cfg = AutoConfig.from_pretrained(self.output_dir, trust_remote_code=self.trust_remote_code)
-            cls = model_class_for(cfg, self.trust_remote_code)
-            dm: Any = self.device_map
-            if set(dm.values()) <= {"cpu", "disk"}:
-                dm = None  # plain CPU load; nothing to dispatch
-            kwargs: Dict[str, Any] = {"trust_remote_code": self.trust_remote_code} if self.trust_remote_code else {}
-            self._model = cls.from_pretrained(self.output_dir, device_map=dm, **kwargs).eval()
+            self._model = load_model(self.output_dir, self.device_map, trust_remote_code=self.trust_remote_code)
         return self._model
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *, overwrite: bool = False,
@@ -204,10 +206,96 @@ class AMEMerger:
         timings = {"resolve": t1 - t0, "download": t2 - t1, "placement": time.perf_counter() - t2}
         return cls(ings, dm, dtype=out_dtype, trust_remote_code=trust_remote_code, timings=timings, base=base)
 
+    def __repr__(self) -> str:
+        return f"AMEMerger({[i.id for i in self.ingredients]!r}, device_map={self.device_map!r})"
+
+
+    # ------------------------------------------------------------------ scoring
+    def _checkpoints(self) -> List[Checkpoint]:
+        return [Checkpoint(i.path, name=i.id) for i in self.ingredients]
+
+    def _scorer(self, metric: Any, eval_dataset: Any, *, greater_is_better: Optional[bool], metric_key: Optional[str],
+                metric_kwargs: Optional[Mapping[str, Any]], input_column: Optional[str], label_column: Optional[str],
+                batch_size: int):
+        from .scoring import DatasetRef, resolve_dataset, resolve_metric, score_model
+
+        if eval_dataset is None:
+            raise IngredientError("eval_dataset: scoring needs a dataset (a datasets.Dataset or a dataset reference)")
+        m = resolve_metric(metric, greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs)
+        ds, ref = resolve_dataset(eval_dataset)
+        if ref is not None:
+            input_column = input_column or ref.input_column
+            label_column = label_column or ref.label_column
+
+        def run(model, path=None) -> float:
+            return score_model(model, ds, m, model_path=path, input_column=input_column, label_column=label_column,
+                               batch_size=batch_size)
+
+        return m, ds, run
+
+    def score(
+        self,
+        metric: Any,
+        dataset: Any,
+        *,
+        greater_is_better: Optional[bool] = None,
+        metric_key: Optional[str] = None,
+        metric_kwargs: Optional[Mapping[str, Any]] = None,
+        input_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+        batch_size: int = 32,
+        cache: Union[bool, str, os.PathLike, "ScoreCache"] = True,
+        progress: bool = True,
+    ) -> List[float]:
+        """Score every ingredient (one model in memory at a time, placed by the device map, freed
+        after); scores are cached on disk by (ingredient revision or file stamps, dataset
+        fingerprint, metric). Sets ``ingredient.score`` and returns the scores in ingredient order."""
+        from tqdm.auto import tqdm
+
+        from .placement import load_model
+        from .scoring import ScoreCache, checkpoint_fingerprint, dataset_fingerprint, free_model
+
+        m, ds, run = self._scorer(metric, dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                                  metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                                  batch_size=batch_size)
+        store = cache if isinstance(cache, ScoreCache) else ScoreCache(
+            None if cache is True else (None if cache is False else cache), enabled=cache is not False)
+        dfp = dataset_fingerprint(ds)
+        extra = {"input": input_column, "label": label_column}
+        scores: List[float] = []
+        for ing in tqdm(self.ingredients, desc="hf_ame score", unit="model", disable=not progress):
+            key = store.key(checkpoint_fingerprint(ing.path, ing.sha), dfp, m, extra)
+            value = store.get(key)
+            if value is None:
+                t0 = time.perf_counter()
+                model = load_model(ing.path, self.device_map, trust_remote_code=self.trust_remote_code)
+                value = run(model, ing.path)
+                free_model(model)
+                store.put(key, value, metric=m.name, model=ing.id, seconds=time.perf_counter() - t0)
+            ing.score = value
+            scores.append(value)
+        self._last_metric = m
+        self.score_cache = store
+        return scores
+
+    # ------------------------------------------------------------------ merging
     def merge(
         self,
         config: Optional[AMEConfig] = None,
         *,
+        order_by: Any = None,
+        eval_dataset: Any = None,
+        order: str = "best",
+        top_k: Optional[int] = None,
+        greedy: Optional[str] = None,
+        greater_is_better: Optional[bool] = None,
+        metric_key: Optional[str] = None,
+        metric_kwargs: Optional[Mapping[str, Any]] = None,
+        input_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+        score_batch_size: int = 32,
+        score_cache: Union[bool, str, os.PathLike, Any] = True,
+        compare_soup: bool = False,
         output_dir: Union[str, os.PathLike, None] = None,
         overwrite: bool = False,
         max_shard_size: Union[int, str] = "5GB",
@@ -219,32 +307,121 @@ class AMEMerger:
         Args:
             config: an :class:`AMEConfig` (default ``AMEConfig()``); ``overrides`` replace its
                 fields (``optimizer="adamw", lr=1e-3, epochs=5, ...``).
+            order_by: rank ingredients by this metric on ``eval_dataset`` (a metric name, an
+                ``evaluate.EvaluationModule`` or a callable ``(model, dataset) -> float``); the
+                merged model is scored on the same data too.
+            order: "best" (best first; default), "descending", "ascending" or "given".
+            top_k: keep only the first k of that order.
+            greedy: None, "soup" (greedy soup) or "ame" (greedy AME). Both hold the merge in memory.
+            greater_is_better: the metric's direction; default: False for loss-like names, else True.
+            compare_soup: also merge and score the uniform soup of the kept ingredients.
             output_dir: where to write; default a new temporary folder (see ``MergeResult.save_pretrained``).
             overwrite: replace an existing ``output_dir``.
             max_shard_size: output shard size (bytes or "5GB").
-            progress: show a tqdm bar over the bytes merged.
+            progress: show progress bars.
         """
+        from .engine import save_state
+        from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
+        from .placement import load_model, tensor_device_lookup
+        from .scoring import free_model
+
         cfg = config or AMEConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
         cfg.validate()
+        if greedy not in GREEDY_MODES:
+            raise IngredientError(f"greedy: expected one of None, 'soup', 'ame', got {greedy!r}")
+        if (greedy is not None or top_k is not None or order not in ("best", "given")) and order_by is None:
+            raise IngredientError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
         if output_dir is None:
             output_dir = Path(tempfile.mkdtemp(prefix="hf_ame-")) / "merged"
+        check_output_dir(output_dir, overwrite)  # before any scoring or merging
         if cfg.pivot == "base":  # "the base_model given to from_pretrained"
             if self.base is None:
                 raise IngredientError("pivot: 'base' needs from_pretrained(..., base_model=...)")
             cfg = cfg.replace(pivot=self.base.id)
         base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
-        ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
-        for k, ing in enumerate(self.ingredients):
-            ing.order = k
         t0 = time.perf_counter()
-        report = merge_checkpoints(ckpts, output_dir, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                   dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                                   progress=progress, device_map=self.device_map)
-        timings = dict(self.timings, merge=time.perf_counter() - t0)
-        return MergeResult(Path(output_dir), cfg, [Ingredient(**vars(i)) for i in self.ingredients], report,
-                           self.device_map, self.dtype, timings, self.trust_remote_code)
+        timings = dict(self.timings)
+
+        scores: Dict[str, Any] = {}
+        metric = None
+        if order_by is not None:
+            self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                       metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                       batch_size=score_batch_size, cache=score_cache, progress=progress)
+            metric = self._last_metric
+            timings["score"] = time.perf_counter() - t0
+        ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
+                            order=order if order_by is not None else "given", top_k=top_k)
+        ings = [Ingredient(**vars(i)) for i in self.ingredients]
+        for pos, k in enumerate(ranked):
+            ings[k].order = pos
+            ings[k].kept = k in kept
+        chosen = [ings[k] for k in kept]
+        ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
+        device = tensor_device_lookup(self.device_map, str(chosen[0].path), self.trust_remote_code)
+
+        greedy_log = None
+        t1 = time.perf_counter()
+        if greedy is None:
+            report = merge_checkpoints(ckpts, output_dir, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                       dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                                       progress=progress, device_map=device)
+        else:
+            _, _, run = self._scorer(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                                     metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                                     batch_size=score_batch_size)
+            slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
+                             lambda model: run(model, chosen[0].path))
+            greedy_log = GreedyLog()
+            try:
+                if greedy == "soup":
+                    accepted, _ = greedy_soup(ckpts, chosen[0].score, slot, greater_is_better=metric.greater_is_better,
+                                              log=greedy_log)
+                    for k, ing in enumerate(chosen):
+                        ing.kept = k in accepted
+                    cfg = AMEConfig.soup()
+                    report = merge_checkpoints([ckpts[k] for k in accepted], output_dir, cfg, dtype=self.dtype,
+                                               max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                                               device_map=device, min_ingredients=1)
+                else:
+                    state, _ = greedy_ame(ckpts, cfg, slot, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                          greater_is_better=metric.greater_is_better, log=greedy_log)
+                    files = save_state(state, ckpts[0], output_dir, dtype=self.dtype, max_shard_size=max_shard_size,
+                                       overwrite=overwrite)
+                    report = MergeReport(Path(output_dir), [c.name for c in ckpts], cfg,
+                                         str(self.dtype or next(i.dtype for i in ckpts[0].tensors.values() if i.is_floating)).replace("torch.", ""),
+                                         tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
+                                         merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
+                                         steps=len(greedy_log.entries) - 1, files=files, seconds=time.perf_counter() - t1)
+                    del state
+            finally:
+                slot.close()
+        timings["merge"] = time.perf_counter() - t1
+        result = MergeResult(Path(output_dir), cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+        result.greedy = greedy
+        result.greedy_log = greedy_log.entries if greedy_log else None
+        if metric is not None:
+            _, _, run = self._scorer(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                                     metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                                     batch_size=score_batch_size)
+            t2 = time.perf_counter()
+            scores["merged"] = run(result.model, result.output_dir)
+            best = chosen[0] if order != "given" else max(ings, key=lambda i: i.score if metric.greater_is_better else -i.score)
+            scores["best_ingredient"] = {"id": best.id, "score": best.score}
+            if compare_soup:
+                soup_dir = Path(tempfile.mkdtemp(prefix="hf_ame-soup-")) / "soup"
+                merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_dir, AMEConfig.soup(),
+                                  dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
+                soup_model = load_model(soup_dir, self.device_map, trust_remote_code=self.trust_remote_code)
+                scores["soup"] = run(soup_model, chosen[0].path)
+                free_model(soup_model)
+                shutil.rmtree(soup_dir.parent, ignore_errors=True)
+            timings["score_merged"] = time.perf_counter() - t2
+            result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
+        result.scores = scores
+        return result
 
 
 def _pivot_is_base(cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:

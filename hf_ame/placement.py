@@ -121,3 +121,64 @@ def devices_in(device_map: Mapping[str, str]) -> Dict[str, int]:
     for v in device_map.values():
         out[v] = out.get(v, 0) + 1
     return out
+
+
+def file_to_model_renamer(model) -> Any:
+    """name-in-file -> name-in-memory, from transformers' checkpoint conversion renames (e.g. ViT's
+    ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``). Only plain
+    renames are applied; identity when transformers offers none."""
+    import re
+
+    pairs = []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        for c in get_model_conversion_mapping(model):
+            if isinstance(c, WeightRenaming) and len(c.target_patterns) == 1:
+                prefix = getattr(c, "scope_prefix", None) or ""
+                for s in c.source_patterns:
+                    pairs.append((prefix, re.compile(s), c.target_patterns[0]))
+    except Exception:  # noqa: BLE001 - older/newer transformers: no renames known
+        pairs = []
+
+    def rename(name: str) -> str:
+        for prefix, pat, target in pairs:
+            if not prefix or name.startswith(prefix):
+                name = pat.sub(target, name)
+        return name
+
+    return rename
+
+
+def tensor_device_lookup(device_map: Mapping[str, str], config_path: Optional[str] = None,
+                         trust_remote_code: bool = False):
+    """name-in-file -> device for the engine: the longest module prefix of the in-memory name."""
+    if len(set(device_map.values())) <= 1:
+        dev = next(iter(device_map.values()))
+        return lambda name: torch.device("cpu" if dev in ("disk", "meta") else dev)
+    rename = lambda n: n  # noqa: E731
+    if config_path is not None:
+        from transformers import AutoConfig
+
+        model = _empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code), trust_remote_code)
+        rename = file_to_model_renamer(model)
+    from .engine import _device_lookup
+
+    lookup = _device_lookup(dict(device_map))
+    return lambda name: lookup(rename(name))
+
+
+def load_model(path, device_map: Optional[Mapping[str, str]] = None, *, dtype: Any = None, trust_remote_code: bool = False):
+    """``from_pretrained`` of the architecture named in ``path``'s config, placed by ``device_map``."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class_for(cfg, trust_remote_code)
+    dm: Any = dict(device_map) if device_map else None
+    if dm is not None and set(dm.values()) <= {"cpu", "disk"}:
+        dm = None  # plain CPU load; nothing to dispatch
+    kwargs: Dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return cls.from_pretrained(path, device_map=dm, **kwargs).eval()
