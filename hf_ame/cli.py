@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
 EXAMPLES = """examples:
-  hf-ame merge ./ft-a ./ft-b ./ft-c --out merged --optimizer sgd --lr 1 --lr-schedule constant --no-shuffle   # uniform soup
+  hf-ame merge recipes/adamw_ame.yaml --out merged                 # everything from a recipe file
+  hf-ame merge me/vit-ame --out merged                               # the ame_recipe.yaml of a Hub repo
+  hf-ame merge recipe.yaml --out merged --push me/vit-ame            # merge, then publish with a model card
+  hf-ame merge ./ft-a ./ft-b ./ft-c --out merged --optimizer sgd --lr 1 --lr-schedule constant --no-adaptive-pivot   # uniform soup
   hf-ame merge ./ft-* --out merged --optimizer adamw --lr 1e-3 --epochs 5 --batch-size 2 --opt weight_decay=0
   hf-ame merge ./ft-a ./ft-b --out merged --pivot ./base-model --no-adaptive-pivot --dtype bfloat16
+  hf-ame push merged me/vit-ame --private
+  hf-ame score ./ft-a ./ft-b --metric accuracy --dataset ./val_dataset --split validation
   hf-ame optimizers
 """
 
@@ -42,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge checkpoint folders", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("models", nargs="+", metavar="PATH", help="checkpoint folders, in merge order (at least 2)")
+    m.add_argument("models", nargs="+", metavar="PATH",
+                   help="checkpoint folders or Hub ids in merge order (at least 2), or ONE recipe: a .yaml file or a Hub repo holding ame_recipe.yaml")
     m.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     m.add_argument("--optimizer", default="adamw", help="registry name (see `hf-ame optimizers`); default adamw")
     m.add_argument("--lr", type=float, default=1e-3, help="base learning rate eta_0; default 1e-3")
@@ -64,14 +71,69 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default cpu")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    m.add_argument("--push", metavar="REPO_ID", nargs="?", const="", default=None,
+                   help="after merging, push the folder (weights, card, recipe) to this Hub repo in one commit; "
+                        "with a recipe and no value, to the recipe's hub.repo_id")
+    m.add_argument("--private", action="store_true", default=None, help="with --push: create the repo private")
+    m.add_argument("--revision", default=None, help="recipe from a Hub repo: its revision")
+
+    p = sub.add_parser("push", help="publish a merged folder (one commit: weights, card, recipe)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a folder written by hf-ame merge")
+    p.add_argument("repo_id", help="namespace/name on the Hub")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--message", default=None, help="commit message")
+
+    sc = sub.add_parser("score", help="score checkpoints with an evaluate metric on a dataset split", epilog=EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("models", nargs="+", metavar="PATH", help="checkpoint folders or Hub ids")
+    sc.add_argument("--metric", required=True, help="evaluate metric name (accuracy, f1, loss, perplexity, ...)")
+    sc.add_argument("--dataset", required=True, help="Hub dataset id, builder name (csv, json, parquet, imagefolder) or a save_to_disk folder")
+    sc.add_argument("--split", default="validation")
+    sc.add_argument("--name", default=None, help="dataset configuration name")
+    sc.add_argument("--data-files", default=None, help="data files for a builder")
+    sc.add_argument("--input-column", default=None)
+    sc.add_argument("--label-column", default=None)
+    sc.add_argument("--metric-kwargs", default=None, help='JSON, e.g. \'{"average": "macro"}\'')
+    sc.add_argument("--no-cache", dest="cache", action="store_false", help="do not read or write the score cache")
+    sc.add_argument("--no-progress", dest="progress", action="store_false")
 
     sub.add_parser("optimizers", help="list the optimizer registry with defaults")
     return parser
 
 
+def _is_recipe(models: List[str]) -> bool:
+    from pathlib import Path
+
+    if len(models) != 1:
+        return False
+    p = Path(models[0])
+    return p.suffix in (".yaml", ".yml") or p.is_file() or (not p.exists() and models[0].count("/") == 1)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .config import AMEConfig
-    from .engine import merge_checkpoints
+
+    if _is_recipe(args.models):
+        from .merger import AMEMerger
+
+        kwargs = {"device_map": args.device} if args.device else {}
+        merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
+        result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress)
+        print(result.report.summary())
+        if result.scores:
+            print(f"scores ({result.metric['name']}): " + ", ".join(
+                f"{k}={v['score'] if isinstance(v, dict) else v:.4f}" for k, v in result.scores.items()))
+        if args.push is not None:
+            repo = args.push or merger.recipe.hub.get("repo_id")
+            if not repo:
+                raise ValueError("--push: give a repo id, or set hub.repo_id in the recipe")
+            private = args.private if args.private is not None else merger.recipe.hub.get("private")
+            info = result.push_to_hub(repo, private=private)
+            print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
+        return 0
 
     amp: Any = args.amplification
     if amp != "linear":
@@ -88,9 +150,42 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         pivot=pivot, adaptive_pivot=args.adaptive_pivot, amplification=amp,
         optimizer_kwargs=_opt_kwargs(args.opt), compute_dtype=args.compute_dtype,
     )
-    report = merge_checkpoints(args.models, args.out, config, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite, progress=args.progress, device_map=args.device)
-    print(report.summary())
+    if args.push == "":
+        raise ValueError("--push: give a repo id (only a recipe can supply one)")
+    from .merger import AMEMerger
+
+    merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype)
+    result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
+                          max_shard_size=args.max_shard_size)
+    print(result.report.summary())
+    if args.push:
+        info = result.push_to_hub(args.push, private=args.private)
+        print(f"pushed to {args.push}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .publish import push_folder
+
+    info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                       commit_message=args.message)
+    print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}"
+          + (f" (pull request: {info.pr_url})" if getattr(info, "pr_url", None) else ""))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .merger import AMEMerger
+
+    ds = {"path": args.dataset, "split": args.split, "name": args.name, "data_files": args.data_files,
+          "input_column": args.input_column, "label_column": args.label_column}
+    metric_kwargs = json.loads(args.metric_kwargs) if args.metric_kwargs else None
+    merger = AMEMerger.from_pretrained(args.models)
+    scores = merger.score(args.metric, {k: v for k, v in ds.items() if v is not None}, metric_kwargs=metric_kwargs,
+                          cache=args.cache, progress=args.progress)
+    width = max(len(m) for m in args.models)
+    for m, s in zip(args.models, scores):
+        print(f"{m:<{width}}  {args.metric} = {s:.6g}")
     return 0
 
 
@@ -107,10 +202,12 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"merge": _cmd_merge, "optimizers": _cmd_optimizers}
+    handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers}
+    from .publish import PushError
+
     try:
         return handlers[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError, PushError) as exc:
         print(f"hf-ame: error: {exc}", file=sys.stderr)
         return 2
 

@@ -166,3 +166,26 @@ def digits_dataset(split: str = "validation", seed: int = 0):
     images = [PILImage.fromarray(np.ascontiguousarray(a), mode="L").convert("RGB") for a in raw]
     features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
     return Dataset.from_dict({"image": images, "label": y.tolist()}, features=features)
+
+
+def export_examples(folder: Union[str, Path], setup: DigitsSetup = DigitsSetup(), *, cache: Union[str, Path, None] = None,
+                    verbose: bool = False) -> Path:
+    """Put the digits ingredients at stable names for the example recipes (``recipes/*.yaml`` read
+    ``${HF_AME_EXAMPLES}``): ``vit-digits-ft-{i}`` folders and the ``digits-validation`` /
+    ``digits-test`` splits (``Dataset.save_to_disk``). Returns ``folder``."""
+    folder = Path(folder)
+    paths = build_digits_ingredients(cache or folder / ".build", setup, verbose=verbose)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "examples.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == setup.key():
+        return folder
+    for p in paths:
+        dest = folder / p.name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(p, dest)
+    for split in ("validation", "test"):
+        dest = folder / f"digits-{split}"
+        shutil.rmtree(dest, ignore_errors=True)
+        digits_dataset(split, setup.seed).save_to_disk(str(dest))
+    stamp.write_text(json.dumps({"key": setup.key(), "models": [p.name for p in paths]}))
+    return folder

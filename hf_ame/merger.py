@@ -54,6 +54,10 @@ class MergeResult:
     metric: Optional[Dict[str, Any]] = None
     greedy: Optional[str] = None
     greedy_log: Optional[List[Dict[str, Any]]] = None
+    ordering: Optional[Dict[str, Any]] = None
+    candidates: List[str] = field(default_factory=list)
+    max_shard_size: Union[int, str] = "5GB"
+    base_id: Optional[str] = None
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -91,7 +95,92 @@ class MergeResult:
             "dtype": self.report.dtype,
             "parameters": self.report.parameters,
             "seconds": self.report.seconds,
+            "scores": self.scores,
+            "metric": self.metric,
+            "greedy": self.greedy,
         }
+
+    def recipe(self, repo_id: Optional[str] = None):
+        """The :class:`~hf_ame.recipe.Recipe` that reproduces this merge: the ingredients merged, in
+        merge order, pinned to their resolved commit shas (local folders by absolute path)."""
+        from . import __version__
+        from .recipe import Recipe
+
+        by_id = {i.id: i for i in self.ingredients}
+
+        def pin(i: Ingredient) -> Dict[str, Any]:
+            if i.local:
+                return {"id": str(Path(i.path).resolve()), "revision": None}
+            return {"id": i.id, "revision": i.sha or i.revision}
+
+        ordering = None
+        o = self.ordering or {}
+        replay = bool(self.greedy) and isinstance(o.get("dataset"), dict) and isinstance(o.get("metric"), str)
+        # Greedy modes accept by score: their recipe lists the ranked candidates and re-runs the
+        # greedy pass (deterministic) on the same dataset; other merges list what was merged.
+        models = [pin(by_id[name]) for name in (self.candidates if replay else self.report.ingredients)]
+        if replay:
+            ordering = {k: v for k, v in o.items() if v is not None}
+            ordering.update(order="given", top_k=None)
+            ordering = {k: v for k, v in ordering.items() if v is not None}
+        prov: Dict[str, Any] = {"hf_ame_version": __version__,
+                                "ingredients": [{k: v for k, v in i.to_dict().items() if k != "path" and v is not None}
+                                                for i in self.ingredients]}
+        for key in ("metric", "greedy"):
+            if getattr(self, key):
+                prov[key] = getattr(self, key)
+        if self.scores:
+            prov["scores"] = self.scores
+        if o:
+            prov["ordering"] = {k: (v if not hasattr(v, "_fingerprint") else f"in-memory dataset {v._fingerprint}")
+                                for k, v in o.items() if v is not None}
+        if self.greedy and ordering is None:
+            prov["note"] = (f"greedy {self.greedy} accepted by scores on an in-memory dataset; this recipe lists "
+                            "what was kept and does not re-run the greedy pass")
+        return Recipe(models=models, merge=self.config,
+                      base_model={"id": self.base_id, "revision": None} if getattr(self, "base_id", None) else None,
+                      ordering=ordering, output={"dtype": self.report.dtype, "max_shard_size": self.max_shard_size},
+                      hub={"repo_id": repo_id} if repo_id else {}, provenance=prov)
+
+    def write_card(self, repo_id: Optional[str] = None) -> List[str]:
+        """Write README.md (model card), the scores chart and ame_recipe.yaml into ``output_dir``."""
+        import json as _json
+
+        from .card import CHART_FILE, render_card
+        from .recipe import RECIPE_FILE
+
+        recipe_yaml = self.recipe(repo_id).to_yaml()
+        model_config = _json.loads((self.output_dir / "config.json").read_text()) if (self.output_dir / "config.json").exists() else {}
+        ds = (self.ordering or {}).get("dataset")
+        reproduce = (f"hf-ame merge {repo_id} --out merged   # reads ame_recipe.yaml from the repo" if repo_id
+                     else "hf-ame merge ame_recipe.yaml --out merged")
+        card, svg = render_card(config=self.config.to_dict(), ingredients=[i.to_dict() for i in self.ingredients],
+                                model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores, metric=self.metric,
+                                dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
+                                dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
+                                repo_id=repo_id, reproduce=reproduce)
+        (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
+        card.save(self.output_dir / "README.md")
+        written = ["README.md", RECIPE_FILE]
+        if svg:
+            (self.output_dir / CHART_FILE).write_text(svg)
+            written.append(CHART_FILE)
+        return written
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Union[bool, str, None] = None,
+                    revision: Optional[str] = None, create_pr: bool = False, commit_message: Optional[str] = None,
+                    endpoint: Optional[str] = None):
+        """Publish the merge: card (with ``repo_id``), chart, recipe, weights, index, config and
+        tokenizer/processor files in ONE commit (``create_repo(exist_ok=True)`` first). Returns
+        huggingface_hub's ``CommitInfo``. A failed push raises :class:`~hf_ame.publish.PushError`
+        and leaves ``output_dir`` intact."""
+        from .publish import push_folder
+
+        self.write_card(repo_id)
+        n = len(self.report.ingredients)
+        msg = commit_message or f"AME merge of {n} models ({self.config.optimizer}) with hf_ame"
+        return push_folder(self.output_dir, repo_id, private=private, token=token, revision=revision,
+                           create_pr=create_pr, commit_message=msg, endpoint=endpoint)
 
 
 def _reshard(src: Path, dst: Path, max_shard_size: Union[int, str]) -> None:
@@ -125,6 +214,25 @@ class AMEMerger:
         self.trust_remote_code = trust_remote_code
         self.timings = dict(timings or {})
         self.base = base
+        self.recipe = None  # set by from_recipe
+
+    @classmethod
+    def from_recipe(cls, path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None,
+                    token: Union[bool, str, None] = None, endpoint: Optional[str] = None, **kwargs: Any) -> "AMEMerger":
+        """Read a recipe (a local YAML file, or ``ame_recipe.yaml`` of a Hub repo at ``revision``) and
+        resolve its ingredients like :meth:`from_pretrained` (``kwargs`` override its ``load`` section).
+        :meth:`merge` then defaults to the recipe's config, ordering and output settings."""
+        from .recipe import load_recipe
+
+        recipe = load_recipe(path_or_repo_id, revision=revision, token=token, endpoint=endpoint)
+        load = dict(recipe.load)
+        load.update(kwargs)
+        if recipe.output.get("dtype") is not None:
+            load.setdefault("dtype", recipe.output["dtype"])
+        merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
+                                     base_model=recipe.base_model, **load)
+        merger.recipe = recipe
+        return merger
 
     @classmethod
     def from_pretrained(
@@ -298,8 +406,9 @@ class AMEMerger:
         compare_soup: bool = False,
         output_dir: Union[str, os.PathLike, None] = None,
         overwrite: bool = False,
-        max_shard_size: Union[int, str] = "5GB",
+        max_shard_size: Union[int, str, None] = None,
         progress: bool = True,
+        write_card: bool = True,
         **overrides: Any,
     ) -> MergeResult:
         """Run AME over the ingredients and return a :class:`MergeResult`.
@@ -317,14 +426,30 @@ class AMEMerger:
             compare_soup: also merge and score the uniform soup of the kept ingredients.
             output_dir: where to write; default a new temporary folder (see ``MergeResult.save_pretrained``).
             overwrite: replace an existing ``output_dir``.
-            max_shard_size: output shard size (bytes or "5GB").
+            max_shard_size: output shard size (bytes or "5GB"; default the recipe's, else "5GB").
             progress: show progress bars.
+            write_card: write README.md (model card), the scores chart and ame_recipe.yaml into the output.
+
+        With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
+        given) and ``max_shard_size`` default to the recipe's.
         """
         from .engine import save_state
         from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
         from .placement import load_model, tensor_device_lookup
         from .scoring import free_model
 
+        r = self.recipe
+        if r is not None:
+            config = config or r.merge
+            max_shard_size = max_shard_size or r.output.get("max_shard_size")
+            if order_by is None and r.ordering:
+                o = r.ordering
+                order_by, eval_dataset = o["metric"], eval_dataset if eval_dataset is not None else o["dataset"]
+                order, top_k, greedy = o.get("order", "best"), o.get("top_k"), o.get("greedy")
+                greater_is_better, metric_key = o.get("greater_is_better"), o.get("metric_key")
+                metric_kwargs, compare_soup = o.get("metric_kwargs"), bool(o.get("compare_soup", compare_soup))
+                score_batch_size = int(o.get("batch_size", score_batch_size))
+        max_shard_size = max_shard_size or "5GB"
         cfg = config or AMEConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
@@ -359,6 +484,7 @@ class AMEMerger:
             ings[k].order = pos
             ings[k].kept = k in kept
         chosen = [ings[k] for k in kept]
+        candidates = [i.id for i in chosen]
         ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
         device = tensor_device_lookup(self.device_map, str(chosen[0].path), self.trust_remote_code)
 
@@ -421,6 +547,20 @@ class AMEMerger:
             timings["score_merged"] = time.perf_counter() - t2
             result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
         result.scores = scores
+        result.candidates = candidates
+        result.max_shard_size = max_shard_size
+        result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+        if order_by is not None:
+            from .scoring import DatasetRef
+
+            ds = eval_dataset.to_dict() if isinstance(eval_dataset, DatasetRef) else (
+                dict(eval_dataset) if isinstance(eval_dataset, Mapping) else eval_dataset)
+            result.ordering = {"metric": order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom")),
+                               "dataset": ds, "order": order, "top_k": top_k, "greedy": greedy,
+                               "greater_is_better": greater_is_better, "metric_key": metric_key,
+                               "metric_kwargs": dict(metric_kwargs) if metric_kwargs else None}
+        if write_card:
+            result.write_card(r.hub.get("repo_id") if r is not None else None)
         return result
 
 

@@ -127,8 +127,16 @@ class DatasetRef:
     label_column: Optional[str] = None
 
     def load(self):
-        from datasets import load_dataset
+        from datasets import DatasetDict, load_dataset, load_from_disk
 
+        folder = Path(self.path).expanduser()
+        if folder.is_dir() and ((folder / "state.json").exists() or (folder / "dataset_dict.json").exists()):
+            ds = load_from_disk(str(folder))  # a folder written by Dataset.save_to_disk
+            if isinstance(ds, DatasetDict):
+                if self.split not in ds:
+                    raise MetricError(f"eval_dataset: {self.path!r} has no split {self.split!r} (splits: {', '.join(ds)})")
+                ds = ds[self.split]
+            return ds
         try:
             return load_dataset(self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision)
         except Exception as exc:  # noqa: BLE001

@@ -26,3 +26,31 @@ def read_state(folder) -> dict:
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+DIGITS_SETUP_KW = dict(n_models=4, hidden_size=32, layers=2, pretrain_epochs=12, finetune_epochs=6)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("digits")
+
+
+@pytest.fixture(scope="session")
+def digits(digits_cache):
+    """4 small ViTs fine-tuned on scikit-learn digits, each never seeing half of the classes,
+    with the validation and test splits as datasets.Dataset (PIL images)."""
+    from hf_ame.digits import DigitsSetup, build_digits_ingredients, digits_dataset
+
+    paths = build_digits_ingredients(digits_cache, DigitsSetup(**DIGITS_SETUP_KW), verbose=False)
+    return [str(p) for p in paths], digits_dataset("validation"), digits_dataset("test")
+
+
+@pytest.fixture(scope="session")
+def examples(digits_cache, tmp_path_factory):
+    """The folder ${HF_AME_EXAMPLES} of the example recipes, built from the same ingredients."""
+    from hf_ame.digits import DigitsSetup, export_examples
+
+    folder = export_examples(tmp_path_factory.mktemp("examples"), DigitsSetup(**DIGITS_SETUP_KW), cache=digits_cache)
+    os.environ["HF_AME_EXAMPLES"] = str(folder)
+    return folder

@@ -180,12 +180,22 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
             self._record["json"] = req
             if repo_id in st.repos:
-                return self._json(409, {"error": "You already created this model repo", "url": f"http://x/{repo_id}"})
-            st.repos[repo_id] = Repo(private=bool(req.get("private")))
+                return self._json(409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"})
+            st.repos[repo_id] = Repo(private=bool(req.get("private")) or req.get("visibility") == "private")
             st.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, message="initial commit")
             return self._json(200, {"url": f"{self._base()}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
+        m = re.fullmatch(rf"/api/models/{_REPO}/branch/(?P<branch>.+)", path)
+        if m:
+            repo = st.repos.get(m["repo"])
+            if repo is None:
+                return self._error(404, "RepoNotFound", f"Repository {m['repo']} not found")
+            if m["branch"] in repo.branches:
+                return self._json(409, {"error": "Reference already exists"})
+            req = json.loads(body or b"{}")
+            repo.branches[m["branch"]] = repo.branches.get(req.get("startingPoint") or "main")
+            return self._json(200, {})
         m = re.fullmatch(rf"/api/models/{_REPO}/preupload/(?P<rev>.+)", path)
         if m:
             req = json.loads(body or b"{}")

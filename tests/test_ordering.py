@@ -13,16 +13,6 @@ from hf_ame.scoring import MetricError, ScoreCache, resolve_metric
 from hf_ame.testing import make_family
 
 
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    """4 small ViTs fine-tuned on scikit-learn digits, each never seeing half of the classes."""
-    from hf_ame.digits import DigitsSetup, build_digits_ingredients, digits_dataset
-
-    setup = DigitsSetup(n_models=4, hidden_size=32, layers=2, pretrain_epochs=12, finetune_epochs=6)
-    paths = build_digits_ingredients(tmp_path_factory.mktemp("digits"), setup, verbose=False)
-    return [str(p) for p in paths], digits_dataset("validation"), digits_dataset("test")
-
-
 def _manual_accuracy(path, ds):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 

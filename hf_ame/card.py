@@ -1,0 +1,153 @@
+"""The model card of a merge: metadata through huggingface_hub's ModelCard / ModelCardData, a body
+rendered from ``model_cards/ame_model_card.md``, and a bar chart of the scores (SVG, no plotting
+dependency)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["render_card", "scores_svg", "pipeline_tag_for", "TEMPLATE", "CHART_FILE"]
+
+TEMPLATE = Path(__file__).parent / "templates" / "ame_model_card.md"
+CHART_FILE = "ame_scores.svg"
+
+_PIPELINE_TAGS = (
+    ("ForImageClassification", "image-classification"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForAudioClassification", "audio-classification"),
+    ("ForSpeechSeq2Seq", "automatic-speech-recognition"),
+    ("ForObjectDetection", "object-detection"),
+    ("ForSemanticSegmentation", "image-segmentation"),
+)
+
+
+def pipeline_tag_for(architectures: Optional[Sequence[str]]) -> Optional[str]:
+    for arch in architectures or []:
+        for suffix, tag in _PIPELINE_TAGS:
+            if arch.endswith(suffix):
+                return tag
+    return None
+
+
+def scores_svg(rows: Sequence[Tuple[str, float]], metric: str, greater_is_better: bool = True) -> str:
+    """A horizontal bar chart (SVG text) of (label, score) rows."""
+    width, bar_h, gap, left, right = 640, 22, 8, 260, 70
+    height = 40 + len(rows) * (bar_h + gap)
+    vmax = max((abs(v) for _, v in rows), default=1.0) or 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
+             f'<text x="{left}" y="20" font-weight="bold">{html.escape(metric)}{" (lower is better)" if not greater_is_better else ""}</text>']
+    for k, (label, value) in enumerate(rows):
+        y = 32 + k * (bar_h + gap)
+        w = max(1.0, (width - left - right) * abs(value) / vmax)
+        color = "#ff9d00" if label.startswith(("merged", "AME")) else "#4f7fd9"
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{html.escape(label[:36])}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}"/>')
+        parts.append(f'<text x="{left + w + 6:.1f}" y="{y + 15}">{value:.4g}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], model_config: Dict[str, Any],
+                recipe_yaml: str, scores: Optional[Dict[str, Any]] = None, metric: Optional[Dict[str, Any]] = None,
+                dataset: Optional[Dict[str, Any]] = None, greedy: Optional[str] = None,
+                greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
+                seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
+    """Returns (huggingface_hub.ModelCard, svg text or None)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    import transformers
+
+    from . import __version__
+    from .optimizers import get_optimizer
+
+    archs = model_config.get("architectures") or []
+    pipeline_tag = pipeline_tag_for(archs)
+    kept = [i for i in ingredients if i.get("kept", True)]
+    hub_ids = [i["id"] for i in kept if not i.get("local")]
+    optimizer = config["optimizer"]
+    name = repo_id.split("/")[-1] if repo_id else "ame-merge"
+    scores = scores or {}
+    metric_name = (metric or {}).get("name")
+    gib = (metric or {}).get("greater_is_better", True)
+    ds_path = (dataset or {}).get("path")
+    ds_is_hub = bool(ds_path) and not Path(str(ds_path)).exists() and str(ds_path).count("/") == 1
+    eval_results = None
+    if metric_name and "merged" in scores:
+        eval_results = [EvalResult(task_type=pipeline_tag or "other", dataset_type=ds_path if ds_is_hub else "custom",
+                                   dataset_name=(dataset or {}).get("name") or (ds_path if ds_is_hub else "held-out split"),
+                                   dataset_split=(dataset or {}).get("split"), metric_type=metric_name,
+                                   metric_value=float(scores["merged"]), metric_name=metric_name)]
+    tags = ["merge", "hf-ame", "ame", f"ame-{optimizer}"] + (["greedy-soup"] if greedy == "soup" else [])
+    data = ModelCardData(base_model=hub_ids or None, library_name="transformers", pipeline_tag=pipeline_tag, tags=tags,
+                         datasets=[ds_path] if ds_is_hub else None, eval_results=eval_results,
+                         model_name=name if eval_results else None, base_model_relation="merge")
+
+    rows = []
+    for ing in sorted(ingredients, key=lambda i: (i.get("order") is None, i.get("order") or 0)):
+        ident = ing["id"]
+        link = f"[{ident}](https://huggingface.co/{ident})" if not ing.get("local") else f"`{Path(ident).name}` (local)"
+        rev = ing.get("sha") or ing.get("revision") or ""
+        rows.append({"order": ing.get("order"), "link": link, "revision_short": f"`{rev[:10]}`" if rev else "",
+                     "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}", "kept": ing.get("kept", True)})
+    table = []
+    chart_rows: List[Tuple[str, float]] = []
+    if "merged" in scores:
+        table.append({"label": f"**merged ({'greedy soup' if greedy == 'soup' else optimizer + '-AME'})**", "value": f"{scores['merged']:.4f}"})
+        chart_rows.append(("merged", float(scores["merged"])))
+    if "soup" in scores:
+        table.append({"label": "uniform soup of the same ingredients", "value": f"{scores['soup']:.4f}"})
+        chart_rows.append(("uniform soup", float(scores["soup"])))
+    best = scores.get("best_ingredient")
+    if best:
+        table.append({"label": f"best ingredient ({Path(best['id']).name if Path(best['id']).exists() else best['id']})",
+                      "value": f"{best['score']:.4f}"})
+    for ing in ingredients:
+        if ing.get("score") is not None:
+            chart_rows.append((Path(ing["id"]).name if ing.get("local") else ing["id"], float(ing["score"])))
+    svg = scores_svg(chart_rows, metric_name, gib) if (metric_name and chart_rows) else None
+    greedy_text = None
+    if greedy and greedy_log:
+        acc = sum(1 for e in greedy_log if e.get("accepted"))
+        what = "candidates" if greedy == "soup" else "steps (the first line is the starting point)"
+        greedy_text = (f"**Greedy {'soup' if greedy == 'soup' else 'AME'}**: {acc} of {len(greedy_log)} {what} were kept; "
+                       "a candidate is kept only if the held-out score strictly improves.")
+    ds_text = f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "") if ds_path else "a held-out split"
+    card = ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        n_kept=len(kept),
+        architecture=archs[0] if archs else model_config.get("model_type", "model"),
+        method="greedy soup" if greedy == "soup" else f"{optimizer}{', greedy' if greedy == 'ame' else ''}",
+        optimizer_class=get_optimizer(optimizer).cls.__name__,
+        ingredients=rows,
+        metric_name=metric_name,
+        greater_is_better=gib,
+        dataset_text=ds_text,
+        scores_table=table,
+        chart_file=CHART_FILE,
+        greedy_text=greedy_text,
+        hyperparameters=[(k, _fmt(v)) for k, v in config.items()],
+        dtype=dtype,
+        compute_dtype=config.get("compute_dtype", "float32"),
+        parameters=f"{parameters:,}",
+        seconds=f"{seconds:.1f}",
+        hf_ame_version=__version__,
+        transformers_version=transformers.__version__,
+        reproduce=reproduce or "hf-ame merge ame_recipe.yaml --out merged",
+        recipe_yaml=recipe_yaml,
+    )
+    return card, svg

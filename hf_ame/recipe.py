@@ -1,0 +1,216 @@
+"""Recipe files: one YAML document that says everything a merge needs, so it can be shared and re-run.
+
+    hf_ame: 1                       # schema version
+    models:                         # Hub ids, folders (relative to the recipe file), or {id, revision}
+      - {id: org/vit-ft-a, revision: 3f2a...}
+      - ./vit-ft-b
+    base_model: null                # a base checkpoint, for pivot: base
+    merge: {optimizer: adamw, lr: 0.001, epochs: 5, ...}    # AMEConfig fields
+    ordering: {metric: accuracy, dataset: {path: ..., split: validation}, order: best, top_k: 5, greedy: null}
+    output: {dtype: bfloat16, max_shard_size: 5GB}
+    hub: {repo_id: me/vit-ame, private: true}
+    load: {device_map: auto, trust_remote_code: false}
+    provenance: {...}               # written by hf_ame (scores, resolved shas); ignored when run
+
+Every error names the field: ``merge.lr: expected a positive number, got 'fast'``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import yaml
+
+from .config import AMEConfig, ConfigError, parse_dtype
+from .ordering import GREEDY_MODES, ORDERS
+
+__all__ = ["Recipe", "RecipeError", "RECIPE_VERSION", "RECIPE_FILE", "load_recipe"]
+
+RECIPE_VERSION = 1
+RECIPE_FILE = "ame_recipe.yaml"
+_TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", "load", "provenance"}
+_ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
+             "compare_soup", "batch_size"}
+_DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
+_OUTPUT = {"dtype", "max_shard_size"}
+_HUB = {"repo_id", "private"}
+_LOAD = {"device_map", "trust_remote_code", "max_memory"}
+
+
+class RecipeError(ConfigError):
+    """A recipe that cannot be used; the message starts with the field's path."""
+
+
+def _expect(cond: bool, where: str, what: str, got: Any) -> None:
+    if not cond:
+        raise RecipeError(f"{where}: expected {what}, got {got!r}")
+
+
+def _mapping(value: Any, where: str, allowed: set) -> Dict[str, Any]:
+    _expect(isinstance(value, Mapping), where, "a mapping", value)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}.{unknown[0]}: unknown field; expected one of {', '.join(sorted(allowed))}")
+    return dict(value)
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe. ``models`` entries are ``{"id": str, "revision": str | None}``."""
+
+    models: List[Dict[str, Any]]
+    merge: AMEConfig = field(default_factory=AMEConfig)
+    base_model: Optional[Dict[str, Any]] = None
+    ordering: Optional[Dict[str, Any]] = None
+    output: Dict[str, Any] = field(default_factory=dict)
+    hub: Dict[str, Any] = field(default_factory=dict)
+    load: Dict[str, Any] = field(default_factory=dict)
+    provenance: Optional[Dict[str, Any]] = None
+    source: Optional[str] = None  # where it was read from
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, data: Any, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None) -> "Recipe":
+        data = _mapping(data, "recipe", _TOP)
+        version = data.get("hf_ame", RECIPE_VERSION)
+        _expect(version == RECIPE_VERSION, "hf_ame", f"schema version {RECIPE_VERSION}", version)
+        models_raw = data.get("models")
+        _expect(isinstance(models_raw, list) and len(models_raw) >= 1, "models", "a non-empty list", models_raw)
+        models = [cls._model(m, f"models[{i}]", base_dir) for i, m in enumerate(models_raw)]
+        base = cls._model(data["base_model"], "base_model", base_dir) if data.get("base_model") is not None else None
+        try:
+            merge = AMEConfig.from_dict(_mapping(data.get("merge") or {}, "merge", set(AMEConfig.__dataclass_fields__)),
+                                        prefix="merge.")
+        except RecipeError:
+            raise
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
+        ordering = cls._ordering(data["ordering"], base_dir) if data.get("ordering") is not None else None
+        output = _mapping(data.get("output") or {}, "output", _OUTPUT)
+        if output.get("dtype") is not None:
+            try:
+                parse_dtype(output["dtype"], "output.dtype")
+            except ConfigError as exc:
+                raise RecipeError(str(exc)) from None
+        if output.get("max_shard_size") is not None:
+            from .writer import parse_size
+
+            try:
+                parse_size(output["max_shard_size"])
+            except ValueError as exc:
+                raise RecipeError(f"output.{exc}") from None
+        hub = _mapping(data.get("hub") or {}, "hub", _HUB)
+        if hub.get("repo_id") is not None:
+            _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
+        if hub.get("private") is not None:
+            _expect(isinstance(hub["private"], bool), "hub.private", "true or false", hub["private"])
+        load = _mapping(data.get("load") or {}, "load", _LOAD)
+        if "trust_remote_code" in load:
+            _expect(isinstance(load["trust_remote_code"], bool), "load.trust_remote_code", "true or false", load["trust_remote_code"])
+        prov = data.get("provenance")
+        if prov is not None:
+            _expect(isinstance(prov, Mapping), "provenance", "a mapping", prov)
+        return cls(models, merge, base, ordering, output, hub, load, dict(prov) if prov else None, source)
+
+    @staticmethod
+    def _model(entry: Any, where: str, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
+        if isinstance(entry, str):
+            entry = {"id": entry}
+        m = _mapping(entry, where, {"id", "revision", "path"})
+        ident = m.get("id") or m.get("path")
+        _expect(isinstance(ident, str) and ident.strip() != "", f"{where}.id", "a Hub repo id or a folder", ident)
+        rev = m.get("revision")
+        _expect(rev is None or isinstance(rev, str), f"{where}.revision", "a branch, tag or commit sha", rev)
+        ident = os.path.expanduser(os.path.expandvars(ident))
+        if base_dir is not None and ident.startswith((".", "..")) and not os.path.isabs(ident):
+            ident = str((Path(base_dir) / ident).resolve())
+        return {"id": ident, "revision": rev}
+
+    @staticmethod
+    def _ordering(value: Any, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
+        o = _mapping(value, "ordering", _ORDERING)
+        _expect(isinstance(o.get("metric"), str), "ordering.metric", "an evaluate metric name", o.get("metric"))
+        ds = _mapping(o.get("dataset"), "ordering.dataset", _DATASET)
+        _expect(isinstance(ds.get("path"), str), "ordering.dataset.path", "a Hub dataset id, a builder name or a folder",
+                ds.get("path"))
+        ds["path"] = os.path.expanduser(os.path.expandvars(ds["path"]))
+        if isinstance(ds.get("data_files"), str):
+            ds["data_files"] = os.path.expanduser(os.path.expandvars(ds["data_files"]))
+        if base_dir is not None and ds["path"].startswith("."):
+            ds["path"] = str((Path(base_dir) / ds["path"]).resolve())
+        if isinstance(ds.get("data_files"), str) and base_dir is not None and ds["data_files"].startswith("."):
+            ds["data_files"] = str((Path(base_dir) / ds["data_files"]).resolve())
+        o["dataset"] = ds
+        order = o.get("order", "best")
+        _expect(order in ORDERS, "ordering.order", f"one of {', '.join(ORDERS)}", order)
+        top_k = o.get("top_k")
+        _expect(top_k is None or (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1),
+                "ordering.top_k", "an integer >= 1", top_k)
+        _expect(o.get("greedy") in GREEDY_MODES, "ordering.greedy", "null, soup or ame", o.get("greedy"))
+        gib = o.get("greater_is_better")
+        _expect(gib is None or isinstance(gib, bool), "ordering.greater_is_better", "true or false", gib)
+        mk = o.get("metric_kwargs")
+        _expect(mk is None or isinstance(mk, Mapping), "ordering.metric_kwargs", "a mapping", mk)
+        return o
+
+    @classmethod
+    def from_yaml(cls, text: str, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None) -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe{' ' + source if source else ''}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, base_dir=base_dir, source=source)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise RecipeError(f"recipe: no such file: {path}") from None
+        return cls.from_yaml(text, base_dir=path.parent, source=str(path))
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"hf_ame": RECIPE_VERSION,
+                               "models": [{k: v for k, v in m.items() if v is not None} for m in self.models]}
+        if self.base_model:
+            out["base_model"] = {k: v for k, v in self.base_model.items() if v is not None}
+        out["merge"] = self.merge.to_dict()
+        if self.ordering:
+            out["ordering"] = self.ordering
+        for name in ("output", "hub", "load"):
+            value = {k: v for k, v in getattr(self, name).items() if v is not None}
+            if value:
+                out[name] = value
+        if self.provenance:
+            out["provenance"] = self.provenance
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+
+def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None, token: Union[bool, str, None] = None,
+                endpoint: Optional[str] = None, filename: str = RECIPE_FILE) -> Recipe:
+    """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``)."""
+    p = Path(str(path_or_repo_id)).expanduser()
+    if p.is_file():
+        return Recipe.from_file(p)
+    if p.is_dir() and (p / filename).is_file():
+        return Recipe.from_file(p / filename)
+    text = str(path_or_repo_id)
+    if text.endswith((".yaml", ".yml")):  # a YAML name is a file, never a repo id
+        raise RecipeError(f"recipe: no such file: {text}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = hf_hub_download(text, filename, revision=revision, token=token, endpoint=endpoint)
+    except Exception as exc:  # noqa: BLE001
+        raise RecipeError(f"recipe: {text!r} is not a file and its {filename} could not be read from the Hub "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    r = Recipe.from_file(local)
+    r.source = f"{text}@{revision or 'main'}"
+    return r
