@@ -24,6 +24,7 @@ from .optimizers import build_optimizer
 from .schedules import amplification, learning_rate
 
 __all__ = [
+    "is_exact_soup",
     "AMEStep",
     "plan_steps",
     "resolve_pivot",
@@ -125,6 +126,33 @@ def initial_merge(ingredients: Sequence[torch.Tensor], pivot: PivotSpec, *, base
     return base.to(device=device, dtype=dtype, copy=True)
 
 
+def _build_fast(config: AMEConfig, weights: List[torch.Tensor]) -> torch.optim.Optimizer:
+    """The configured optimizer, with torch's fused kernel when it has one for these tensors (about
+    10x faster than the for-loop Adam on CPU) unless the user chose ``fused``/``foreach`` themselves."""
+    from .optimizers import get_optimizer
+
+    kwargs = config.optimizer_arguments()
+    entry = get_optimizer(config.optimizer)
+    if "fused" not in kwargs and "foreach" not in kwargs and "fused" in entry.defaults():
+        try:
+            return build_optimizer(config.optimizer, weights, lr=float(config.lr), kwargs={**kwargs, "fused": True})
+        except Exception:  # noqa: BLE001 - no fused kernel for this device/dtype: use the default path
+            pass
+    return build_optimizer(config.optimizer, weights, lr=float(config.lr), kwargs=kwargs)
+
+
+def is_exact_soup(config: AMEConfig, n_ingredients: int) -> bool:
+    """True when the config is spec special case 1 (SGD, lr 1 constant, zeta 1, one epoch, fixed
+    pivot, B dividing N, no momentum / weight decay): the result is exactly the uniform average,
+    which the engine then computes in one pass instead of N optimizer steps."""
+    kw = config.optimizer_arguments()
+    return (config.optimizer in ("sgd", "gd") and config.lr == 1.0 and config.lr_schedule == "constant"
+            and not callable(config.amplification) and config.amplification == 1 and config.epochs == 1
+            and not config.adaptive_pivot and n_ingredients % config.batch_size == 0
+            and not kw.get("momentum") and not kw.get("weight_decay") and not kw.get("maximize")
+            and not kw.get("nesterov"))
+
+
 class AMEStepper:
     """The merge state of one or more tensors, advanced one :class:`AMEStep` at a time.
 
@@ -140,8 +168,7 @@ class AMEStepper:
         self._grads = [torch.empty_like(w) for w in self.weights]
         for w, g in zip(self.weights, self._grads):
             w.grad = g
-        self.optimizer = build_optimizer(config.optimizer, self.weights, lr=float(config.lr),
-                                         kwargs=config.optimizer_arguments())
+        self.optimizer = _build_fast(config, self.weights)
 
     @torch.no_grad()
     def step(self, step: AMEStep, ingredients: Sequence[Sequence[torch.Tensor]]) -> None:

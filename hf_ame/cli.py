@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
     m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default cpu")
+    m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
+                   help="tensor: N copies of one tensor in memory (fastest); ingredient: one copy at a time "
+                        "(memory independent of N); auto (default): ingredient when tensor would not fit")
+    m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+                   help="memory 'auto' may use for ingredient copies; default half the available memory")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.add_argument("--push", metavar="REPO_ID", nargs="?", const="", default=None,
@@ -121,7 +126,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
         kwargs = {"device_map": args.device} if args.device else {}
         merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
-        result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress)
+        result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
+                              stream=args.stream, memory_budget=args.memory_budget)
         print(result.report.summary())
         if result.scores:
             print(f"scores ({result.metric['name']}): " + ", ".join(
@@ -156,9 +162,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype)
     result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                          max_shard_size=args.max_shard_size)
-    print(result.report.summary())
-    if args.push:
+                          max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget)
+    if result.report.rank == 0:
+        print(result.report.summary())
+    if args.push and result.report.rank == 0:
         info = result.push_to_hub(args.push, private=args.private)
         print(f"pushed to {args.push}: {getattr(info, 'commit_url', info)}")
     return 0

@@ -8,15 +8,16 @@ the merge state and optimizer state of one tensor: never a whole model.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import AMEStepper, initial_merge, plan_steps, resolve_pivot
+from .algorithm import AMEStepper, initial_merge, is_exact_soup, plan_steps, resolve_pivot, soup
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
@@ -50,12 +51,16 @@ class MergeReport:
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
     devices: List[str] = field(default_factory=list)
+    stream: str = "tensor"
+    rank: int = 0
+    world_size: int = 1
 
     def summary(self) -> str:
         return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
                 f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
                 f"{self.steps} optimizer steps per tensor, {self.config.optimizer} lr={self.config.lr}, "
-                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s")
+                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s"
+                + (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]" if self.world_size > 1 else ""))
 
 
 def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
@@ -98,6 +103,107 @@ def _as_device(v: Union[str, int, torch.device]) -> torch.device:
     return torch.device(v)
 
 
+STREAM_MODES = ("auto", "tensor", "ingredient")
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; a conservative guess elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget: Optional[int]) -> str:
+    """"tensor" keeps the N copies of one tensor (and the next, prefetched) in memory: fastest, E
+    epochs cost no extra I/O. "ingredient" keeps one ingredient's copy at a time: memory independent
+    of N, each input read once per epoch (once in all for one unshuffled epoch). "auto" picks
+    "ingredient" when 2 x N copies of the largest tensor exceed ``memory_budget`` (default: half of
+    the memory available now)."""
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
+    if stream != "auto":
+        return stream
+    budget = memory_budget if memory_budget is not None else available_memory() // 2
+    return "ingredient" if 2 * n * largest_tensor_bytes > budget else "tensor"
+
+
+class _Row:
+    """Ingredient j's copy of one tensor, read from disk when indexed (ingredient streaming)."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], name: str, device: torch.device):
+        self.ckpts, self.name, self.device = ckpts, name, device
+        self._last: Optional[tuple] = None  # (j, tensor): the pivot read for w_0 is reused by step 1
+
+    def __len__(self) -> int:
+        return len(self.ckpts)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if self._last is not None and self._last[0] == j:
+            return self._last[1]
+        t = self.ckpts[j].get_tensor(self.name, device=self.device)
+        self._last = (j, t)
+        return t
+
+
+class _Dist:
+    """This process's place in a multi-process merge (torch.distributed, as set up by
+    ``accelerate launch`` or ``torchrun``); world size 1 otherwise."""
+
+    def __init__(self, enabled: Optional[bool]):
+        self.world, self.rank, self.pg = 1, 0, False
+        want = enabled if enabled is not None else int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not want:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        self.world, self.rank, self.pg = dist.get_world_size(), dist.get_rank(), True
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.pg:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_ok(self, ok: bool) -> bool:
+        if not self.pg:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def barrier(self) -> None:
+        if self.pg:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _assign_shards(sizes: Sequence[int], world: int) -> List[int]:
+    """Shard -> rank, largest shards first to the least loaded rank (balanced bytes)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
 def merge_checkpoints(
     ingredients: Sequence[Union[Checkpoint, str, Path]],
     output_dir: Union[str, Path],
@@ -113,6 +219,9 @@ def merge_checkpoints(
     reference: int = 0,
     extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
     min_ingredients: int = 2,
+    stream: str = "auto",
+    memory_budget: Optional[int] = None,
+    distributed: Optional[bool] = None,
 ) -> MergeReport:
     """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
 
@@ -130,11 +239,17 @@ def merge_checkpoints(
         reference: index of the ingredient whose config / tokenizer / processor files are copied.
         extra_files: more files to write into the output (name -> text or bytes), e.g. a recipe.
         min_ingredients: fewer ingredients than this is an error (greedy soup may keep just 1).
+        stream: "tensor", "ingredient" or "auto" (see :func:`choose_stream`); default "auto".
+        memory_budget: bytes "auto" may use for ingredient copies; default half the available memory.
+        distributed: split the shards over the processes of ``accelerate launch`` / ``torchrun``
+            (default: when WORLD_SIZE > 1); each rank writes its own shards, rank 0 the index.
     """
     t0 = time.perf_counter()
     config = (config or AMEConfig()).validate()
     out_dtype = parse_dtype(dtype, "dtype")
     parse_size(max_shard_size)
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
     check_output_dir(output_dir, overwrite)  # before reading anything big
 
     ckpts = open_checkpoints(ingredients)
@@ -157,86 +272,137 @@ def merge_checkpoints(
     ref = ckpts[reference]
 
     infos: List[TensorInfo] = list(ref.tensors.values())
+
     def target_dtype(info: TensorInfo) -> torch.dtype:
         return out_dtype if (out_dtype is not None and info.is_floating) else info.dtype
+
     plan = plan_shards([(i.name, target_dtype(i), i.shape) for i in infos], max_shard_size)
     steps = plan_steps(len(ckpts), config)
+    exact_soup = is_exact_soup(config, len(ckpts))
     where = _device_lookup(device_map)
     compute_dtype = config.torch_compute_dtype
     floating = [i for i in infos if i.is_floating]
     final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
+    dist = _Dist(distributed)
+    if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
+        where = lambda name: local  # noqa: E731
+    owner = _assign_shards([sum(plan.entries[n].nbytes for n in shard) for shard in plan.order], dist.world)
+    mine = [i for i in infos if owner[plan.entries[i.name].shard] == dist.rank]
     report = MergeReport(Path(output_dir), names, config, str(final_dtype).replace("torch.", ""),
-                         tensors=len(infos), steps=len(steps), plan_seconds=time.perf_counter() - t0)
+                         tensors=len(mine), steps=len(steps), plan_seconds=time.perf_counter() - t0)
+    report.stream = mode
+    report.rank, report.world_size = dist.rank, dist.world
     devices = set()
 
     def read(info: TensorInfo) -> List[torch.Tensor]:
+        if mode == "ingredient" and info.is_floating:
+            return []  # read one ingredient at a time while merging
         xs = [c.get_tensor(info.name) for c in ckpts]
-        if base_ckpt is not None:
+        if base_ckpt is not None and info.is_floating:
             xs.append(base_ckpt.get_tensor(info.name))
         return xs
 
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if prefetch else None
-    try:
-        with staged_output(output_dir, overwrite) as tmp:
-            writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"})
-            try:
-                pending = pool.submit(read, infos[0]) if (pool and infos) else None
-                bar = tqdm(total=sum(i.nbytes for i in infos), unit="B", unit_scale=True, unit_divisor=1024,
-                           desc="hf_ame merge", disable=not progress)
-                for k, info in enumerate(infos):
-                    ts = time.perf_counter()
-                    xs = pending.result() if pending is not None else read(info)
-                    if pool is not None and k + 1 < len(infos):
-                        pending = pool.submit(read, infos[k + 1])
-                    tc = time.perf_counter()
-                    report.wait_read_seconds += tc - ts
-                    if info.is_floating:
-                        dev = where(info.name)
-                        devices.add(str(dev))
-                        base_x = xs[len(ckpts)] if base_ckpt is not None else None
-                        ing = xs[:len(ckpts)]
-                        if dev.type != "cpu":
-                            ing = [x.to(dev, non_blocking=True) for x in ing]
-                        w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
-                        stepper = AMEStepper([w0], config)
-                        del w0
-                        stepper.run(steps, [ing])
-                        merged = stepper.release()[0]
-                        result = merged.to(target_dtype(info))
-                        del stepper, merged, ing
-                        report.merged_tensors += 1
-                    else:
-                        for c, x in zip(ckpts[1:], xs[1:len(ckpts)]):
-                            if not torch.equal(xs[0], x):
-                                raise IncompatibleCheckpointsError(
-                                    f"non-floating tensor {info.name!r} ({info.dtype}) differs between "
-                                    f"{ckpts[0].name!r} and {c.name!r}; integer buffers cannot be averaged"
-                                )
-                        result = xs[reference]
-                        report.copied_tensors += 1
-                    tw = time.perf_counter()
-                    report.compute_seconds += tw - tc
-                    writer.write(info.name, result)
-                    report.write_seconds += time.perf_counter() - tw
-                    report.parameters += info.numel
-                    del xs, result
-                    bar.update(info.nbytes)
-                bar.close()
-                files = writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
+    def merge_one(info: TensorInfo, xs: List[torch.Tensor]) -> torch.Tensor:
+        dev = where(info.name)
+        devices.add(str(dev))
+        if mode == "ingredient":
+            ing: Sequence[torch.Tensor] = _Row(ckpts, info.name, dev)
+            base_x = base_ckpt.get_tensor(info.name, device=dev) if base_ckpt is not None else None
+        else:
+            ing = xs[:len(ckpts)]
+            base_x = xs[len(ckpts)] if base_ckpt is not None else None
+            if dev.type != "cpu":
+                ing = [x.to(dev, non_blocking=True) for x in ing]
+        if exact_soup:  # spec case 1: exactly the mean, in one pass
+            return soup(ing, compute_dtype, dev).to(target_dtype(info))
+        w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
+        stepper = AMEStepper([w0], config)
+        del w0
+        stepper.run(steps, [ing])
+        return stepper.release()[0].to(target_dtype(info))
+
+    def run(tmp: Path) -> None:
+        writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"},
+                               shards=[s for s in range(len(plan.files)) if owner[s] == dist.rank])
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if (prefetch and mine) else None
+        try:
+            pending = pool.submit(read, mine[0]) if pool else None
+            bar = tqdm(total=sum(i.nbytes for i in mine), unit="B", unit_scale=True, unit_divisor=1024,
+                       desc="hf_ame merge" + (f" [rank {dist.rank}/{dist.world}]" if dist.world > 1 else ""),
+                       disable=not progress)
+            for k, info in enumerate(mine):
+                ts = time.perf_counter()
+                xs = pending.result() if pending is not None else read(info)
+                if pool is not None and k + 1 < len(mine):
+                    pending = pool.submit(read, mine[k + 1])
+                tc = time.perf_counter()
+                report.wait_read_seconds += tc - ts
+                if info.is_floating:
+                    result = merge_one(info, xs)
+                    report.merged_tensors += 1
+                else:
+                    for c, x in zip(ckpts[1:], xs[1:len(ckpts)]):
+                        if not torch.equal(xs[0], x):
+                            raise IncompatibleCheckpointsError(
+                                f"non-floating tensor {info.name!r} ({info.dtype}) differs between "
+                                f"{ckpts[0].name!r} and {c.name!r}; integer buffers cannot be averaged"
+                            )
+                    result = xs[reference]
+                    report.copied_tensors += 1
+                tw = time.perf_counter()
+                report.compute_seconds += tw - tc
+                writer.write(info.name, result)
+                report.write_seconds += time.perf_counter() - tw
+                report.parameters += info.numel
+                del xs, result
+                bar.update(info.nbytes)
+            bar.close()
+            report.files = writer.finish(write_index=dist.rank == 0)
             report.bytes_written = writer.bytes_written
-            aux = copy_aux_files(ref.path, tmp)
-            update_config(tmp, final_dtype)
-            for fname, content in (extra_files or {}).items():
-                mode = "wb" if isinstance(content, bytes) else "w"
-                with open(tmp / fname, mode) as fh:
-                    fh.write(content)
-            report.files = sorted(files + aux + list(extra_files or {}))
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def finalize(tmp: Path) -> None:
+        aux = copy_aux_files(ref.path, tmp)
+        update_config(tmp, final_dtype)
+        for fname, content in (extra_files or {}).items():
+            with open(tmp / fname, "wb" if isinstance(content, bytes) else "w") as fh:
+                fh.write(content)
+        report.files = sorted(set(plan.files) | set(report.files) | set(aux) | set(extra_files or {}))
+
+    try:
+        if dist.world == 1:
+            with staged_output(output_dir, overwrite) as tmp:
+                run(tmp)
+                finalize(tmp)
+        else:  # rank 0 stages the folder; every rank writes its shards into it
+            error: Optional[BaseException] = None
+            if dist.rank == 0:
+                with staged_output(output_dir, overwrite) as tmp:
+                    dist.broadcast(str(tmp))
+                    try:
+                        run(tmp)
+                    except BaseException as exc:  # noqa: BLE001 - reported to all ranks below
+                        error = exc
+                    if not dist.all_ok(error is None):
+                        raise error or RuntimeError("another rank failed; see its error")
+                    finalize(tmp)
+            else:
+                tmp = Path(dist.broadcast(None))
+                try:
+                    run(tmp)
+                except BaseException as exc:  # noqa: BLE001
+                    error = exc
+                if not dist.all_ok(error is None):
+                    raise error or RuntimeError("another rank failed; see its error")
+            dist.barrier()  # the output is in place for everyone
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         report.bytes_read = sum(c.bytes_read for c in ckpts) - read_before + (base_ckpt.bytes_read if base_ckpt else 0)
         for c in ckpts:
             c.close()

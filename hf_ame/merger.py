@@ -409,6 +409,8 @@ class AMEMerger:
         max_shard_size: Union[int, str, None] = None,
         progress: bool = True,
         write_card: bool = True,
+        stream: str = "auto",
+        memory_budget: Optional[int] = None,
         **overrides: Any,
     ) -> MergeResult:
         """Run AME over the ingredients and return a :class:`MergeResult`.
@@ -429,6 +431,10 @@ class AMEMerger:
             max_shard_size: output shard size (bytes or "5GB"; default the recipe's, else "5GB").
             progress: show progress bars.
             write_card: write README.md (model card), the scores chart and ame_recipe.yaml into the output.
+            stream: "tensor" (the N copies of one tensor in memory: fastest), "ingredient" (one
+                ingredient's copy at a time: memory independent of N) or "auto" (default: "ingredient"
+                when 2 x N copies of the largest tensor exceed ``memory_budget`` bytes, by default
+                half the available memory).
 
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
@@ -493,7 +499,7 @@ class AMEMerger:
         if greedy is None:
             report = merge_checkpoints(ckpts, output_dir, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
                                        dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                                       progress=progress, device_map=device)
+                                       progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
         else:
             _, _, run = self._scorer(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
                                      metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
@@ -559,7 +565,7 @@ class AMEMerger:
                                "dataset": ds, "order": order, "top_k": top_k, "greedy": greedy,
                                "greater_is_better": greater_is_better, "metric_key": metric_key,
                                "metric_kwargs": dict(metric_kwargs) if metric_kwargs else None}
-        if write_card:
+        if write_card and report.rank == 0:
             result.write_card(r.hub.get("repo_id") if r is not None else None)
         return result
 

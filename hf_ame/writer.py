@@ -101,13 +101,16 @@ class ShardedWriter:
     planned offset. A shard is closed as soon as all its tensors are in.
     """
 
-    def __init__(self, folder: Union[str, Path], plan: ShardPlan, metadata: Optional[Dict[str, str]] = None):
+    def __init__(self, folder: Union[str, Path], plan: ShardPlan, metadata: Optional[Dict[str, str]] = None,
+                 shards: Optional[Sequence[int]] = None):
         self.folder = Path(folder)
         self.plan = plan
         self.metadata = {"format": "pt", **(metadata or {})}
         self._files: Dict[int, BinaryIO] = {}
         self._data_start: Dict[int, int] = {}
-        self._remaining = [set(names) for names in plan.order]
+        # the shards this writer owns (a multi-process merge splits them over ranks)
+        self.shards = list(range(len(plan.order))) if shards is None else list(shards)
+        self._remaining = [set(names) if i in self.shards else set() for i, names in enumerate(plan.order)]
         self.bytes_written = 0
 
     def _open(self, shard: int) -> BinaryIO:
@@ -144,19 +147,20 @@ class ShardedWriter:
             f.close()
             del self._files[e.shard]
 
-    def finish(self) -> List[str]:
-        """Check every tensor was written, close files, write the index if sharded; returns file names."""
+    def finish(self, write_index: bool = True) -> List[str]:
+        """Check every owned tensor was written, close files, write the index if sharded (and
+        ``write_index``); returns the file names written."""
         left = [n for s in self._remaining for n in s]
         if left:
             raise RuntimeError(f"output is missing {len(left)} tensor(s), e.g. {left[0]!r}")
         for shard in list(self._files):
             self._files.pop(shard).close()
         for shard, names in enumerate(self.plan.order):
-            if not names:  # an empty model still gets a valid (empty) file
+            if not names and shard in self.shards:  # an empty model still gets a valid (empty) file
                 self._open(shard)
                 self._files.pop(shard).close()
-        files = list(self.plan.files)
-        if len(files) > 1:
+        files = [self.plan.files[i] for i in self.shards]
+        if len(self.plan.files) > 1 and write_index:
             index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map()}
             (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(SAFE_WEIGHTS_INDEX_NAME)
