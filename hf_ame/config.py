@@ -187,10 +187,11 @@ class AMEConfig:
         # Let the optimizer run its own argument checks now, on a one-element tensor, so a bad
         # beta or eps fails before any checkpoint is read.
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
-        try:
-            build_optimizer(self.optimizer, [torch.zeros(1)], lr=float(self.lr), kwargs=kwargs)
-        except OptimizerArgumentError as exc:
-            raise ConfigError(f"{p}{exc}") from None
+        if kwargs:  # with no kwargs there is nothing left to check (and constructing costs torch a lazy import)
+            try:
+                build_optimizer(self.optimizer, [torch.zeros(1)], lr=float(self.lr), kwargs=kwargs)
+            except OptimizerArgumentError as exc:
+                raise ConfigError(f"{p}{exc}") from None
         return self
 
     def optimizer_arguments(self) -> Dict[str, Any]:

@@ -77,10 +77,10 @@ def update_config(folder: Union[str, Path], dtype: torch.dtype) -> None:
     cfg = json.loads(path.read_text())
     cfg.pop("torch_dtype", None)  # deprecated name; transformers 5 writes "dtype"
     cfg["dtype"] = str(dtype).replace("torch.", "")
-    try:
-        import transformers
+    try:  # metadata, not an import: importing transformers costs seconds
+        from importlib.metadata import version
 
-        cfg["transformers_version"] = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is a dependency
+        cfg["transformers_version"] = version("transformers")
+    except Exception:  # pragma: no cover - transformers is a dependency
         pass
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -276,7 +276,7 @@ import gc; gc.collect()
 from hf_ame import AMEConfig, merge_checkpoints
 import psutil
 proc = psutil.Process()
-merge_checkpoints(paths[:2], os.path.join(root, "warm"), AMEConfig.soup(), progress=False)  # warm-up: imports, allocator
+merge_checkpoints(paths[:2], os.path.join(root, "warm"), AMEConfig(optimizer="adam"), progress=False)  # warm-up: imports (torch.optim loads torch._dynamo), allocator
 base = proc.memory_info().rss
 peak = [base]
 import threading, time

@@ -61,7 +61,7 @@ for i in range(n):
     paths.append(d)
 from hf_ame import AMEConfig, merge_checkpoints
 proc = psutil.Process()
-merge_checkpoints(paths[:2], os.path.join(root, f"warm{n}"), AMEConfig.soup(), progress=False, stream="ingredient")
+merge_checkpoints(paths[:2], os.path.join(root, f"warm{n}"), AMEConfig(optimizer="adam"), progress=False, stream="ingredient")
 base = proc.memory_info().rss
 peak, stop = [base], [False]
 def watch():
@@ -83,7 +83,9 @@ def test_peak_memory_independent_of_n(tmp_path):
         assert res.returncode == 0, res.stderr
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
     print("peak RSS growth:", out)
-    assert out[16]["growth_mib"] <= out[2]["growth_mib"] + 8, out  # N = 16 costs at most two 4 MiB tensors more than N = 2
+    # N = 16 costs at most three 4 MiB tensors more than N = 2 (allocator noise); holding the N copies
+    # of one tensor, as tensor mode does, would cost 14 x 4 = 56 MiB more
+    assert out[16]["growth_mib"] <= out[2]["growth_mib"] + 12, out
     assert out[16]["growth_mib"] < 40, out  # merge + grad + 2 Adam states + one ingredient copy + output
     assert out[16]["read_mib"] > 7 * out[2]["read_mib"]  # it really read 8x more
 

@@ -1,0 +1,239 @@
+"""Speed and memory of a merge against the I/O floor, mergekit and the naive way, in ONE run.
+
+    .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|default]
+
+Builds N perturbed copies of one causal LM (Llama architecture, bf16 safetensors, sharded like Hub
+models) under benchmarks/.data, then runs every method in its own subprocess, interleaved
+(rep 1: all methods, rep 2: all methods, ...), recording wall time and the child's peak RSS
+(wait4). Inputs sit in the page cache for every method alike (the floor reads them too). Prints the
+best time per method, ratios to the floor and to mergekit, and checks that hf_ame's soup and
+mergekit's linear merge agree within bf16 rounding.
+
+Methods: floor (read every input byte once + write one model's bytes), hf_ame soup, hf_ame
+AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
+(from_pretrained all N models, average, save_pretrained).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+SCALES = {  # ~245M parameters ("default") / ~30M ("small", for a quick look)
+    "default": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                    num_key_value_heads=4, vocab_size=32000),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=16000),
+}
+
+
+def build(scale: str, n: int) -> list:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = DATA / f"llama-{scale}"
+    paths = [root / f"ft-{i}" for i in range(n)]
+    if all((p / "model.safetensors.index.json").exists() for p in paths):
+        return paths
+    cfg = LlamaConfig(**SCALES[scale], max_position_embeddings=2048, tie_word_embeddings=False,
+                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"[build] {sum(v.numel() for v in init.values()) / 1e6:.0f}M parameters, bf16, {n} copies", flush=True)
+    for i, p in enumerate(paths):
+        if (p / "model.safetensors.index.json").exists():
+            continue
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for k, t in model.state_dict().items():
+                t.copy_(init[k] + (torch.randn(t.shape, generator=g) * 0.01).to(torch.bfloat16))
+        model.save_pretrained(p, max_shard_size="200MB")
+    return paths
+
+
+# Each child does its imports, then times only the work, and reports its own peak RSS (VmHWM,
+# reset at exec, so the parent's memory never counts) and its children's (mergekit's workers).
+_FOOTER = r"""
+import json, resource
+hwm = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        hwm = int(line.split()[1]) / 1024
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print("RESULT " + json.dumps({"t": _T1 - _T0, "rss": max(hwm, kids)}))
+"""
+
+CHILD = {
+    "floor": r"""
+import sys, os, time
+paths, out = sys.argv[1:-1], sys.argv[-1]
+_T0 = time.perf_counter()
+buf = bytearray(16 << 20); mv = memoryview(buf); model_bytes = 0
+for i, p in enumerate(paths):
+    for f in sorted(os.listdir(p)):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(p, f), "rb", buffering=0) as fh:
+                while True:
+                    n = fh.readinto(mv)
+                    if not n: break
+                    if i == 0: model_bytes += n
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "blob"), "wb", buffering=0) as fh:
+    left = model_bytes
+    while left > 0:
+        n = min(left, len(buf)); fh.write(mv[:n]); left -= n
+_T1 = time.perf_counter()
+""",
+    "hf_ame soup": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "hf_ame AdamW 1 ep": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=1), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "hf_ame AdamW 10 ep": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=10), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "mergekit linear": r"""
+import sys, os, time
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+paths, out = sys.argv[1:-1], sys.argv[-1]
+cfg = MergeConfiguration.model_validate({"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": True},
+       "models": [{"model": os.path.abspath(p), "parameters": {"weight": 1.0}} for p in paths]})
+_T0 = time.perf_counter()
+run_merge(cfg, out, options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, out_shard_size=10**9))
+_T1 = time.perf_counter()
+""",
+    "naive from_pretrained": r"""
+import sys, time, torch
+from transformers import AutoModelForCausalLM
+paths, out = sys.argv[1:-1], sys.argv[-1]
+_T0 = time.perf_counter()
+models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16) for p in paths]
+sds = [m.state_dict() for m in models]
+avg = {k: torch.stack([sd[k].float() for sd in sds]).mean(0).to(torch.bfloat16) for k in sds[0]}
+models[0].load_state_dict(avg)
+models[0].save_pretrained(out)
+_T1 = time.perf_counter()
+""",
+}
+
+
+def run_child(code: str, paths, out: Path) -> tuple:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    res = subprocess.run([sys.executable, "-c", code + _FOOTER, *map(str, paths), str(out)], env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"child failed ({res.returncode}): {res.stderr[-2000:]}")
+    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    r = json.loads(line[7:])
+    return r["t"], r["rss"]
+
+
+def compare_soup_mergekit(a: Path, b: Path) -> str:
+    import torch
+    from safetensors.torch import load_file
+
+    def load(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    x, y = load(a), load(b)
+    if x.keys() != y.keys():
+        return f"tensor names differ: {sorted(set(x) ^ set(y))[:5]}"
+    worst, differ, total = 0.0, 0, 0
+    for k in x:
+        d = (x[k].float() - y[k].float()).abs()
+        ulp = torch.finfo(torch.bfloat16).eps * x[k].float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        worst = max(worst, float((d / ulp).max()))
+        differ += int((d > 0).sum())
+        total += d.numel()
+    return f"{len(x)} tensors; {differ / total:.2%} of elements differ; max difference {worst:.2f} bf16 ulp"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--scale", choices=list(SCALES), default="default")
+    ap.add_argument("--methods", nargs="+", default=list(CHILD))
+    args = ap.parse_args()
+    has_mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) is not None
+    methods = [m for m in args.methods if m != "mergekit linear" or has_mergekit]
+    if not has_mergekit:
+        print("[note] mergekit not installed (pip install mergekit==0.1.5): skipping it")
+    paths_all = build(args.scale, max(args.ns))
+    model_bytes = sum(f.stat().st_size for f in paths_all[0].glob("*.safetensors"))
+    print(f"[model] {model_bytes / 2**20:.0f} MiB of bf16 safetensors per ingredient, "
+          f"{len(list(paths_all[0].glob('*.safetensors')))} shards; {os.cpu_count()} CPU cores")
+    results = {}
+    work = Path(tempfile.mkdtemp(prefix="hf_ame-bench-", dir=DATA))
+    try:
+        for n in args.ns:
+            paths = paths_all[:n]
+            run_child(CHILD["floor"], paths, work / "warm")  # page-cache warm-up, not timed
+            shutil.rmtree(work / "warm", ignore_errors=True)
+            for rep in range(args.reps):
+                for m in methods:
+                    out = work / f"{n}-{m.replace(' ', '_')}-{rep}"
+                    wall, rss = run_child(CHILD[m], paths, out)
+                    results.setdefault((n, m), []).append((wall, rss))
+                    print(f"  N={n} rep {rep + 1} {m:<22} {wall:7.2f}s  peak RSS {rss:8.0f} MiB", flush=True)
+                    if rep < args.reps - 1 or m not in ("hf_ame soup", "mergekit linear"):
+                        shutil.rmtree(out, ignore_errors=True)
+            if has_mergekit and "hf_ame soup" in methods:
+                last = args.reps - 1
+                print(f"  N={n} soup vs mergekit linear: " + compare_soup_mergekit(
+                    work / f"{n}-hf_ame_soup-{last}", work / f"{n}-mergekit_linear-{last}"))
+            for p in work.glob(f"{n}-*"):
+                shutil.rmtree(p, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"best of {args.reps} interleaved runs; times exclude interpreter start-up and imports; "
+          "ratios are within this run")
+    print(f"{'N':>2} {'method':<22} {'wall s':>8} {'peak RSS MiB':>13} {'x floor':>8} {'x mergekit':>10}")
+    summary = []
+    for n in args.ns:
+        floor = min(w for w, _ in results[(n, "floor")])
+        mk = min(w for w, _ in results[(n, "mergekit linear")]) if (n, "mergekit linear") in results else None
+        for m in methods:
+            w = min(x for x, _ in results[(n, m)])
+            rss = max(r for _, r in results[(n, m)])
+            rmk = f"{w / mk:10.2f}" if mk else f"{'-':>10}"
+            print(f"{n:>2} {m:<22} {w:8.2f} {rss:13.0f} {w / floor:8.2f} {rmk}")
+            summary.append({"n": n, "method": m, "wall_s": w, "peak_rss_mib": rss, "x_floor": w / floor,
+                            "x_mergekit": (w / mk) if mk else None})
+    (DATA / "speed_results.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nmodel size {model_bytes / 2**20:.0f} MiB; results also in {DATA / 'speed_results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
