@@ -27,13 +27,16 @@ class DigitsSetup:
     n_models: int = 6
     unseen_fraction: float = 0.5  # fraction of the 10 classes each fine-tune never sees
     seed: int = 0
-    hidden_size: int = 64
-    layers: int = 3
-    pretrain_epochs: int = 30
-    finetune_epochs: int = 15
+    hidden_size: int = 96
+    layers: int = 2
+    pretrain_epochs: int = 40
+    finetune_epochs: int = 10
     lr: float = 1e-3
+    finetune_lr: float = 3e-4
+    head_init: str = "shared"  # "shared": one fresh head init for all fine-tunes; "per-model": one each
+    mask_unseen: bool = True  # softmax over the seen classes only while fine-tuning
     batch_size: int = 32
-    version: int = 2  # bump when the recipe below changes, so caches rebuild
+    version: int = 3  # bump when the recipe below changes, so caches rebuild
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -141,9 +144,12 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
         idx = idx[torch.randperm(len(idx), generator=gen)[: max(1, len(idx) // 2 + 1)]]
         model = ViTForImageClassification(vit_config(setup))
         model.load_state_dict(pre_state)
-        torch.manual_seed(setup.seed * 1000 + i)
-        model.classifier.reset_parameters()  # a fresh head per fine-tune, as in the paper
-        _train(model, xf[idx], yf[idx], setup.finetune_epochs, setup.lr, setup.batch_size, setup.seed + i, classes)
+        # a fresh 10-class head, as in the paper; "shared": the same fresh init for every fine-tune,
+        # as fine-tunes of one pretrained model with a new head usually start from one checkpoint
+        torch.manual_seed(setup.seed * 1000 + (0 if setup.head_init == "shared" else i + 1))
+        model.classifier.reset_parameters()
+        _train(model, xf[idx], yf[idx], setup.finetune_epochs, setup.finetune_lr, setup.batch_size, setup.seed + i,
+               classes if setup.mask_unseen else None)
         model.save_pretrained(path)
         processor.save_pretrained(path)
         meta.append({"path": path.name, "classes": classes, "images": int(len(idx))})

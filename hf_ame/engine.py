@@ -136,21 +136,52 @@ def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget:
 
 
 class _Row:
-    """Ingredient j's copy of one tensor, read from disk when indexed (ingredient streaming)."""
+    """Ingredient j's copy of one tensor, read from disk when indexed (ingredient streaming).
 
-    def __init__(self, ckpts: Sequence[Checkpoint], name: str, device: torch.device):
+    ``sequence`` is the order the merge will index the ingredients in (the soup pass, then the
+    planned batches): while one copy is used, the next in that sequence is read on ``pool``'s
+    thread, so at most two copies are in memory, whatever N."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], name: str, device: torch.device,
+                 sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None):
         self.ckpts, self.name, self.device = ckpts, name, device
+        self.sequence, self.pool, self.pos = list(sequence), pool, 0
         self._last: Optional[tuple] = None  # (j, tensor): the pivot read for w_0 is reused by step 1
+        self._next: Optional[tuple] = None  # (position, j, future)
 
     def __len__(self) -> int:
         return len(self.ckpts)
 
+    def _read(self, j: int) -> torch.Tensor:
+        return self.ckpts[j].get_tensor(self.name, device=self.device)
+
     def __getitem__(self, j: int) -> torch.Tensor:
         if self._last is not None and self._last[0] == j:
-            return self._last[1]
-        t = self.ckpts[j].get_tensor(self.name, device=self.device)
+            t = self._last[1]
+        elif self._next is not None and self._next[1] == j:
+            t = self._next[2].result()
+        else:
+            t = self._read(j)
+        if self._next is not None and self._next[1] == j:
+            self._next = None
+        # advance along the expected sequence and prefetch what comes next
+        while self.pos < len(self.sequence) and self.sequence[self.pos] != j:
+            self.pos += 1
+        self.pos += 1
         self._last = (j, t)
+        if self.pool is not None and self._next is None:
+            k = self.pos
+            while k < len(self.sequence) and self.sequence[k] == j:
+                k += 1
+            if k < len(self.sequence):
+                nj = self.sequence[k]
+                self._next = (k, nj, self.pool.submit(self._read, nj))
         return t
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next[2].cancel()
+        self._next = self._last = None
 
 
 class _Dist:
@@ -284,6 +315,16 @@ def merge_checkpoints(
     floating = [i for i in infos if i.is_floating]
     final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
     mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
+    if stream == "auto" and exact_soup:
+        mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N
+    # the order a streamed tensor's ingredients are indexed in: the pivot pass, then the steps
+    sequence: List[int] = []
+    if not exact_soup and pivot[0] == "soup":
+        sequence += list(range(len(ckpts)))
+    elif not exact_soup and pivot[0] == "index":
+        sequence.append(pivot[1])
+    sequence += list(range(len(ckpts))) if exact_soup else [j for st in steps for j in st.batch]
+    row_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-row") if (mode == "ingredient" and prefetch) else None
     dist = _Dist(distributed)
     if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
@@ -308,20 +349,24 @@ def merge_checkpoints(
         dev = where(info.name)
         devices.add(str(dev))
         if mode == "ingredient":
-            ing: Sequence[torch.Tensor] = _Row(ckpts, info.name, dev)
+            ing: Sequence[torch.Tensor] = _Row(ckpts, info.name, dev, sequence, row_pool)
             base_x = base_ckpt.get_tensor(info.name, device=dev) if base_ckpt is not None else None
         else:
             ing = xs[:len(ckpts)]
             base_x = xs[len(ckpts)] if base_ckpt is not None else None
             if dev.type != "cpu":
                 ing = [x.to(dev, non_blocking=True) for x in ing]
-        if exact_soup:  # spec case 1: exactly the mean, in one pass
-            return soup(ing, compute_dtype, dev).to(target_dtype(info))
-        w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
-        stepper = AMEStepper([w0], config)
-        del w0
-        stepper.run(steps, [ing])
-        return stepper.release()[0].to(target_dtype(info))
+        try:
+            if exact_soup:  # spec case 1: exactly the mean, in one pass
+                return soup(ing, compute_dtype, dev).to(target_dtype(info))
+            w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
+            stepper = AMEStepper([w0], config)
+            del w0
+            stepper.run(steps, [ing])
+            return stepper.release()[0].to(target_dtype(info))
+        finally:
+            if isinstance(ing, _Row):
+                ing.close()
 
     def run(tmp: Path) -> None:
         writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"},
@@ -403,6 +448,8 @@ def merge_checkpoints(
                     raise error or RuntimeError("another rank failed; see its error")
             dist.barrier()  # the output is in place for everyone
     finally:
+        if row_pool is not None:
+            row_pool.shutdown(wait=True, cancel_futures=True)
         report.bytes_read = sum(c.bytes_read for c in ckpts) - read_before + (base_ckpt.bytes_read if base_ckpt else 0)
         for c in ckpts:
             c.close()

@@ -28,7 +28,7 @@ def read_state(folder) -> dict:
     return out
 
 
-DIGITS_SETUP_KW = dict(n_models=4, hidden_size=32, layers=2, pretrain_epochs=12, finetune_epochs=6)
+DIGITS_SETUP_KW = dict(n_models=4, hidden_size=48, layers=2, pretrain_epochs=40, finetune_epochs=10, finetune_lr=3e-4)
 
 
 @pytest.fixture(scope="session")

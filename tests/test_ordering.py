@@ -103,7 +103,9 @@ def test_greedy_soup_rejects_a_broken_ingredient(digits, tmp_path):
     paths, val, _ = digits
     broken = tmp_path / "broken"
     torch.manual_seed(123)
-    ViTForImageClassification(vit_config(DigitsSetup(hidden_size=32, layers=2))).save_pretrained(broken)
+    from conftest import DIGITS_SETUP_KW
+
+    ViTForImageClassification(vit_config(DigitsSetup(**DIGITS_SETUP_KW))).save_pretrained(broken)
     import shutil
 
     shutil.copy(f"{paths[0]}/preprocessor_config.json", broken)
