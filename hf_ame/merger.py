@@ -319,9 +319,6 @@ class AMEMerger:
 
 
     # ------------------------------------------------------------------ scoring
-    def _checkpoints(self) -> List[Checkpoint]:
-        return [Checkpoint(i.path, name=i.id) for i in self.ingredients]
-
     def _scorer(self, metric: Any, eval_dataset: Any, *, greater_is_better: Optional[bool], metric_key: Optional[str],
                 metric_kwargs: Optional[Mapping[str, Any]], input_column: Optional[str], label_column: Optional[str],
                 batch_size: int):
@@ -477,10 +474,10 @@ class AMEMerger:
 
         scores: Dict[str, Any] = {}
         metric = None
+        score_kw = dict(greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
+                        input_column=input_column, label_column=label_column, batch_size=score_batch_size)
         if order_by is not None:
-            self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
-                       metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
-                       batch_size=score_batch_size, cache=score_cache, progress=progress)
+            self.score(order_by, eval_dataset, cache=score_cache, progress=progress, **score_kw)
             metric = self._last_metric
             timings["score"] = time.perf_counter() - t0
         ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
@@ -501,9 +498,7 @@ class AMEMerger:
                                        dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                                        progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
         else:
-            _, _, run = self._scorer(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
-                                     metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
-                                     batch_size=score_batch_size)
+            _, _, run = self._scorer(order_by, eval_dataset, **score_kw)
             slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
                              lambda model: run(model, chosen[0].path))
             greedy_log = GreedyLog()
@@ -535,9 +530,7 @@ class AMEMerger:
         result.greedy = greedy
         result.greedy_log = greedy_log.entries if greedy_log else None
         if metric is not None:
-            _, _, run = self._scorer(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
-                                     metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
-                                     batch_size=score_batch_size)
+            _, _, run = self._scorer(order_by, eval_dataset, **score_kw)
             t2 = time.perf_counter()
             scores["merged"] = run(result.model, result.output_dir)
             best = chosen[0] if order != "given" else max(ings, key=lambda i: i.score if metric.greater_is_better else -i.score)

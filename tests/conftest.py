@@ -54,3 +54,16 @@ def examples(digits_cache, tmp_path_factory):
     folder = export_examples(tmp_path_factory.mktemp("examples"), DigitsSetup(**DIGITS_SETUP_KW), cache=digits_cache)
     os.environ["HF_AME_EXAMPLES"] = str(folder)
     return folder
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The suite runs with HF_HUB_OFFLINE=1; Hub tests talk to their own server on 127.0.0.1."""
+    import huggingface_hub.constants as C
+
+    from hub_server import HubServer
+
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with HubServer() as hub:
+        yield hub

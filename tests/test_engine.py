@@ -297,3 +297,25 @@ print(json.dumps({"base_mib": base / 2**20, "growth_mib": (peak[0] - base) / 2**
     # current + prefetched ingredient copies (2N), merge + grad + 2 Adam states + output cast: ~ (2N + 5) tensors
     assert m["growth_mib"] < (2 * n + 8) * tensor_mib, m
     assert m["growth_mib"] < 0.5 * n * 8 * tensor_mib, m
+
+
+def test_special_cases_2_and_3_on_real_checkpoints(families, tmp_path):
+    paths = families["vit"]
+    n = len(paths)
+    expect = _mean_state(paths)
+    # case 2: SGD, harmonic lr 1/t, zeta = N, B = 1, one epoch, adaptive pivot, any w_0 -> the running mean
+    harmonic = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="harmonic", amplification=float(n), batch_size=1,
+                         epochs=1, shuffle=True, seed=5, adaptive_pivot=True, pivot=2)
+    merge_checkpoints(paths, tmp_path / "h", harmonic, progress=False)
+    got = read_state(tmp_path / "h")
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], atol=1e-5, rtol=1e-4, msg=k)
+    # case 3: Adagrad with eps far above the accumulated pseudogradients and lr = eta * eps ~ SGD at eta
+    common = dict(lr_schedule="harmonic", epochs=2, batch_size=2, pivot="first")
+    merge_checkpoints(paths, tmp_path / "sgd", AMEConfig(optimizer="sgd", lr=0.5, **common), progress=False)
+    eps = 1e6
+    merge_checkpoints(paths, tmp_path / "ada", AMEConfig(optimizer="adagrad", lr=0.5 * eps, optimizer_kwargs={"eps": eps},
+                                                         **common), progress=False)
+    a, b = read_state(tmp_path / "sgd"), read_state(tmp_path / "ada")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)

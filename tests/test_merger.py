@@ -7,24 +7,12 @@ import pytest
 import torch
 
 from conftest import read_state
-from hub_server import HubServer
 from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, OutputExistsError, merge_checkpoints
 from hf_ame.hub import IngredientError
 from hf_ame.placement import DevicePlacementError
 from hf_ame.testing import make_family
 
 CFG = AMEConfig(optimizer="adamw", lr=1e-3, epochs=2, batch_size=2, seed=3)
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """The suite runs with HF_HUB_OFFLINE=1; Hub tests talk to their own 127.0.0.1 server."""
-    import huggingface_hub.constants as C
-
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    with HubServer() as hub:
-        yield hub
 
 
 def _forward(model, kind):

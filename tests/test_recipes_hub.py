@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from conftest import read_state
-from hub_server import HubServer
 from hf_ame import AMEConfig, AMEMerger
 from hf_ame.cli import main
 from hf_ame.publish import PushError
@@ -17,16 +16,6 @@ from hf_ame.recipe import Recipe, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 LOCAL_EXAMPLES = ["uniform_soup", "adamw_ame", "adagrad_ame", "greedy_ame", "greedy_soup"]
-
-
-@pytest.fixture
-def online(monkeypatch):
-    import huggingface_hub.constants as C
-
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    with HubServer() as hub:
-        yield hub
 
 
 def _tree_digest(folder):
