@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-__all__ = ["class_exclusion", "DEFAULT_SWEEP", "main"]
+__all__ = ["class_exclusion", "compare_merges", "default_sweep", "main"]
 
 
 def default_sweep():
@@ -34,26 +34,15 @@ def default_sweep():
             for lr in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3) for ep in (1, 5)]
 
 
-DEFAULT_SWEEP = default_sweep
-
-
-def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Optional[Sequence[Any]] = None,
-                    progress: bool = False, verbose: bool = True, score_cache: Any = True) -> Dict[str, Any]:
-    """Build (or reuse) the ingredients of ``setup`` and compare merges. Every choice (ranking,
-    greedy soup, the AME sweep) uses the validation split only; test accuracy is reported.
-    With ``out``, the chosen AME merge is written there with its model card."""
-    from transformers.utils import logging as hf_logging
-
+def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[str] = None,
+                   sweep: Optional[Sequence[Any]] = None, progress: bool = False, score_cache: Any = True) -> Dict[str, Any]:
+    """Rank ``paths`` by evaluate accuracy on ``val`` (a datasets.Dataset), merge them (uniform soup,
+    greedy soup, AME for every config of ``sweep``, the best chosen on ``val``) and report
+    ``test_accuracy(folder)`` of each. With ``out``, the chosen AME merge is written there with its card."""
     from .config import AMEConfig
-    from .digits import accuracy, build_digits_ingredients, digits_dataset, load_digits_splits
     from .merger import AMEMerger
 
-    hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    paths = build_digits_ingredients(cache, setup, verbose=verbose)
-    t_build = time.perf_counter() - t0
-    val = digits_dataset("validation", setup.seed)
-    x, y = load_digits_splits(setup.seed)["test"]
     merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="auto")
     work = Path(tempfile.mkdtemp(prefix="hf_ame-demo-"))
     common = dict(order_by="accuracy", eval_dataset=val, score_cache=score_cache, progress=progress)
@@ -71,27 +60,45 @@ def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Opti
             best_val, _, best_cfg, best = max(trials, key=lambda t: (t[0], t[1]))
             if out is not None:
                 best = merger.merge(best_cfg, output_dir=out, overwrite=True, compare_soup=True, **common)
-        ingredients = [(Path(p).name, accuracy(p, x, y)) for p in paths]
-        result = {
+        ingredients = [(Path(p).name, test_accuracy(p)) for p in paths]
+        return {
             "ingredients": ingredients,
             "val_scores": [i.score for i in soup.ingredients],
             "best_ingredient": max(a for _, a in ingredients),
-            "soup": accuracy(soup.output_dir, x, y),
-            "greedy_soup": accuracy(greedy.output_dir, x, y),
+            "soup": test_accuracy(soup.output_dir),
+            "greedy_soup": test_accuracy(greedy.output_dir),
             "greedy_kept": sum(1 for e in greedy.greedy_log if e["accepted"]),
-            "ame": accuracy(best.output_dir, x, y),
+            "ame": test_accuracy(best.output_dir),
             "ame_config": best_cfg,
             "ame_val": best_val,
             "soup_val": soup.scores["merged"],
             "sweep": [(c.lr, c.epochs, s) for s, _, c, _ in trials],
             "output": str(best.output_dir) if out is not None else None,
-            "build_seconds": t_build,
             "sweep_seconds": t_sweep,
-            "seconds": time.perf_counter() - t0,
+            "merge_seconds": time.perf_counter() - t0,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return result
+
+
+def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Optional[Sequence[Any]] = None,
+                    progress: bool = False, verbose: bool = True, score_cache: Any = True) -> Dict[str, Any]:
+    """The digits class-exclusion experiment for ``setup`` (see :mod:`hf_ame.digits`). Every choice
+    (ranking, greedy soup, the AME sweep) uses the validation split only; test accuracy is reported."""
+    from transformers.utils import logging as hf_logging
+
+    from .digits import accuracy, build_digits_ingredients, digits_dataset, load_digits_splits
+
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    paths = build_digits_ingredients(cache, setup, verbose=verbose)
+    t_build = time.perf_counter() - t0
+    x, y = load_digits_splits(setup.seed)["test"]
+    r = compare_merges(paths, digits_dataset("validation", setup.seed), lambda p: accuracy(p, x, y), out=out,
+                       sweep=sweep, progress=progress, score_cache=score_cache)
+    r["build_seconds"] = t_build
+    r["seconds"] = time.perf_counter() - t0
+    return r
 
 
 def main(argv: Optional[List[str]] = None) -> int:
