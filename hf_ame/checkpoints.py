@@ -6,7 +6,6 @@ safetensors' ``safe_open`` (memory-mapped, never a whole file).
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Compatibility checks on configs and tensor headers only: they run before any weight is read."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from .checkpoints import TensorInfo
 

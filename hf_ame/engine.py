@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithm import AMEStepper, initial_merge, is_exact_soup, plan_steps, resolve_pivot, soup
-from .checkpoints import Checkpoint, CheckpointError, TensorInfo
+from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
 from .output import check_output_dir, copy_aux_files, staged_output, update_config

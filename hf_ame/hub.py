@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .checkpoints import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, TensorInfo
+from .checkpoints import SAFETENSORS_DTYPES, TensorInfo
 
 __all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns"]
 

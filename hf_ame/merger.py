@@ -184,7 +184,6 @@ class MergeResult:
 
 
 def _reshard(src: Path, dst: Path, max_shard_size: Union[int, str]) -> None:
-    from .output import AUX_SKIP
     from .writer import ShardedWriter, plan_shards
 
     ck = Checkpoint(src)
@@ -322,7 +321,7 @@ class AMEMerger:
     def _scorer(self, metric: Any, eval_dataset: Any, *, greater_is_better: Optional[bool], metric_key: Optional[str],
                 metric_kwargs: Optional[Mapping[str, Any]], input_column: Optional[str], label_column: Optional[str],
                 batch_size: int):
-        from .scoring import DatasetRef, resolve_dataset, resolve_metric, score_model
+        from .scoring import resolve_dataset, resolve_metric, score_model
 
         if eval_dataset is None:
             raise IngredientError("eval_dataset: scoring needs a dataset (a datasets.Dataset or a dataset reference)")
@@ -349,12 +348,14 @@ class AMEMerger:
         input_column: Optional[str] = None,
         label_column: Optional[str] = None,
         batch_size: int = 32,
-        cache: Union[bool, str, os.PathLike, "ScoreCache"] = True,
+        cache: Union[bool, str, os.PathLike, Any] = True,
         progress: bool = True,
     ) -> List[float]:
         """Score every ingredient (one model in memory at a time, placed by the device map, freed
         after); scores are cached on disk by (ingredient revision or file stamps, dataset
-        fingerprint, metric). Sets ``ingredient.score`` and returns the scores in ingredient order."""
+        fingerprint, metric). ``cache``: True (default location), False (off), a path, or a
+        :class:`~hf_ame.scoring.ScoreCache`. Sets ``ingredient.score`` and returns the scores in
+        ingredient order."""
         from tqdm.auto import tqdm
 
         from .placement import load_model

@@ -6,7 +6,7 @@ torch optimizers themselves; users add their own with :func:`register_optimizer`
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch

@@ -139,19 +139,10 @@ class _Lazy:
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, k: int) -> "_Row":
-        return _Row(self.ckpts, self.names[k])
+    def __getitem__(self, k: int):
+        from .engine import _Row
 
-
-class _Row:
-    def __init__(self, ckpts, name):
-        self.ckpts, self.name = ckpts, name
-
-    def __len__(self) -> int:
-        return len(self.ckpts)
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        return self.ckpts[j].get_tensor(self.name)
+        return _Row(self.ckpts, self.names[k], torch.device("cpu"))
 
 
 def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, *, base: Optional[Checkpoint] = None,

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import inspect
 import json
-import math
 import os
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 

@@ -1,5 +1,4 @@
 """The class-exclusion pipeline of the demo and the quality benchmark, small enough for CI."""
-import pytest
 
 from conftest import DIGITS_SETUP_KW
 from hf_ame import AMEConfig

@@ -1,6 +1,5 @@
 """AMEMerger.from_pretrained(...).merge(...) over local folders and a Hub served on 127.0.0.1."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest

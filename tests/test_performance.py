@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import read_state
 from hf_ame import AMEConfig, merge_checkpoints

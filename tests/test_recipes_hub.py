@@ -1,7 +1,5 @@
 """Recipes, the model card, and publishing to a Hub served on 127.0.0.1."""
 import hashlib
-import json
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
