@@ -534,7 +534,7 @@ class AMEMerger:
             _, _, run = self._scorer(order_by, eval_dataset, **score_kw)
             t2 = time.perf_counter()
             scores["merged"] = run(result.model, result.output_dir)
-            best = chosen[0] if order != "given" else max(ings, key=lambda i: i.score if metric.greater_is_better else -i.score)
+            best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
             scores["best_ingredient"] = {"id": best.id, "score": best.score}
             if compare_soup:
                 soup_dir = Path(tempfile.mkdtemp(prefix="hf_ame-soup-")) / "soup"
