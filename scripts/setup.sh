@@ -15,7 +15,7 @@ fi
 "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch (CPU build)" >&2
-  "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  "$VPY" -m pip install -q "torch==2.13.0"
 fi
 echo "[setup] installing hf_ame and its dependencies" >&2
 "$VPY" -m pip install -q -e ".[test]"
