@@ -178,10 +178,7 @@ class AMEConfig:
                 raise bad("amplification", "a number, 'linear' or a callable", amp)
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise bad("optimizer_kwargs", "a mapping", self.optimizer_kwargs)
-        try:
-            parse_dtype(self.compute_dtype, f"{p}compute_dtype")
-        except ConfigError:
-            raise
+        parse_dtype(self.compute_dtype, f"{p}compute_dtype")
         if self.compute_dtype in (None, "auto"):
             raise bad("compute_dtype", f"one of {', '.join(COMPUTE_DTYPES)}", self.compute_dtype)
         # Let the optimizer run its own argument checks now, on a one-element tensor, so a bad

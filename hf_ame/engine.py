@@ -160,10 +160,9 @@ class _Row:
             t = self._last[1]
         elif self._next is not None and self._next[1] == j:
             t = self._next[2].result()
+            self._next = None
         else:
             t = self._read(j)
-        if self._next is not None and self._next[1] == j:
-            self._next = None
         # advance along the expected sequence and prefetch what comes next
         while self.pos < len(self.sequence) and self.sequence[self.pos] != j:
             self.pos += 1

@@ -380,7 +380,7 @@ class AMEMerger:
                 store.put(key, value, metric=m.name, model=ing.id, seconds=time.perf_counter() - t0)
             ing.score = value
             scores.append(value)
-        self._last_metric = m
+        self._last_scorer = (m, run)  # merge() reuses it for greedy steps and the merged model
         self.score_cache = store
         return scores
 
@@ -474,12 +474,12 @@ class AMEMerger:
         timings = dict(self.timings)
 
         scores: Dict[str, Any] = {}
-        metric = None
-        score_kw = dict(greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
-                        input_column=input_column, label_column=label_column, batch_size=score_batch_size)
+        metric = run = None
         if order_by is not None:
-            self.score(order_by, eval_dataset, cache=score_cache, progress=progress, **score_kw)
-            metric = self._last_metric
+            self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                       metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                       batch_size=score_batch_size, cache=score_cache, progress=progress)
+            metric, run = self._last_scorer
             timings["score"] = time.perf_counter() - t0
         ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
                             order=order if order_by is not None else "given", top_k=top_k)
@@ -499,7 +499,6 @@ class AMEMerger:
                                        dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                                        progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
         else:
-            _, _, run = self._scorer(order_by, eval_dataset, **score_kw)
             slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
                              lambda model: run(model, chosen[0].path))
             greedy_log = GreedyLog()
@@ -531,7 +530,6 @@ class AMEMerger:
         result.greedy = greedy
         result.greedy_log = greedy_log.entries if greedy_log else None
         if metric is not None:
-            _, _, run = self._scorer(order_by, eval_dataset, **score_kw)
             t2 = time.perf_counter()
             scores["merged"] = run(result.model, result.output_dir)
             best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
