@@ -289,7 +289,10 @@ merge_checkpoints(paths, os.path.join(root, "out"), AMEConfig(optimizer="adam", 
 stop = True; t.join()
 print(json.dumps({"base_mib": base / 2**20, "growth_mib": (peak[0] - base) / 2**20}))
 """
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    # fixed glibc mmap threshold: RSS follows live memory, not the allocator's retained heap (see test_performance)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env=env)
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout.strip().splitlines()[-1])
     tensor_mib, n = 4, 8

@@ -45,6 +45,12 @@ def test_auto_stream_choice_and_single_read(families, tmp_path):
     assert once.bytes_read == len(paths) * tensor_bytes
 
 
+# glibc keeps freed 8 MiB blocks in its heap or returns them depending on history (its mmap threshold
+# adapts), which made RSS growth swing by 0-48 MiB between identical runs (CI failed once on it). A fixed
+# 1 MiB threshold returns every freed tensor to the OS at once, so RSS tracks live memory: repeated runs
+# then agree to 0.1 MiB. Other allocators ignore the variable.
+LIVE_MEMORY_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+
 _RSS_SCRIPT = r"""
 import json, os, sys, threading, time, torch, psutil
 from safetensors.torch import save_file
@@ -78,13 +84,13 @@ def test_peak_memory_independent_of_n(tmp_path):
     out = {}
     for n in (2, 16):
         res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path), str(n)], capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, env=LIVE_MEMORY_ENV)
         assert res.returncode == 0, res.stderr
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
     print("peak RSS growth:", out)
-    # N = 16 costs at most three 8 MiB tensors more than N = 2 (allocator noise); holding the N copies
-    # of one tensor (and the next), as tensor mode does, would cost 2 x 14 x 8 = 224 MiB more
-    assert out[16]["growth_mib"] <= out[2]["growth_mib"] + 24, out
+    # N = 16 costs less than one 8 MiB tensor more than N = 2 (measured: 40.24 vs 40.27 MiB); holding the
+    # N copies of one tensor (and the next), as tensor mode does, would cost 2 x 14 x 8 = 224 MiB more
+    assert out[16]["growth_mib"] < out[2]["growth_mib"] + 8, out
     assert out[16]["growth_mib"] < 96, out  # merge + grad + 2 Adam states + two ingredient copies + output
     assert out[16]["read_mib"] > 7 * out[2]["read_mib"]  # it really read 8x more
 
