@@ -31,6 +31,9 @@ __all__ = [
     "soup",
     "initial_merge",
     "AMEStepper",
+    "DEFAULT_BLOCK_SIZE",
+    "can_block",
+    "merge_tensor",
     "ame_merge",
     "ame_merge_many",
 ]
@@ -230,6 +233,75 @@ class AMEStepper:
             for w, v in zip(self.weights, state["weights"]):
                 w.copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+# 2**18 float32 elements = 1 MiB per state tensor: the merge, its pseudogradient and two Adam
+# moments of one block stay in L2/L3 across all N x E steps. Measured on the 2-core CI machine
+# (32M-element bf16 tensor, N = 4, AdamW, 1 epoch): 0.95 s whole vs 0.14 s in blocks of 2**18;
+# 2**16 pays Python overhead per block (0.26-0.39 s), 2**20 starts missing cache (0.18 s).
+DEFAULT_BLOCK_SIZE = 2**18
+
+
+def can_block(config: AMEConfig, device: Optional[torch.device] = None, *, exact_soup: bool = False) -> bool:
+    """Whether a tensor may be merged block by block with results identical to a whole-tensor run:
+    the optimizer must be coordinate-wise (registry flag) and the work on CPU (on a GPU one kernel
+    over the whole tensor is already bandwidth-bound; per-block launches would only add latency)."""
+    from .optimizers import get_optimizer
+
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    return exact_soup or get_optimizer(config.optimizer).elementwise
+
+
+def merge_tensor(
+    ingredients: Sequence[torch.Tensor],
+    config: AMEConfig,
+    steps: Sequence[AMEStep],
+    pivot: PivotSpec,
+    *,
+    base: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    exact_soup: bool = False,
+    block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    """Merge one tensor from its N copies (in the given order) along the precomputed ``steps``.
+
+    Returns a tensor in ``out_dtype`` (default: the compute dtype). When :func:`can_block` allows
+    it and the tensor has more than ``block_size`` elements (None: never; rounded down to a multiple
+    of 64), the merge runs on one block of coordinates at a time, every step of every epoch, so the merge state stays in cache
+    while each ingredient's bytes are read once: several times faster on CPU, bit-identical.
+    ``exact_soup``: the config is spec case 1; compute the exact mean in one pass.
+    """
+    out_dtype = out_dtype or config.torch_compute_dtype
+    blocked = block_size is not None and can_block(config, device, exact_soup=exact_soup)
+    if blocked:  # (only now look at the inputs: a lazy row would read them all)
+        srcs = list(ingredients) + ([base] if base is not None else [])
+        numel = srcs[0].numel()
+        blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
+    if not blocked:
+        return _merge_whole(ingredients, config, steps, pivot, base, device, exact_soup).to(out_dtype)
+    # blocks start at multiples of 64 elements, as torch's vectorised kernels split work: each
+    # coordinate then goes through the same (vector or scalar) code path as in a whole-tensor run
+    step = max(64, int(block_size) // 64 * 64)
+    out = torch.empty(ingredients[0].shape, dtype=out_dtype, device=device)
+    flat_out, flats = out.view(-1), [t.view(-1) for t in srcs]
+    for start in range(0, numel, step):
+        end = min(numel, start + step)
+        part = [f[start:end] for f in flats]
+        merged = _merge_whole(part[:len(ingredients)], config, steps, pivot,
+                              part[-1] if base is not None else None, device, exact_soup)
+        flat_out[start:end].copy_(merged)
+    return out
+
+
+def _merge_whole(ingredients, config, steps, pivot, base, device, exact_soup) -> torch.Tensor:
+    dtype = config.torch_compute_dtype
+    if exact_soup:
+        return soup(ingredients, dtype, device)
+    stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config)
+    stepper.run(steps, [ingredients])
+    return stepper.release()[0]
 
 
 def ame_merge_many(

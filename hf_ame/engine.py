@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import AMEStepper, initial_merge, is_exact_soup, plan_steps, resolve_pivot, soup
+from .algorithm import DEFAULT_BLOCK_SIZE, is_exact_soup, merge_tensor, plan_steps, resolve_pivot
 from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
@@ -252,6 +252,7 @@ def merge_checkpoints(
     stream: str = "auto",
     memory_budget: Optional[int] = None,
     distributed: Optional[bool] = None,
+    block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
 ) -> MergeReport:
     """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
 
@@ -273,6 +274,9 @@ def merge_checkpoints(
         memory_budget: bytes "auto" may use for ingredient copies; default half the available memory.
         distributed: split the shards over the processes of ``accelerate launch`` / ``torchrun``
             (default: when WORLD_SIZE > 1); each rank writes its own shards, rank 0 the index.
+        block_size: on CPU with a coordinate-wise optimizer, tensors larger than this many elements
+            are merged one block at a time through all steps (the state stays in cache); results
+            are bit-identical to ``None`` (whole tensors). Default 2**18 elements.
     """
     t0 = time.perf_counter()
     config = (config or AMEConfig()).validate()
@@ -280,6 +284,8 @@ def merge_checkpoints(
     parse_size(max_shard_size)
     if stream not in STREAM_MODES:
         raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 64):
+        raise ValueError(f"block_size: expected a number of elements >= 64 (or None for whole tensors), got {block_size!r}")
     check_output_dir(output_dir, overwrite)  # before reading anything big
 
     ckpts = open_checkpoints(ingredients)
@@ -310,12 +316,11 @@ def merge_checkpoints(
     steps = plan_steps(len(ckpts), config)
     exact_soup = is_exact_soup(config, len(ckpts))
     where = _device_lookup(device_map)
-    compute_dtype = config.torch_compute_dtype
     floating = [i for i in infos if i.is_floating]
     final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
     mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
-    if stream == "auto" and exact_soup:
-        mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N
+    if stream == "auto" and exact_soup and any(where(i.name).type != "cpu" for i in floating):
+        mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
     # the order a streamed tensor's ingredients are indexed in: the pivot pass, then the steps
     sequence: List[int] = []
     if not exact_soup and pivot[0] == "soup":
@@ -356,13 +361,10 @@ def merge_checkpoints(
             if dev.type != "cpu":
                 ing = [x.to(dev, non_blocking=True) for x in ing]
         try:
-            if exact_soup:  # spec case 1: exactly the mean, in one pass
-                return soup(ing, compute_dtype, dev).to(target_dtype(info))
-            w0 = initial_merge(ing, pivot, base=base_x, dtype=compute_dtype, device=dev)
-            stepper = AMEStepper([w0], config)
-            del w0
-            stepper.run(steps, [ing])
-            return stepper.release()[0].to(target_dtype(info))
+            # spec case 1 (exact_soup) is exactly the mean, in one pass; a streamed row is read
+            # whole per ingredient, so it is never split into blocks
+            return merge_tensor(ing, config, steps, pivot, base=base_x, device=dev, out_dtype=target_dtype(info),
+                                exact_soup=exact_soup, block_size=None if mode == "ingredient" else block_size)
         finally:
             if isinstance(ing, _Row):
                 ing.close()

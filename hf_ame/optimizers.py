@@ -35,12 +35,18 @@ class OptimizerArgumentError(ValueError):
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """One registry entry: the torch optimizer class and its default keyword arguments."""
+    """One registry entry: the torch optimizer class and its default keyword arguments.
+
+    ``elementwise`` declares that the update of each coordinate depends only on that coordinate's
+    gradient and state (true of every built-in; false of e.g. LAMB or Adafactor): the engine then
+    merges large tensors block by block, in cache, with bit-identical results.
+    """
 
     name: str
     cls: Type[torch.optim.Optimizer]
     aliases: Tuple[str, ...] = ()
     description: str = ""
+    elementwise: bool = False
 
     def defaults(self) -> Dict[str, Any]:
         """The constructor's keyword defaults (lr excluded), read from its signature."""
@@ -67,12 +73,15 @@ def register_optimizer(
     *,
     aliases: Iterable[str] = (),
     description: str = "",
+    elementwise: bool = False,
     overwrite: bool = False,
 ) -> OptimizerEntry:
     """Register ``cls`` (a ``torch.optim.Optimizer`` subclass) under ``name`` (case-insensitive).
 
     The class is constructed as ``cls(params, lr=..., **kwargs)`` and must honour
-    ``param.grad``, like every torch optimizer. Raises ``ValueError`` if the name is taken
+    ``param.grad``, like every torch optimizer. Pass ``elementwise=True`` only when each
+    coordinate's update depends on that coordinate alone (no norms over a tensor): merges then run
+    in cache-sized blocks, several times faster on CPU. Raises ``ValueError`` if the name is taken
     and ``overwrite`` is False, ``TypeError`` if ``cls`` is not an optimizer class.
     """
     if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
@@ -83,7 +92,8 @@ def register_optimizer(
         for n in names:
             if n in _REGISTRY or n in _ALIASES:
                 raise ValueError(f"optimizer name {n!r} is already registered; pass overwrite=True to replace it")
-    entry = OptimizerEntry(key, cls, tuple(_norm(a) for a in aliases), description or (cls.__doc__ or "").strip().split("\n")[0])
+    entry = OptimizerEntry(key, cls, tuple(_norm(a) for a in aliases),
+                           description or (cls.__doc__ or "").strip().split("\n")[0], bool(elementwise))
     _REGISTRY[key] = entry
     for a in entry.aliases:
         _ALIASES[a] = key
@@ -154,7 +164,7 @@ def _field_from_message(msg: str, candidates: List[str]) -> Optional[str]:
     return None
 
 
-# Built-ins: the torch.optim classes the paper and the spec name.
+# Built-ins: the torch.optim classes the paper and the spec name; all coordinate-wise.
 _BUILTINS = [
     ("sgd", torch.optim.SGD, ("gd",), "Stochastic gradient descent (uniform soup with lr=1, E=1)"),
     ("adam", torch.optim.Adam, (), "Adam"),
@@ -167,4 +177,4 @@ _BUILTINS = [
     ("radam", torch.optim.RAdam, (), "Rectified Adam"),
 ]
 for _n, _c, _a, _d in _BUILTINS:
-    register_optimizer(_n, _c, aliases=_a, description=_d)
+    register_optimizer(_n, _c, aliases=_a, description=_d, elementwise=True)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from hf_ame import AMEConfig, AMEStepper, ame_merge, ame_merge_many, list_optimizers, plan_steps
-from hf_ame.algorithm import initial_merge, resolve_pivot
+from hf_ame import AMEConfig, AMEStepper, ame_merge, ame_merge_many, list_optimizers, plan_steps, register_optimizer
+from hf_ame.algorithm import can_block, initial_merge, merge_tensor, resolve_pivot
 
 
 def _xs(n=6, shape=(7, 5), seed=0):
@@ -156,3 +156,75 @@ def test_compute_dtype_and_low_precision_inputs():
     torch.testing.assert_close(out, torch.stack([x.float() for x in xs]).mean(0), atol=1e-6, rtol=1e-6)
     out64 = ame_merge(xs, AMEConfig.soup().replace(compute_dtype="float64"))
     assert out64.dtype == torch.float64
+
+
+class _NormalizedSGD(torch.optim.Optimizer):
+    """Not coordinate-wise: every step moves by lr along g / ||g|| over the whole tensor."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"] / float(p.grad.norm().clamp_min(1e-12)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("entry", list_optimizers(), ids=lambda e: e.name)
+def test_blocks_equal_whole_tensor_bit_for_bit(entry, dtype):
+    """The cache-blocked CPU path (several times faster) changes nothing: every built-in optimizer,
+    fused and plain kernels, block sizes that do and do not divide the tensor, a ragged last block."""
+    torch.manual_seed(0)
+    n, numel = 5, 10_007
+    base = torch.randn(numel)
+    xs = [(base + 0.05 * torch.randn(numel)).to(dtype).reshape(-1, 1) for _ in range(n)]
+    assert entry.elementwise and can_block(AMEConfig(optimizer=entry.name))
+    variants = [{}] + ([{"fused": False}] if "fused" in entry.defaults() else [])
+    for kw in variants:
+        for cfg in (AMEConfig(optimizer=entry.name, lr=1e-2, epochs=2, batch_size=2, seed=3, optimizer_kwargs=kw),
+                    AMEConfig(optimizer=entry.name, lr=1e-2, epochs=1, pivot="first", adaptive_pivot=False,
+                              amplification="linear", optimizer_kwargs=kw)):
+            steps, piv = plan_steps(n, cfg), resolve_pivot(cfg.pivot, n)
+            whole = merge_tensor(xs, cfg, steps, piv, out_dtype=dtype, block_size=None)
+            for bs in (640, 1000, 4096, 777):  # 777 and 1000 are rounded down to 768 and 960
+                blocked = merge_tensor(xs, cfg, steps, piv, out_dtype=dtype, block_size=bs)
+                assert blocked.shape == whole.shape and blocked.dtype == dtype
+                assert torch.equal(blocked, whole), (entry.name, kw, bs)
+    # a separate base tensor as pivot is split into the same blocks
+    cfg = AMEConfig(optimizer=entry.name, lr=1e-2, epochs=1, pivot="/some/base")
+    steps, piv = plan_steps(n, cfg), ("base", None)
+    b = torch.randn(numel, 1).to(dtype)
+    assert torch.equal(merge_tensor(xs, cfg, steps, piv, base=b, block_size=None),
+                       merge_tensor(xs, cfg, steps, piv, base=b, block_size=1024))
+
+
+def test_exact_soup_blocks_equal_whole():
+    xs = [x.to(torch.bfloat16) for x in _xs(n=7, shape=(300, 41), seed=4)]
+    cfg = AMEConfig.soup()
+    steps = plan_steps(7, cfg)
+    whole = merge_tensor(xs, cfg, steps, ("soup", None), exact_soup=True, block_size=None)
+    assert torch.equal(whole, merge_tensor(xs, cfg, steps, ("soup", None), exact_soup=True, block_size=1024))
+    torch.testing.assert_close(whole, torch.stack([x.float() for x in xs]).mean(0), atol=1e-6, rtol=1e-6)
+
+
+def test_optimizer_not_declared_elementwise_is_never_split():
+    from hf_ame.optimizers import _ALIASES, _REGISTRY
+
+    register_optimizer("normsgd", _NormalizedSGD)
+    try:
+        cfg = AMEConfig(optimizer="normsgd", lr=0.1, epochs=2)
+        assert not can_block(cfg)
+        xs = _xs(n=4, shape=(64, 50), seed=2)
+        steps, piv = plan_steps(4, cfg), resolve_pivot("soup", 4)
+        whole = merge_tensor(xs, cfg, steps, piv, block_size=None)
+        assert torch.equal(whole, merge_tensor(xs, cfg, steps, piv, block_size=128))
+        # what splitting would have done: each block normalised by its own norm, a different merge
+        split = torch.cat([merge_tensor([x.view(-1)[s:s + 128] for x in xs], cfg, steps, piv, block_size=None)
+                           for s in range(0, 3200, 128)]).view(64, 50)
+        assert not torch.allclose(split, whole, atol=1e-4)
+    finally:
+        _REGISTRY.pop("normsgd", None)
+        _ALIASES.pop("normsgd", None)
+    assert not can_block(AMEConfig(optimizer="adam"), torch.device("meta"))  # only CPU work is split

@@ -147,3 +147,24 @@ def test_cuda_merge_equals_cpu(families, tmp_path):
     a, b = read_state(tmp_path / "cpu"), read_state(tmp_path / "gpu")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [AMEConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=2), AMEConfig.soup(),
+                                 AMEConfig(optimizer="adagrad", lr=1e-2, pivot="first", adaptive_pivot=False)],
+                         ids=["adamw", "soup", "adagrad-first-fixed"])
+def test_cache_blocked_merge_equals_whole_tensors_bit_for_bit(families, tmp_path, cfg, monkeypatch):
+    import hf_ame.algorithm as algo
+
+    paths = families["llama"]
+    calls = []
+    real = algo._merge_whole
+    monkeypatch.setattr(algo, "_merge_whole", lambda xs, *a: calls.append(xs[0].numel()) or real(xs, *a))
+    rep = merge_checkpoints(paths, tmp_path / "whole", cfg, block_size=None, stream="tensor", progress=False)
+    assert len(calls) == rep.merged_tensors  # one call per tensor
+    calls.clear()
+    merge_checkpoints(paths, tmp_path / "blocks", cfg, block_size=64, stream="tensor", progress=False)
+    assert len(calls) > 2 * rep.merged_tensors and max(calls) == 64  # really split into 64-element blocks
+    assert (tmp_path / "whole/model.safetensors").read_bytes() == (tmp_path / "blocks/model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="block_size: expected a number of elements >= 64"):
+        merge_checkpoints(paths, tmp_path / "bad", cfg, block_size=8, progress=False)
+    assert not (tmp_path / "bad").exists()
