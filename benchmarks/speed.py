@@ -10,8 +10,9 @@ models) under benchmarks/.data, then runs every method in its own subprocess, in
 best time per method, ratios to the floor and to mergekit, and checks that hf_ame's soup and
 mergekit's linear merge agree within bf16 rounding.
 
-Methods: floor (read every input byte once + write one model's bytes), hf_ame soup, hf_ame
-AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
+Methods: floor (read every input byte once + write one model's bytes), hf_ame soup (default
+"auto" stream: N mapped copies per tensor, merged in cache-sized blocks), hf_ame soup with
+stream="ingredient" (one copy at a time), hf_ame AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
 (from_pretrained all N models, average, save_pretrained).
 """
 from __future__ import annotations
@@ -62,6 +63,20 @@ def build(scale: str, n: int) -> list:
 
 # Each child does its imports, then times only the work, and reports its own peak RSS (VmHWM,
 # reset at exec, so the parent's memory never counts) and its children's (mergekit's workers).
+# RSS also counts the page-cache pages of memory-mapped inputs (safetensors maps its files: clean,
+# shared, dropped under memory pressure), so a thread also samples RssAnon every 5 ms: the memory
+# a process really allocates.
+_HEADER = r"""
+import threading as _th, time as _time
+_ANON = [0.0]
+def _sample():
+    while True:
+        for _l in open("/proc/self/status"):
+            if _l.startswith("RssAnon:"):
+                _ANON[0] = max(_ANON[0], int(_l.split()[1]) / 1024)
+        _time.sleep(0.005)
+_th.Thread(target=_sample, daemon=True).start()
+"""
 _FOOTER = r"""
 import json, resource
 hwm = 0
@@ -69,7 +84,7 @@ for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
         hwm = int(line.split()[1]) / 1024
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print("RESULT " + json.dumps({"t": _T1 - _T0, "rss": max(hwm, kids)}))
+print("RESULT " + json.dumps({"t": _T1 - _T0, "rss": max(hwm, kids), "anon": _ANON[0]}))
 """
 
 CHILD = {
@@ -98,6 +113,13 @@ import sys, time
 from hf_ame import AMEConfig, merge_checkpoints
 _T0 = time.perf_counter()
 merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "hf_ame soup, ingredient": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB", stream="ingredient")
 _T1 = time.perf_counter()
 """,
     "hf_ame AdamW 1 ep": r"""
@@ -144,13 +166,13 @@ _T1 = time.perf_counter()
 
 def run_child(code: str, paths, out: Path) -> tuple:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    res = subprocess.run([sys.executable, "-c", code + _FOOTER, *map(str, paths), str(out)], env=env,
+    res = subprocess.run([sys.executable, "-c", _HEADER + code + _FOOTER, *map(str, paths), str(out)], env=env,
                          capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"child failed ({res.returncode}): {res.stderr[-2000:]}")
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     r = json.loads(line[7:])
-    return r["t"], r["rss"]
+    return r["t"], r["rss"], r["anon"]
 
 
 def compare_soup_mergekit(a: Path, b: Path) -> str:
@@ -201,9 +223,10 @@ def main() -> int:
             for rep in range(args.reps):
                 for m in methods:
                     out = work / f"{n}-{m.replace(' ', '_')}-{rep}"
-                    wall, rss = run_child(CHILD[m], paths, out)
-                    results.setdefault((n, m), []).append((wall, rss))
-                    print(f"  N={n} rep {rep + 1} {m:<22} {wall:7.2f}s  peak RSS {rss:8.0f} MiB", flush=True)
+                    wall, rss, anon = run_child(CHILD[m], paths, out)
+                    results.setdefault((n, m), []).append((wall, rss, anon))
+                    print(f"  N={n} rep {rep + 1} {m:<24} {wall:7.2f}s  peak RSS {rss:8.0f} MiB  anon {anon:6.0f} MiB",
+                          flush=True)
                     if rep < args.reps - 1 or m not in ("hf_ame soup", "mergekit linear"):
                         shutil.rmtree(out, ignore_errors=True)
             if has_mergekit and "hf_ame soup" in methods:
@@ -218,18 +241,19 @@ def main() -> int:
     print()
     print(f"best of {args.reps} interleaved runs; times exclude interpreter start-up and imports; "
           "ratios are within this run")
-    print(f"{'N':>2} {'method':<22} {'wall s':>8} {'peak RSS MiB':>13} {'x floor':>8} {'x mergekit':>10}")
+    print(f"{'N':>2} {'method':<24} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x floor':>8} {'x mergekit':>10}")
     summary = []
     for n in args.ns:
-        floor = min(w for w, _ in results[(n, "floor")])
-        mk = min(w for w, _ in results[(n, "mergekit linear")]) if (n, "mergekit linear") in results else None
+        floor = min(r[0] for r in results[(n, "floor")])
+        mk = min(r[0] for r in results[(n, "mergekit linear")]) if (n, "mergekit linear") in results else None
         for m in methods:
-            w = min(x for x, _ in results[(n, m)])
-            rss = max(r for _, r in results[(n, m)])
+            w = min(r[0] for r in results[(n, m)])
+            rss = max(r[1] for r in results[(n, m)])
+            anon = max(r[2] for r in results[(n, m)])
             rmk = f"{w / mk:10.2f}" if mk else f"{'-':>10}"
-            print(f"{n:>2} {m:<22} {w:8.2f} {rss:13.0f} {w / floor:8.2f} {rmk}")
-            summary.append({"n": n, "method": m, "wall_s": w, "peak_rss_mib": rss, "x_floor": w / floor,
-                            "x_mergekit": (w / mk) if mk else None})
+            print(f"{n:>2} {m:<24} {w:8.2f} {rss:13.0f} {anon:9.0f} {w / floor:8.2f} {rmk}")
+            summary.append({"n": n, "method": m, "wall_s": w, "peak_rss_mib": rss, "peak_anon_mib": anon,
+                            "x_floor": w / floor, "x_mergekit": (w / mk) if mk else None})
     (DATA / "speed_results.json").write_text(json.dumps(summary, indent=1))
     print(f"\nmodel size {model_bytes / 2**20:.0f} MiB; results also in {DATA / 'speed_results.json'}")
     return 0
