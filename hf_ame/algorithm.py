@@ -34,6 +34,8 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "can_block",
     "merge_tensor",
+    "merge_block",
+    "block_bounds",
     "ame_merge",
     "ame_merge_many",
 ]
@@ -280,22 +282,31 @@ def merge_tensor(
         numel = srcs[0].numel()
         blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
     if not blocked:
-        return _merge_whole(ingredients, config, steps, pivot, base, device, exact_soup).to(out_dtype)
-    # blocks start at multiples of 64 elements, as torch's vectorised kernels split work: each
-    # coordinate then goes through the same (vector or scalar) code path as in a whole-tensor run
-    step = max(64, int(block_size) // 64 * 64)
+        return merge_block(ingredients, config, steps, pivot, base=base, device=device,
+                           exact_soup=exact_soup).to(out_dtype)
     out = torch.empty(ingredients[0].shape, dtype=out_dtype, device=device)
     flat_out, flats = out.view(-1), [t.view(-1) for t in srcs]
-    for start in range(0, numel, step):
-        end = min(numel, start + step)
+    for start, end in block_bounds(numel, block_size):
         part = [f[start:end] for f in flats]
-        merged = _merge_whole(part[:len(ingredients)], config, steps, pivot,
-                              part[-1] if base is not None else None, device, exact_soup)
-        flat_out[start:end].copy_(merged)
+        flat_out[start:end].copy_(merge_block(part[:len(ingredients)], config, steps, pivot, device=device,
+                                              base=part[-1] if base is not None else None, exact_soup=exact_soup))
     return out
 
 
-def _merge_whole(ingredients, config, steps, pivot, base, device, exact_soup) -> torch.Tensor:
+def block_bounds(numel: int, block_size: int) -> List[Tuple[int, int]]:
+    """[start, end) ranges covering ``numel`` elements in blocks of ``block_size`` rounded down to a
+    multiple of 64 (at least 64). Blocks start at multiples of 64 elements, as torch's vectorised
+    kernels split work: each coordinate then takes the same (vector or scalar) code path as in a
+    whole-tensor run, which keeps blocked merges bit-identical."""
+    step = max(64, int(block_size) // 64 * 64)
+    return [(s, min(numel, s + step)) for s in range(0, numel, step)]
+
+
+def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec,
+                *, base: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
+                exact_soup: bool = False) -> torch.Tensor:
+    """Merge one tensor, or one block of coordinates of it, through all ``steps`` at once
+    (``ingredients[j]``: ingredient j's copy); returns the compute dtype on ``device``."""
     dtype = config.torch_compute_dtype
     if exact_soup:
         return soup(ingredients, dtype, device)

@@ -6,8 +6,9 @@ safetensors' ``safe_open`` (memory-mapped, never a whole file).
 from __future__ import annotations
 
 import json
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -51,12 +52,14 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a header says about one tensor: its file (relative to the folder), dtype and shape."""
+    """What a header says about one tensor: its file (relative to the folder), dtype and shape;
+    ``offset``: where its bytes start in a safetensors file (-1 when unknown, e.g. ``.bin``)."""
 
     name: str
     dtype: torch.dtype
     shape: Tuple[int, ...]
     file: str
+    offset: int = field(default=-1, compare=False)
 
     @property
     def numel(self) -> int:
@@ -76,6 +79,12 @@ class TensorInfo:
 
 def read_safetensors_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """Read only the JSON header of a safetensors file: ({name: {dtype, shape, data_offsets}}, metadata)."""
+    header, metadata, _ = _read_header(path)
+    return header, metadata
+
+
+def _read_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, str], int]:
+    """(header, metadata, byte where the data starts: 8 + the header's length)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -93,16 +102,19 @@ def read_safetensors_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dic
     except ValueError as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
+    return header, metadata, 8 + n
 
 
-def infos_from_header(header: Mapping[str, Any], file: str, where: str) -> Dict[str, TensorInfo]:
+def infos_from_header(header: Mapping[str, Any], file: str, where: str,
+                      data_start: Optional[int] = None) -> Dict[str, TensorInfo]:
     out = {}
+    base = data_start
     for name, entry in header.items():
         dt = SAFETENSORS_DTYPES.get(entry.get("dtype"))
         if dt is None:
             raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        out[name] = TensorInfo(name, dt, tuple(int(d) for d in entry["shape"]), file)
+        offset = base + int(entry["data_offsets"][0]) if base is not None and "data_offsets" in entry else -1
+        out[name] = TensorInfo(name, dt, tuple(int(d) for d in entry["shape"]), file, offset)
     return out
 
 
@@ -123,6 +135,7 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.name}: no such checkpoint folder: {self.path}")
         self._bin_state: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._fds: Dict[str, int] = {}  # weight file -> descriptor, for read_flat
         self.bytes_read = 0
         self.config = self._read_config()
         self.weight_file, self.format = self._find_weights()
@@ -170,8 +183,8 @@ class Checkpoint:
         infos: Dict[str, TensorInfo] = {}
         for f in files:
             if self.format == "safetensors":
-                header, _ = read_safetensors_header(self.path / f)
-                part = infos_from_header(header, f, f"{self.name}/{f}")
+                header, _, start = _read_header(self.path / f)
+                part = infos_from_header(header, f, f"{self.name}/{f}", start)
             else:
                 part = {k: TensorInfo(k, v.dtype, tuple(v.shape), f) for k, v in self._load_bin(f).items()}
             for k, info in part.items():
@@ -226,8 +239,38 @@ class Checkpoint:
         self.bytes_read += info.nbytes
         return t
 
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of tensor ``name`` flattened, as a fresh 1-D CPU tensor in its stored
+        dtype, read with one ``os.preadv`` (no memory map: nothing stays resident once it is freed).
+        ``.bin`` checkpoints (no byte offsets) slice the lazily loaded tensor instead."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.name}: has no tensor {name!r}")
+        if not 0 <= start <= end <= info.numel:
+            raise ValueError(f"{self.name}: range [{start}, {end}) is outside tensor {name!r} of {info.numel} elements")
+        if self.format == "bin" or info.offset < 0:
+            out = self._load_bin(info.file)[name].reshape(-1)[start:end].clone()
+        else:
+            esize = torch.empty((), dtype=info.dtype).element_size()
+            raw = torch.empty((end - start) * esize, dtype=torch.uint8)
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+            view, pos = memoryview(raw.numpy()), info.offset + start * esize
+            while len(view):  # preadv may return short counts on large reads
+                got = os.preadv(fd, [view], pos)
+                if got <= 0:
+                    raise CheckpointError(f"{self.name}/{info.file}: truncated while reading tensor {name!r}")
+                view, pos = view[got:], pos + got
+            out = raw.view(info.dtype)  # safetensors is little-endian, as torch's CPUs
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
     def close(self) -> None:
         self._bin_state.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors, {self.format})"

@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
     m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default cpu")
     m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
-                   help="tensor: N copies of one tensor in memory (fastest); ingredient: one copy at a time "
-                        "(memory independent of N); auto (default): ingredient when tensor would not fit")
+                   help="ingredient: on CPU, one block of every ingredient at a time, each input read once "
+                        "(elsewhere one ingredient's copy at a time): memory independent of N; tensor: the N "
+                        "copies of one tensor in memory; auto (default): ingredient on CPU, else ingredient "
+                        "only when tensor would not fit")
     m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                    help="memory 'auto' may use for ingredient copies; default half the available memory")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -1,9 +1,18 @@
 """The streaming executor: merge N checkpoint folders tensor by tensor into a new folder.
 
 Plan first (headers only: compatibility, pivot, output dtypes, shard layout, output folder), then
-execute: a background thread reads the N copies of the next tensor while the current one is merged
-and appended to its shard. Memory holds two tensors' worth of ingredients (current + prefetched),
-the merge state and optimizer state of one tensor: never a whole model.
+execute, tensor by tensor, each merged tensor appended to its shard at once; a background thread
+reads ahead. How the ingredients of one tensor are held (see :func:`choose_stream`):
+
+- on CPU with a coordinate-wise optimizer and safetensors inputs ("ingredient" mode, the default
+  there): one block of ~2**18 coordinates of every ingredient is read (``os.preadv``) and taken
+  through every step of every epoch: each input byte is read once, memory is a few MiB of slices
+  + one block's optimizer state + the output tensor, whatever N and the model size;
+- "tensor" mode: the N memory-mapped copies of a tensor, merged in cache blocks on CPU, whole on
+  a GPU;
+- "ingredient" mode otherwise (GPU, .bin inputs, optimizers that need whole tensors): one
+  ingredient's copy of a tensor at a time, the next one prefetched.
+Never a whole model.
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import DEFAULT_BLOCK_SIZE, is_exact_soup, merge_tensor, plan_steps, resolve_pivot
+from .algorithm import (DEFAULT_BLOCK_SIZE, block_bounds, can_block, is_exact_soup, merge_block, merge_tensor,
+                        plan_steps, resolve_pivot)
 from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
@@ -122,11 +132,13 @@ def available_memory() -> int:
 
 
 def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget: Optional[int]) -> str:
-    """"tensor" keeps the N copies of one tensor (and the next, prefetched) in memory: fastest, E
-    epochs cost no extra I/O. "ingredient" keeps one ingredient's copy at a time: memory independent
-    of N, each input read once per epoch (once in all for one unshuffled epoch). "auto" picks
-    "ingredient" when 2 x N copies of the largest tensor exceed ``memory_budget`` (default: half of
-    the memory available now)."""
+    """The budget rule of "auto" for merges that cannot stream blocks (GPU, .bin inputs, optimizers
+    not declared elementwise; on CPU with block streaming, :func:`merge_checkpoints` picks
+    "ingredient" before asking this). "tensor" keeps the N copies of one tensor (and the next,
+    prefetched) in memory: E epochs cost no extra I/O. "ingredient" keeps one ingredient's copy at
+    a time: memory independent of N, each input read once per epoch. "auto" picks "ingredient"
+    when 2 x N copies of the largest tensor exceed ``memory_budget`` (default: half of the memory
+    available now)."""
     if stream not in STREAM_MODES:
         raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
     if stream != "auto":
@@ -270,7 +282,8 @@ def merge_checkpoints(
         reference: index of the ingredient whose config / tokenizer / processor files are copied.
         extra_files: more files to write into the output (name -> text or bytes), e.g. a recipe.
         min_ingredients: fewer ingredients than this is an error (greedy soup may keep just 1).
-        stream: "tensor", "ingredient" or "auto" (see :func:`choose_stream`); default "auto".
+        stream: "tensor", "ingredient" or "auto" (default): "ingredient" streams cache blocks on
+            CPU when it can (coordinate-wise optimizer, safetensors), else see :func:`choose_stream`.
         memory_budget: bytes "auto" may use for ingredient copies; default half the available memory.
         distributed: split the shards over the processes of ``accelerate launch`` / ``torchrun``
             (default: when WORLD_SIZE > 1); each rank writes its own shards, rank 0 the index.
@@ -319,7 +332,14 @@ def merge_checkpoints(
     floating = [i for i in infos if i.is_floating]
     final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
     mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
-    if stream == "auto" and exact_soup and any(where(i.name).type != "cpu" for i in floating):
+    srcs = list(ckpts) + ([base_ckpt] if base_ckpt is not None else [])
+    on_cpu = all(where(i.name).type == "cpu" for i in floating)
+    if stream == "auto" and on_cpu and block_size is not None and can_block(config, None, exact_soup=exact_soup) \
+            and all(c.format == "safetensors" for c in srcs):
+        # blocks streamed with preadv: each input byte read once, a few MiB of memory whatever N,
+        # no mapped copies in RSS, and as fast as the mapped "tensor" mode (benchmarks/speed.py)
+        mode = "ingredient"
+    elif stream == "auto" and exact_soup and not on_cpu:
         mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
     # the order a streamed tensor's ingredients are indexed in: the pivot pass, then the steps
     sequence: List[int] = []
@@ -349,9 +369,38 @@ def merge_checkpoints(
             xs.append(base_ckpt.get_tensor(info.name))
         return xs
 
+    def stream_blocks(info: TensorInfo, dev: torch.device) -> bool:
+        """Ingredient streaming through cache blocks: CPU, a coordinate-wise optimizer, byte offsets known."""
+        return (mode == "ingredient" and block_size is not None and can_block(config, dev, exact_soup=exact_soup)
+                and all(c.format == "safetensors" and c.tensors[info.name].offset >= 0 for c in srcs))
+
+    def merge_streamed(info: TensorInfo, dev: torch.device) -> torch.Tensor:
+        """Read one block of every ingredient (os.preadv, no mapping), run every step of every epoch on
+        it, move on: each input byte is read once whatever E or the shuffle, and memory holds two
+        blocks' slices (~4 MiB each by default, whatever N) + one block's optimizer state + the output."""
+        esize = torch.empty((), dtype=info.dtype).element_size()
+        per_block = max(64, min(block_size, 16 * block_size // (len(srcs) * esize)))
+        bounds = block_bounds(info.numel, per_block)
+        out = torch.empty(info.shape, dtype=target_dtype(info))
+        flat, n = out.view(-1), len(ckpts)
+
+        def read_block(k: int) -> List[torch.Tensor]:
+            return [c.read_flat(info.name, *bounds[k]) for c in srcs]
+
+        pending = row_pool.submit(read_block, 0) if row_pool is not None else None
+        for k, (start, end) in enumerate(bounds):
+            xs = pending.result() if pending is not None else read_block(k)
+            if pending is not None and k + 1 < len(bounds):
+                pending = row_pool.submit(read_block, k + 1)
+            flat[start:end].copy_(merge_block(xs[:n], config, steps, pivot, base=xs[n] if len(xs) > n else None,
+                                              device=dev, exact_soup=exact_soup))
+        return out
+
     def merge_one(info: TensorInfo, xs: List[torch.Tensor]) -> torch.Tensor:
         dev = where(info.name)
         devices.add(str(dev))
+        if stream_blocks(info, dev):
+            return merge_streamed(info, dev)
         if mode == "ingredient":
             ing: Sequence[torch.Tensor] = _Row(ckpts, info.name, dev, sequence, row_pool)
             base_x = base_ckpt.get_tensor(info.name, device=dev) if base_ckpt is not None else None

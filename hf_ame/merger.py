@@ -429,10 +429,12 @@ class AMEMerger:
             max_shard_size: output shard size (bytes or "5GB"; default the recipe's, else "5GB").
             progress: show progress bars.
             write_card: write README.md (model card), the scores chart and ame_recipe.yaml into the output.
-            stream: "tensor" (the N copies of one tensor in memory: fastest), "ingredient" (one
-                ingredient's copy at a time: memory independent of N) or "auto" (default: "ingredient"
-                when 2 x N copies of the largest tensor exceed ``memory_budget`` bytes, by default
-                half the available memory).
+            stream: "ingredient" (on CPU with a coordinate-wise optimizer: one block of ~2**18
+                coordinates of every ingredient at a time, each input byte read once; otherwise one
+                ingredient's copy of a tensor at a time: memory independent of N), "tensor" (the N
+                copies of one tensor in memory) or "auto" (default: "ingredient" where blocks
+                stream, else "ingredient" only when 2 x N copies of the largest tensor exceed
+                ``memory_budget`` bytes, by default half the available memory).
 
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
