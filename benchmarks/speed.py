@@ -11,8 +11,9 @@ best time per method, ratios to the floor and to mergekit, and checks that hf_am
 mergekit's linear merge agree within bf16 rounding.
 
 Methods: floor (read every input byte once + write one model's bytes), hf_ame soup (default
-"auto" stream: N mapped copies per tensor, merged in cache-sized blocks), hf_ame soup with
-stream="ingredient" (one copy at a time), hf_ame AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
+"auto" stream, on CPU: one cache block of every ingredient at a time, read with preadv), hf_ame
+soup with stream="tensor" (the N memory-mapped copies of a tensor, merged in cache blocks),
+hf_ame AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
 (from_pretrained all N models, average, save_pretrained).
 """
 from __future__ import annotations
@@ -115,11 +116,11 @@ _T0 = time.perf_counter()
 merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB")
 _T1 = time.perf_counter()
 """,
-    "hf_ame soup, ingredient": r"""
+    "hf_ame soup, tensor": r"""
 import sys, time
 from hf_ame import AMEConfig, merge_checkpoints
 _T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB", stream="ingredient")
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB", stream="tensor")
 _T1 = time.perf_counter()
 """,
     "hf_ame AdamW 1 ep": r"""
