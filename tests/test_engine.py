@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import read_state
-from hf_ame import (AMEConfig, CheckpointError, ConfigError, IncompatibleCheckpointsError, OutputExistsError,
+from hf_ame import (AMEConfig, Checkpoint, CheckpointError, ConfigError, IncompatibleCheckpointsError, OutputExistsError,
                     list_optimizers, merge_checkpoints)
 from hf_ame.testing import make_family
 
@@ -169,6 +169,35 @@ def test_pytorch_bin_checkpoint_is_read_with_weights_only(families, tmp_path):
 
 class _Unpicklable:
     pass
+
+
+def test_read_flat_ranges_equal_the_tensor(families, tmp_path):
+    """Checkpoint.read_flat (preadv at the header's offsets) returns exactly the elements get_tensor
+    would, for sharded safetensors and for .bin, and counts the bytes it read."""
+    sharded = make_family("llama", tmp_path / "sh", 1, seed=3, max_shard_size="30KB")[0]
+    ck = Checkpoint(sharded)
+    assert len(ck.weight_files()) > 1 and all(i.offset > 8 for i in ck.tensors.values())
+    for name, info in ck.tensors.items():
+        full = ck.get_tensor(name).reshape(-1)
+        n = info.numel
+        before = ck.bytes_read
+        for a, b in ((0, n), (n // 3, n // 2), (n - 1, n), (5, 5)):
+            part = ck.read_flat(name, a, b)
+            assert part.dtype == info.dtype and torch.equal(part, full[a:b]), (name, a, b)
+        assert ck.bytes_read - before == (n + (n // 2 - n // 3) + 1) * full.element_size()
+    with pytest.raises(ValueError, match=r"range \[0, 10\*\*9\)|outside tensor"):
+        ck.read_flat(name, 0, 10**9)
+    with pytest.raises(CheckpointError, match="has no tensor 'nope'"):
+        ck.read_flat("nope", 0, 1)
+    ck.close()
+    src = Path(families["bert"][1])
+    binckpt = tmp_path / "bin"
+    binckpt.mkdir()
+    shutil.copy(src / "config.json", binckpt)
+    torch.save(read_state(src), binckpt / "pytorch_model.bin")
+    cb = Checkpoint(binckpt)
+    for name in list(cb.tensors)[:3]:
+        assert torch.equal(cb.read_flat(name, 1, 7), cb.get_tensor(name).reshape(-1)[1:7])
 
 
 # ---------------------------------------------------------------- bad input, before any output
