@@ -185,7 +185,7 @@ def test_read_flat_ranges_equal_the_tensor(families, tmp_path):
             part = ck.read_flat(name, a, b)
             assert part.dtype == info.dtype and torch.equal(part, full[a:b]), (name, a, b)
         assert ck.bytes_read - before == (n + (n // 2 - n // 3) + 1) * full.element_size()
-    with pytest.raises(ValueError, match=r"range \[0, 10\*\*9\)|outside tensor"):
+    with pytest.raises(ValueError, match="is outside tensor"):
         ck.read_flat(name, 0, 10**9)
     with pytest.raises(CheckpointError, match="has no tensor 'nope'"):
         ck.read_flat("nope", 0, 1)
