@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -204,7 +205,9 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
         alias = f" (alias: {', '.join(e.aliases)})" if e.aliases else ""
         defaults = ", ".join(f"{k}={v!r}" for k, v in e.defaults().items()
                              if k not in ("foreach", "fused", "differentiable", "capturable", "maximize"))
-        print(f"{e.name}{alias}: torch.optim.{e.cls.__name__} - {e.description}\n    defaults: {defaults}")
+        where = "torch.optim" if e.cls.__module__.startswith("torch.optim") else e.cls.__module__
+        blocks = "coordinate-wise (merged in cache blocks on CPU)" if e.elementwise else "whole tensors"
+        print(f"{e.name}{alias}: {where}.{e.cls.__name__} - {e.description}\n    {blocks}; defaults: {defaults}")
     return 0
 
 
@@ -218,6 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, KeyError, PushError) as exc:
         print(f"hf-ame: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hf-ame optimizers | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

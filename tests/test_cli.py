@@ -6,6 +6,7 @@ import torch
 
 from conftest import read_state
 from hf_ame.cli import main
+from hf_ame import list_optimizers
 
 
 def test_merge_soup_and_errors(families, tmp_path, capsys):
@@ -38,5 +39,6 @@ def test_optimizers_listing_and_help(capsys):
     for name in ("sgd (alias: gd)", "adamw", "adagrad", "adadelta", "rmsprop", "adamax", "nadam", "radam"):
         assert name in out
     assert "betas=(0.9, 0.999)" in out
+    assert out.count("coordinate-wise (merged in cache blocks on CPU)") == len(list_optimizers())
     res = subprocess.run([sys.executable, "-m", "hf_ame", "merge", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "examples:" in res.stdout and "--overwrite" in res.stdout
