@@ -331,6 +331,10 @@ def merge_checkpoints(
     where = _device_lookup(device_map)
     floating = [i for i in infos if i.is_floating]
     final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    dist = _Dist(distributed)
+    if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
+        where = lambda name: local  # noqa: E731
     mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
     srcs = list(ckpts) + ([base_ckpt] if base_ckpt is not None else [])
     on_cpu = all(where(i.name).type == "cpu" for i in floating)
@@ -349,10 +353,6 @@ def merge_checkpoints(
         sequence.append(pivot[1])
     sequence += list(range(len(ckpts))) if exact_soup else [j for st in steps for j in st.batch]
     row_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-row") if (mode == "ingredient" and prefetch) else None
-    dist = _Dist(distributed)
-    if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
-        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
-        where = lambda name: local  # noqa: E731
     owner = _assign_shards([sum(plan.entries[n].nbytes for n in shard) for shard in plan.order], dist.world)
     mine = [i for i in infos if owner[plan.entries[i.name].shard] == dist.rank]
     report = MergeReport(Path(output_dir), names, config, str(final_dtype).replace("torch.", ""),
