@@ -135,7 +135,7 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.name}: no such checkpoint folder: {self.path}")
         self._bin_state: Dict[str, Dict[str, torch.Tensor]] = {}
-        self._fds: Dict[str, int] = {}  # weight file -> descriptor, for read_flat
+        self._fds: Dict[str, Any] = {}  # weight file -> open unbuffered file, for read_flat
         self.bytes_read = 0
         self.config = self._read_config()
         self.weight_file, self.format = self._find_weights()
@@ -241,7 +241,8 @@ class Checkpoint:
 
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of tensor ``name`` flattened, as a fresh 1-D CPU tensor in its stored
-        dtype, read with one ``os.preadv`` (no memory map: nothing stays resident once it is freed).
+        dtype, read with ``os.preadv`` (seek + readinto where the OS has no preadv); no memory map, so
+        nothing stays resident once it is freed.
         ``.bin`` checkpoints (no byte offsets) slice the lazily loaded tensor instead."""
         info = self.tensors.get(name)
         if info is None:
@@ -253,13 +254,17 @@ class Checkpoint:
         else:
             esize = torch.empty((), dtype=info.dtype).element_size()
             raw = torch.empty((end - start) * esize, dtype=torch.uint8)
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+            fh = self._fds.get(info.file)
+            if fh is None:
+                fh = self._fds[info.file] = open(self.path / info.file, "rb", buffering=0)
             view, pos = memoryview(raw.numpy()), info.offset + start * esize
-            while len(view):  # preadv may return short counts on large reads
-                got = os.preadv(fd, [view], pos)
-                if got <= 0:
+            while len(view):  # reads may return short counts on large requests
+                if hasattr(os, "preadv"):  # Linux/BSD: positional, no seek
+                    got = os.preadv(fh.fileno(), [view], pos)
+                else:  # macOS/Windows; one reader thread per checkpoint, so seeking is safe
+                    fh.seek(pos)
+                    got = fh.readinto(view)
+                if not got:
                     raise CheckpointError(f"{self.name}/{info.file}: truncated while reading tensor {name!r}")
                 view, pos = view[got:], pos + got
             out = raw.view(info.dtype)  # safetensors is little-endian, as torch's CPUs
@@ -268,8 +273,8 @@ class Checkpoint:
 
     def close(self) -> None:
         self._bin_state.clear()
-        for fd in self._fds.values():
-            os.close(fd)
+        for fh in self._fds.values():
+            fh.close()
         self._fds.clear()
 
     def __repr__(self) -> str:
