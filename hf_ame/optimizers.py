@@ -5,9 +5,10 @@ torch optimizers themselves; users add their own with :func:`register_optimizer`
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type
 
 import torch
 
@@ -51,12 +52,18 @@ class OptimizerEntry:
     def defaults(self) -> Dict[str, Any]:
         """The constructor's keyword defaults (lr excluded), read from its signature."""
         out: Dict[str, Any] = {}
-        for pname, p in inspect.signature(self.cls.__init__).parameters.items():
+        for pname, p in _parameters(self.cls).items():
             if pname in ("self", "params", "lr") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
             if p.default is not inspect.Parameter.empty:
                 out[pname] = p.default
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls: type) -> Mapping[str, inspect.Parameter]:
+    # inspect.signature costs ~70 us; a CPU merge builds one optimizer per cache block (~1000 for 250M parameters)
+    return inspect.signature(cls.__init__).parameters
 
 
 _REGISTRY: Dict[str, OptimizerEntry] = {}
@@ -133,7 +140,7 @@ def build_optimizer(
     """
     entry = get_optimizer(name)
     kwargs = dict(kwargs or {})
-    sig = inspect.signature(entry.cls.__init__).parameters
+    sig = _parameters(entry.cls)
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.values())
     for k in kwargs:
         if k in ("params", "lr"):
