@@ -271,8 +271,9 @@ def merge_tensor(
 
     Returns a tensor in ``out_dtype`` (default: the compute dtype). When :func:`can_block` allows
     it and the tensor has more than ``block_size`` elements (None: never; rounded down to a multiple
-    of 64), the merge runs on one block of coordinates at a time, every step of every epoch, so the merge state stays in cache
-    while each ingredient's bytes are read once: several times faster on CPU, bit-identical.
+    of 64), the merge runs on one block of coordinates at a time, every step of every epoch, so the
+    merge state stays in cache while each ingredient's bytes are read once: several times faster on
+    CPU, bit-identical.
     ``exact_soup``: the config is spec case 1; compute the exact mean in one pass.
     """
     out_dtype = out_dtype or config.torch_compute_dtype
