@@ -298,7 +298,8 @@ def merge_checkpoints(
     if stream not in STREAM_MODES:
         raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 64):
-        raise ValueError(f"block_size: expected a number of elements >= 64 (or None for whole tensors), got {block_size!r}")
+        raise ValueError(f"block_size: expected a number of elements >= 64 (or None for whole tensors), "
+                         f"got {block_size!r}")
     check_output_dir(output_dir, overwrite)  # before reading anything big
 
     ckpts = open_checkpoints(ingredients)
