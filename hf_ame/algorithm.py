@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,6 +35,7 @@ __all__ = [
     "can_block",
     "merge_tensor",
     "merge_block",
+    "merge_in_blocks",
     "block_bounds",
     "ame_merge",
     "ame_merge_many",
@@ -285,12 +286,29 @@ def merge_tensor(
     if not blocked:
         return merge_block(ingredients, config, steps, pivot, base=base, device=device,
                            exact_soup=exact_soup).to(out_dtype)
-    out = torch.empty(ingredients[0].shape, dtype=out_dtype, device=device)
-    flat_out, flats = out.view(-1), [t.view(-1) for t in srcs]
-    for start, end in block_bounds(numel, block_size):
-        part = [f[start:end] for f in flats]
-        flat_out[start:end].copy_(merge_block(part[:len(ingredients)], config, steps, pivot, device=device,
-                                              base=part[-1] if base is not None else None, exact_soup=exact_soup))
+    bounds = block_bounds(numel, block_size)
+    flats = [t.view(-1) for t in srcs]
+    return merge_in_blocks(([f[a:b] for f in flats] for a, b in bounds), bounds, ingredients[0].shape,
+                           len(ingredients), config, steps, pivot, device=device, out_dtype=out_dtype,
+                           exact_soup=exact_soup)
+
+
+def merge_in_blocks(blocks: Iterable[Sequence[torch.Tensor]], bounds: Sequence[Tuple[int, int]],
+                    shape: Sequence[int], n: int, config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec, *,
+                    device: Optional[torch.device] = None, out_dtype: Optional[torch.dtype] = None,
+                    exact_soup: bool = False) -> torch.Tensor:
+    """Assemble a merged tensor of ``shape`` from its blocks: ``blocks`` yields, for each range of
+    ``bounds`` (flat coordinates), the N ingredients' slices (then the base's, if any); from views
+    of tensors in memory or from a reader, so the caller decides how blocks are fetched."""
+    out = torch.empty(tuple(shape), dtype=out_dtype or config.torch_compute_dtype, device=device)
+    flat = out.view(-1)
+    ranges = iter(bounds)
+    # not zip(): its reused result tuple would keep the previous block alive while the next is fetched
+    for part in blocks:
+        start, end = next(ranges)
+        flat[start:end].copy_(merge_block(part[:n], config, steps, pivot, base=part[n] if len(part) > n else None,
+                                          device=device, exact_soup=exact_soup))
+        del part  # a reader may fetch the next block now: hold one block, not two
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import (DEFAULT_BLOCK_SIZE, block_bounds, can_block, is_exact_soup, merge_block, merge_tensor,
+from .algorithm import (DEFAULT_BLOCK_SIZE, block_bounds, can_block, is_exact_soup, merge_in_blocks, merge_tensor,
                         plan_steps, resolve_pivot)
 from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
@@ -339,8 +339,10 @@ def merge_checkpoints(
     mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
     srcs = list(ckpts) + ([base_ckpt] if base_ckpt is not None else [])
     on_cpu = all(where(i.name).type == "cpu" for i in floating)
-    if stream == "auto" and on_cpu and block_size is not None and can_block(config, None, exact_soup=exact_soup) \
-            and all(c.format == "safetensors" for c in srcs):
+    # blocks can be streamed from the files (on the CPU tensors): coordinate-wise steps, byte offsets known
+    blocks_stream = (block_size is not None and can_block(config, None, exact_soup=exact_soup)
+                     and all(c.format == "safetensors" for c in srcs))
+    if stream == "auto" and on_cpu and blocks_stream:
         # blocks streamed with preadv: each input byte read once, a few MiB of memory whatever N,
         # no mapped copies in RSS, and as fast as the mapped "tensor" mode (benchmarks/speed.py)
         mode = "ingredient"
@@ -370,38 +372,34 @@ def merge_checkpoints(
             xs.append(base_ckpt.get_tensor(info.name))
         return xs
 
-    def stream_blocks(info: TensorInfo, dev: torch.device) -> bool:
-        """Ingredient streaming through cache blocks: CPU, a coordinate-wise optimizer, byte offsets known."""
-        return (mode == "ingredient" and block_size is not None and can_block(config, dev, exact_soup=exact_soup)
-                and all(c.format == "safetensors" and c.tensors[info.name].offset >= 0 for c in srcs))
-
-    def merge_streamed(info: TensorInfo, dev: torch.device) -> torch.Tensor:
+    def merge_streamed(info: TensorInfo) -> torch.Tensor:
         """Read one block of every ingredient (os.preadv, no mapping), run every step of every epoch on
         it, move on: each input byte is read once whatever E or the shuffle, and memory holds two
         blocks' slices (~4 MiB each by default, whatever N) + one block's optimizer state + the output."""
         esize = torch.empty((), dtype=info.dtype).element_size()
         per_block = max(64, min(block_size, 16 * block_size // (len(srcs) * esize)))
         bounds = block_bounds(info.numel, per_block)
-        out = torch.empty(info.shape, dtype=target_dtype(info))
-        flat, n = out.view(-1), len(ckpts)
 
         def read_block(k: int) -> List[torch.Tensor]:
             return [c.read_flat(info.name, *bounds[k]) for c in srcs]
 
-        pending = row_pool.submit(read_block, 0) if row_pool is not None else None
-        for k, (start, end) in enumerate(bounds):
-            xs = pending.result() if pending is not None else read_block(k)
-            if pending is not None and k + 1 < len(bounds):
-                pending = row_pool.submit(read_block, k + 1)
-            flat[start:end].copy_(merge_block(xs[:n], config, steps, pivot, base=xs[n] if len(xs) > n else None,
-                                              device=dev, exact_soup=exact_soup))
-        return out
+        def blocks():  # block k + 1 is read on row_pool's thread while block k is merged
+            pending = row_pool.submit(read_block, 0) if row_pool is not None else None
+            for k in range(len(bounds)):
+                xs = pending.result() if pending is not None else read_block(k)
+                if pending is not None and k + 1 < len(bounds):
+                    pending = row_pool.submit(read_block, k + 1)
+                yield xs
+                del xs  # merged: only the block being read stays alive
+
+        return merge_in_blocks(blocks(), bounds, info.shape, len(ckpts), config, steps, pivot,
+                               out_dtype=target_dtype(info), exact_soup=exact_soup)
 
     def merge_one(info: TensorInfo, xs: List[torch.Tensor]) -> torch.Tensor:
         dev = where(info.name)
         devices.add(str(dev))
-        if stream_blocks(info, dev):
-            return merge_streamed(info, dev)
+        if mode == "ingredient" and blocks_stream and dev.type == "cpu":
+            return merge_streamed(info)
         if mode == "ingredient":
             ing: Sequence[torch.Tensor] = _Row(ckpts, info.name, dev, sequence, row_pool)
             base_x = base_ckpt.get_tensor(info.name, device=dev) if base_ckpt is not None else None
