@@ -182,26 +182,23 @@ def text_models(tmp_path_factory):
     enc = tok(train_t, padding=True, return_tensors="pt")
     bert_paths = make_family("bert", root / "bert", 3, seed=2, noise=0.0, num_labels=2)
     lm_paths = make_family("llama", root / "lm", 3, seed=2, noise=0.0, vocab_size=100)
+    ids, mask, labels = enc["input_ids"], enc["attention_mask"], torch.tensor(train_y)
+
+    def finetune(auto_cls, path, steps, batch, targets):
+        model = auto_cls.from_pretrained(path)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        torch.manual_seed(0)
+        for _ in range(steps):
+            b = torch.randint(0, 256, (batch,))
+            loss = model(input_ids=ids[b], attention_mask=mask[b], labels=targets[b]).loss
+            opt.zero_grad(); loss.backward(); opt.step()
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+
     for steps, p in zip((0, 30, 120), bert_paths):
-        model = AutoModelForSequenceClassification.from_pretrained(p)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        torch.manual_seed(0)
-        for _ in range(steps):
-            b = torch.randint(0, 256, (32,))
-            loss = model(input_ids=enc["input_ids"][b], attention_mask=enc["attention_mask"][b], labels=torch.tensor(train_y)[b]).loss
-            opt.zero_grad(); loss.backward(); opt.step()
-        model.save_pretrained(p)
-        tok.save_pretrained(p)
+        finetune(AutoModelForSequenceClassification, p, steps, 32, labels)
     for steps, p in zip((0, 20, 80), lm_paths):
-        model = AutoModelForCausalLM.from_pretrained(p)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        torch.manual_seed(0)
-        for _ in range(steps):
-            b = torch.randint(0, 256, (16,))
-            loss = model(input_ids=enc["input_ids"][b], attention_mask=enc["attention_mask"][b], labels=enc["input_ids"][b]).loss
-            opt.zero_grad(); loss.backward(); opt.step()
-        model.save_pretrained(p)
-        tok.save_pretrained(p)
+        finetune(AutoModelForCausalLM, p, steps, 16, ids)  # next-token loss on the sentences
     val = Dataset.from_dict({"text": val_t, "label": val_y})
     return [str(p) for p in bert_paths], [str(p) for p in lm_paths], val
 
