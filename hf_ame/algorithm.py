@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import AMEConfig, ConfigError
+from .kernels import fused_merge, fused_soup, fused_supported
 from .optimizers import build_optimizer
 from .schedules import amplification, learning_rate
 
@@ -35,6 +36,7 @@ __all__ = [
     "can_block",
     "merge_tensor",
     "merge_block",
+    "merge_fused",
     "merge_in_blocks",
     "block_bounds",
     "ame_merge",
@@ -284,6 +286,9 @@ def merge_tensor(
         numel = srcs[0].numel()
         blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
     if not blocked:
+        # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
+        if isinstance(ingredients, (list, tuple)) and fused_supported(config, device, ingredients):
+            return merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype, exact_soup=exact_soup)
         return merge_block(ingredients, config, steps, pivot, base=base, device=device,
                            exact_soup=exact_soup).to(out_dtype)
     bounds = block_bounds(numel, block_size)
@@ -332,6 +337,20 @@ def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config)
     stepper.run(steps, [ingredients])
     return stepper.release()[0]
+
+
+def merge_fused(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec,
+                *, base: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+                exact_soup: bool = False) -> torch.Tensor:
+    """:func:`merge_block` through :mod:`hf_ame.kernels` (callers check :func:`fused_supported`):
+    the soup pivot and the exact soup in one kernel over the N inputs, then one kernel per step."""
+    if exact_soup:
+        return fused_soup(ingredients, out_dtype)
+    if pivot[0] == "soup":
+        init = fused_soup(ingredients, torch.float32)
+    else:
+        init = initial_merge(ingredients, pivot, base=base, dtype=torch.float32, device=ingredients[0].device)
+    return fused_merge(ingredients, init, config, steps, out_dtype)
 
 
 def ame_merge_many(

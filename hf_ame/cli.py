@@ -207,6 +207,8 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
                              if k not in ("foreach", "fused", "differentiable", "capturable", "maximize"))
         where = "torch.optim" if e.cls.__module__.startswith("torch.optim") else e.cls.__module__
         blocks = "coordinate-wise (merged in cache blocks on CPU)" if e.elementwise else "whole tensors"
+        if e.fused_kernel:
+            blocks += "; one fused Triton kernel per step on CUDA"
         print(f"{e.name}{alias}: {where}.{e.cls.__name__} - {e.description}\n    {blocks}; defaults: {defaults}")
     return 0
 

@@ -32,6 +32,7 @@ from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
 from .output import check_output_dir, copy_aux_files, staged_output, update_config
+from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter, parse_size, plan_shards
 
 __all__ = ["MergeReport", "merge_checkpoints", "open_checkpoints", "DeviceMap", "save_state"]
@@ -129,6 +130,14 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
+
+
+def _fits_on_gpus(nbytes: int) -> bool:
+    """Whether ``nbytes`` fit in half the free memory of the least free visible GPU."""
+    if not torch.cuda.is_available():
+        return False
+    free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return nbytes <= free // 2
 
 
 def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget: Optional[int]) -> str:
@@ -336,7 +345,8 @@ def merge_checkpoints(
     if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
         where = lambda name: local  # noqa: E731
-    mode = choose_stream(stream, len(ckpts), max((i.nbytes for i in floating), default=0), memory_budget)
+    largest = max((i.nbytes for i in floating), default=0)
+    mode = choose_stream(stream, len(ckpts), largest, memory_budget)
     srcs = list(ckpts) + ([base_ckpt] if base_ckpt is not None else [])
     on_cpu = all(where(i.name).type == "cpu" for i in floating)
     # blocks can be streamed from the files (on the CPU tensors): coordinate-wise steps, byte offsets known
@@ -346,7 +356,7 @@ def merge_checkpoints(
         # blocks streamed with preadv: each input byte read once, a few MiB of memory whatever N,
         # no mapped copies in RSS, and as fast as the mapped "tensor" mode (benchmarks/speed.py)
         mode = "ingredient"
-    elif stream == "auto" and exact_soup and not on_cpu:
+    elif stream == "auto" and exact_soup and not on_cpu and not _fits_on_gpus(2 * len(ckpts) * largest):
         mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
     # the order a streamed tensor's ingredients are indexed in: the pivot pass, then the steps
     sequence: List[int] = []
@@ -363,13 +373,17 @@ def merge_checkpoints(
     report.stream = mode
     report.rank, report.world_size = dist.rank, dist.world
     devices = set()
+    uploader = DeviceUploader()
 
-    def read(info: TensorInfo) -> List[torch.Tensor]:
+    def read(info: TensorInfo) -> Union[List[torch.Tensor], Upload]:
         if mode == "ingredient" and info.is_floating:
             return []  # read one ingredient at a time while merging
         xs = [c.get_tensor(info.name) for c in ckpts]
         if base_ckpt is not None and info.is_floating:
             xs.append(base_ckpt.get_tensor(info.name))
+        dev = where(info.name)
+        if info.is_floating and dev.type == "cuda":  # upload now, on the prefetch thread, overlapping the merge
+            return uploader.upload(xs, dev)
         return xs
 
     def merge_streamed(info: TensorInfo) -> torch.Tensor:
@@ -429,6 +443,8 @@ def merge_checkpoints(
             for k, info in enumerate(mine):
                 ts = time.perf_counter()
                 xs = pending.result() if pending is not None else read(info)
+                if isinstance(xs, Upload):
+                    xs = uploader.wait(xs)
                 if pool is not None and k + 1 < len(mine):
                     pending = pool.submit(read, mine[k + 1])
                 tc = time.perf_counter()

@@ -5,6 +5,7 @@ torch optimizers themselves; users add their own with :func:`register_optimizer`
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class OptimizerEntry:
     ``elementwise`` declares that the update of each coordinate depends only on that coordinate's
     gradient and state (true of every built-in; false of e.g. LAMB or Adafactor): the engine then
     merges large tensors block by block, in cache, with bit-identical results.
+    ``fused_kernel`` names the one-pass Triton kernel of :mod:`hf_ame.kernels` that computes this
+    optimizer's update on a GPU ("sgd", "adam", "adamw", "adagrad"; built-ins only, None otherwise).
     """
 
     name: str
@@ -48,6 +51,7 @@ class OptimizerEntry:
     aliases: Tuple[str, ...] = ()
     description: str = ""
     elementwise: bool = False
+    fused_kernel: Optional[str] = None
 
     def defaults(self) -> Dict[str, Any]:
         """The constructor's keyword defaults (lr excluded), read from its signature."""
@@ -183,5 +187,8 @@ _BUILTINS = [
     ("nadam", torch.optim.NAdam, (), "Adam with Nesterov momentum"),
     ("radam", torch.optim.RAdam, (), "Rectified Adam"),
 ]
+_FUSED = ("sgd", "adam", "adamw", "adagrad")  # hf_ame.kernels has their update formulas
 for _n, _c, _a, _d in _BUILTINS:
-    register_optimizer(_n, _c, aliases=_a, description=_d, elementwise=True)
+    _e = register_optimizer(_n, _c, aliases=_a, description=_d, elementwise=True)
+    if _n in _FUSED:
+        _REGISTRY[_n] = _e = dataclasses.replace(_e, fused_kernel=_n)
