@@ -11,7 +11,8 @@ start of the same run:
   AME    the soup pivot (N inputs read, fp32 w written), then per step the batch's inputs read,
          w read + written (the last step writes the bf16 output instead), optimizer state read +
          written (AdamW: 2 fp32 moments; the first step only writes them).
-"fused" is hf_ame.kernels (one kernel per step); "torch" the same merge through torch.optim's
+"fused" is hf_ame.kernels (one kernel per step; up to 4 inputs passed as kernel arguments),
+"table" the same kernels reading every input's address from a table on the device; "torch" the same merge through torch.optim's
 fused AdamW with the pseudogradient formed by separate torch ops (HF_AME_FUSED=0's path).
 Part 2 (--e2e, from disk): 4 copies of a 246M-parameter Llama saved as bf16 safetensors, merged
 by merge_checkpoints with device_map "cpu" and "cuda:0", and by AMEMerger(device_map="auto");
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_ame import AMEConfig, AMEMerger, merge_checkpoints  # noqa: E402
+from hf_ame import AMEConfig, AMEMerger, kernels, merge_checkpoints  # noqa: E402
 from hf_ame.algorithm import merge_block, merge_fused, plan_steps, resolve_pivot, soup  # noqa: E402
 
 MODELS = {  # name: (vocab, hidden, intermediate, layers, kv dim)
@@ -113,15 +114,19 @@ def part1(args, bw: float) -> List[Dict]:
                                  for xs in ings]
                 floor = ame_floor_bytes(numel, n, len(steps), cfg.batch_size)
             tf, tt = timed(fused, args.reps), timed(plain, max(1, args.reps - 1))
+            kernels.MAX_DIRECT_INPUTS = 0  # the same kernels reading every input address from a table
+            ttab = timed(fused, args.reps)
+            kernels.MAX_DIRECT_INPUTS = 4
             a, b = fused(), plain()
             diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
             differ = sum((x != y).sum().item() for x, y in zip(a, b)) / numel
             del a, b
             fl = floor / bw
-            row = dict(n=n, method=label, floor_s=fl, fused_s=tf, torch_s=tt, fused_x_floor=tf / fl,
+            row = dict(n=n, method=label, floor_s=fl, fused_s=tf, fused_table_s=ttab, torch_s=tt, fused_x_floor=tf / fl,
                        torch_x_floor=tt / fl, speedup=tt / tf, max_abs_diff=diff, frac_elements_differ=differ)
             rows.append(row)
             print(f"N={n:>2} {label:<12} floor {fl * 1e3:8.1f} ms  fused {tf * 1e3:8.1f} ms ({tf / fl:.2f}x)  "
+                  f"table {ttab * 1e3:8.1f} ms ({ttab / fl:.2f}x)  "
                   f"torch {tt * 1e3:8.1f} ms ({tt / fl:.2f}x)  fused/torch speedup {tt / tf:.2f}x  "
                   f"max|diff| {diff:.2e} ({differ * 100:.3f}% of bf16 outputs differ)", flush=True)
         del ings

@@ -153,3 +153,13 @@ def test_engine_merge_through_kernels_equals_torch_path(device, families, tmp_pa
     assert a.keys() == b.keys() and rep.merged_tensors > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], **tolerance(device))
+
+
+def test_large_batches_read_their_inputs_through_a_table(device):
+    # batches of more than 4 inputs: addresses and batch indices come from one table on the device
+    cfg = AMEConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=5, optimizer_kwargs={"weight_decay": 0.01})
+    xs = _family(7, (3000,), torch.float16, device, seed=9)  # batches of 5 and 2
+    steps, pivot = plan_steps(7, cfg), resolve_pivot(cfg.pivot, 7)
+    ref = merge_block([x.cpu() for x in xs], cfg, steps, pivot)
+    got = kernels.fused_merge(xs, kernels.fused_soup(xs), cfg, steps, torch.float32)
+    torch.testing.assert_close(got.cpu(), ref, **tolerance(device))
