@@ -230,12 +230,16 @@ def _jit(fn: Callable, interpret: bool) -> Any:
     return triton.jit(fn)
 
 
-def _launch(fn: Callable, device: torch.device, numel: int, *args: Any, **meta: Any) -> None:
+def _launch(fn: Callable, numel: int, *args: Any, **meta: Any) -> None:
     kernel = _jit(fn, interpreting())
     grid = (triton.cdiv(max(numel, 1), _BLOCK),)
-    # a kernel runs on the current CUDA device: make it the tensors' one (device_map over several GPUs)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](*args, BLOCK=_BLOCK, num_warps=_WARPS, **meta)
+    kernel[grid](*args, BLOCK=_BLOCK, num_warps=_WARPS, **meta)
+
+
+def _on(device: torch.device) -> Any:
+    """Kernels run on the current CUDA device: make it the tensors' one (device_map over several
+    GPUs), once per tensor rather than per launch (launches are what small tensors wait on)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _TL_DTYPES: Dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -246,13 +250,18 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 
 
 # Inputs of a soup or an AME step passed as kernel arguments when there are at most this many
-# (0..4); more are read through an address table copied to the device per tensor.
+# (0 to _ADDRESS_ARGS); more are read through an address table copied to the device per tensor.
 MAX_DIRECT_INPUTS = 4
+_ADDRESS_ARGS = 4  # a0..a3 in the kernels' signatures
+
+
+def _direct(count: int) -> bool:
+    return count <= min(MAX_DIRECT_INPUTS, _ADDRESS_ARGS)
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> List[int]:
     """Up to 4 input addresses as kernel arguments (0 for the unused ones)."""
-    return [t.data_ptr() for t in tensors] + [0] * (4 - len(tensors))
+    return [t.data_ptr() for t in tensors] + [0] * (_ADDRESS_ARGS - len(tensors))
 
 
 def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, extra: Sequence[int] = ()) -> torch.Tensor:
@@ -269,11 +278,12 @@ def fused_soup(ingredients: Sequence[torch.Tensor], out_dtype: torch.dtype = tor
     out = torch.empty(x0.shape, dtype=out_dtype, device=x0.device)
     wide = x0.element_size() * 2 <= 4
     n = len(ingredients)
-    direct = n if n <= MAX_DIRECT_INPUTS else 0
+    direct = n if _direct(n) else 0
     tab = _pointer_table(ingredients, x0.device) if not direct else out  # (any pointer when unused)
-    _launch(_soup_kernel, x0.device, x0.numel(), tab, *_addresses(ingredients if direct else []), n, float(n),
-            1.0 / n, out, x0.numel(), X_DTYPE=_tl_dtype(x0.dtype), WIDE=wide, DIRECT=direct,
-            OUT_BF16=out_dtype == torch.bfloat16)
+    with _on(x0.device):
+        _launch(_soup_kernel, x0.numel(), tab, *_addresses(ingredients if direct else []), n, float(n),
+                1.0 / n, out, x0.numel(), X_DTYPE=_tl_dtype(x0.dtype), WIDE=wide, DIRECT=direct,
+                OUT_BF16=out_dtype == torch.bfloat16)
     return out
 
 
@@ -331,7 +341,7 @@ def fused_merge(ingredients: Sequence[torch.Tensor], init: torch.Tensor, config:
     n, numel = len(ingredients), w.numel()
     # batches of up to 4 pass their inputs' addresses as arguments; larger ones read one table per
     # tensor: the ingredients' addresses, then every step's batch indices
-    direct = all(len(s.batch) <= MAX_DIRECT_INPUTS for s in steps)
+    direct = all(_direct(len(s.batch)) for s in steps)
     tab = w if direct else _pointer_table(ingredients, dev, [j for s in steps for j in s.batch])
     c = _constants(kind, config)
     states: List[torch.Tensor] = [torch.empty_like(w) for _ in range(_state_count(c))] if steps else []
@@ -340,14 +350,15 @@ def fused_merge(ingredients: Sequence[torch.Tensor], init: torch.Tensor, config:
     meta = dict(X_DTYPE=_tl_dtype(ingredients[0].dtype), OPT=c["OPT"], ADAPTIVE=pivot is None,
                 MAXIMIZE=c["MAXIMIZE"], FLAG=c["FLAG"], OUT_BF16=out_dtype == torch.bfloat16)
     pos = n
-    for t, s in enumerate(steps, start=1):
-        lr, wd, c3 = _step_scalars(c, t, s.lr)
-        nb = len(s.batch)
-        addresses = _addresses([ingredients[j] for j in s.batch] if direct else [])
-        _launch(_step_kernel, dev, numel, w, w if pivot is None else pivot, tab, pos, *addresses, nb, out, *slots,
-                numel, s.scale / nb, lr, wd, c["c1"], c["c2"], c3, c["eps"], FIRST=t == 1, LAST=t == len(steps),
-                DIRECT=nb if direct else 0, **meta)
-        pos += nb
+    with _on(dev):
+        for t, s in enumerate(steps, start=1):
+            lr, wd, c3 = _step_scalars(c, t, s.lr)
+            nb = len(s.batch)
+            addresses = _addresses([ingredients[j] for j in s.batch] if direct else [])
+            _launch(_step_kernel, numel, w, w if pivot is None else pivot, tab, pos, *addresses, nb, out, *slots,
+                    numel, s.scale / nb, lr, wd, c["c1"], c["c2"], c3, c["eps"], FIRST=t == 1, LAST=t == len(steps),
+                    DIRECT=nb if direct else 0, **meta)
+            pos += nb
     if not steps:
         out.copy_(w)
     return out
