@@ -20,6 +20,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "read_safetensors_header",
+    "validate_header",
     "SAFETENSORS_DTYPES",
     "WEIGHT_FILE_NAMES",
 ]
@@ -95,14 +96,60 @@ def _read_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, str]
             if n > _MAX_HEADER:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n} is implausible)")
             header_bytes = f.read(n)
+            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     try:
         header = json.loads(header_bytes)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from None
+    metadata = validate_header(header, size - 8 - n, str(path))
     return header, metadata, 8 + n
+
+
+def validate_header(header: Any, data_len: int, where: str) -> Dict[str, str]:
+    """Check a parsed safetensors header as the safetensors library does, and pop its metadata:
+    a JSON object of entries {dtype, shape, data_offsets} with known dtypes, non-negative integer
+    shapes, offsets matching each tensor's byte size, laid end to end from 0 with no gap or
+    overlap, ending exactly at the end of the file. ``data_len``: bytes after the header."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    spans = []
+    for name, entry in header.items():
+        bad = f"{where}: corrupt safetensors header: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{bad} needs dtype, shape and data_offsets")
+        dt = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dt is None:
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{bad} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_count(o) for o in offs) and offs[0] <= offs[1]):
+            raise CheckpointError(f"{bad} has data_offsets {offs!r}, not [begin, end] with 0 <= begin <= end")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offs[1] - offs[0] != numel * torch.empty((), dtype=dt).element_size():
+            raise CheckpointError(f"{bad} has {offs[1] - offs[0]} bytes for shape {shape} of {entry['dtype']}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            what = "overlaps the previous tensor" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise CheckpointError(f"{where}: corrupt safetensors header: tensor {name!r} {what}")
+        end = stop
+    if end != data_len:
+        raise CheckpointError(f"{where}: the header describes {end} bytes of tensor data but the file holds "
+                              f"{data_len} (truncated or padded file)")
+    return metadata
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def infos_from_header(header: Mapping[str, Any], file: str, where: str,
@@ -232,8 +279,11 @@ class Checkpoint:
             # A fresh handle per read: safetensors maps the file, and pages touched through a
             # handle kept open stay resident (counted in RSS) until it closes. Per-read handles
             # tie that memory to the returned tensor's lifetime instead. Opening costs one header parse.
-            with safe_open(str(self.path / info.file), framework="pt", device="cpu") as handle:
-                t = handle.get_tensor(name)
+            try:
+                with safe_open(str(self.path / info.file), framework="pt", device="cpu") as handle:
+                    t = handle.get_tensor(name)
+            except Exception as exc:  # noqa: BLE001 - safetensors' own error type is not an OSError/ValueError
+                raise CheckpointError(f"{self.name}/{info.file}: cannot read tensor {name!r}: {exc}") from None
             if str(device) != "cpu":
                 t = t.to(device, non_blocking=False)
         self.bytes_read += info.nbytes

@@ -35,6 +35,11 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise IncompatibleCheckpointsError(f"ingredient {dup[0]!r} is listed more than once")
+    for ck in list(ingredients) + ([base] if base is not None else []):
+        if not ck.config:
+            raise IncompatibleCheckpointsError(
+                f"{'base model' if ck is base else 'model'} {ck.name!r} has no config.json: its architecture "
+                "cannot be checked and the merge could not be loaded; save it with save_pretrained")
     ref = ingredients[0]
     others = list(ingredients[1:]) + ([base] if base is not None else [])
     for other in others:

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge checkpoint folders", epilog=EXAMPLES,
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                    help="memory 'auto' may use for ingredient copies; default half the available memory")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the ingredients' custom code and, in a recipe, metric scripts and "
+                        "module:function amplifications (a recipe cannot allow them itself)")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.add_argument("--push", metavar="REPO_ID", nargs="?", const="", default=None,
                    help="after merging, push the folder (weights, card, recipe) to this Hub repo in one commit; "
@@ -126,7 +130,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if _is_recipe(args.models):
         from .merger import AMEMerger
 
-        kwargs = {"device_map": args.device} if args.device else {}
+        kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
+        if args.trust_remote_code:
+            kwargs["trust_remote_code"] = True
         merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
         result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
                               stream=args.stream, memory_budget=args.memory_budget)
@@ -162,7 +168,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError("--push: give a repo id (only a recipe can supply one)")
     from .merger import AMEMerger
 
-    merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype)
+    merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
+                                       trust_remote_code=args.trust_remote_code)
     result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
                           max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget)
     if result.report.rank == 0:
@@ -220,12 +227,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return handlers[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError, PushError) as exc:
-        print(f"hf-ame: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `hf-ame optimizers | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # noqa: BLE001 - every failure is one line and exit code 2 (--debug: traceback)
+        if args.debug:
+            raise
+        known = isinstance(exc, (ValueError, OSError, KeyError, PushError))  # ours name the field/file/tensor
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"hf-ame: error: {msg if known else f'{type(exc).__name__}: {msg}'}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

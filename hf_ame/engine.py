@@ -31,7 +31,7 @@ from .algorithm import (DEFAULT_BLOCK_SIZE, block_bounds, can_block, is_exact_so
 from .checkpoints import Checkpoint, TensorInfo
 from .checks import IncompatibleCheckpointsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
-from .output import check_output_dir, copy_aux_files, staged_output, update_config
+from .output import check_output_dir, copy_aux_files, staged_output, update_config, write_files
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter, parse_size, plan_shards
 
@@ -309,9 +309,9 @@ def merge_checkpoints(
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 64):
         raise ValueError(f"block_size: expected a number of elements >= 64 (or None for whole tensors), "
                          f"got {block_size!r}")
-    check_output_dir(output_dir, overwrite)  # before reading anything big
-
     ckpts = open_checkpoints(ingredients)
+    inputs = [c.path for c in ckpts] + ([Path(base.path if isinstance(base, Checkpoint) else base)] if base else [])
+    check_output_dir(output_dir, overwrite, inputs)  # before reading anything big
     read_before = sum(c.bytes_read for c in ckpts)
     names = [c.name for c in ckpts]
     pivot = resolve_pivot(config.pivot, len(ckpts), names)
@@ -481,20 +481,18 @@ def merge_checkpoints(
     def finalize(tmp: Path) -> None:
         aux = copy_aux_files(ref.path, tmp)
         update_config(tmp, final_dtype)
-        for fname, content in (extra_files or {}).items():
-            with open(tmp / fname, "wb" if isinstance(content, bytes) else "w") as fh:
-                fh.write(content)
+        write_files(tmp, extra_files or {})
         report.files = sorted(set(plan.files) | set(report.files) | set(aux) | set(extra_files or {}))
 
     try:
         if dist.world == 1:
-            with staged_output(output_dir, overwrite) as tmp:
+            with staged_output(output_dir, overwrite, inputs) as tmp:
                 run(tmp)
                 finalize(tmp)
         else:  # rank 0 stages the folder; every rank writes its shards into it
             error: Optional[BaseException] = None
             if dist.rank == 0:
-                with staged_output(output_dir, overwrite) as tmp:
+                with staged_output(output_dir, overwrite, inputs) as tmp:
                     dist.broadcast(str(tmp))
                     try:
                         run(tmp)
@@ -561,7 +559,5 @@ def save_state(
             raise
         aux = copy_aux_files(reference.path, tmp)
         update_config(tmp, final_dtype)
-        for fname, content in (extra_files or {}).items():
-            with open(tmp / fname, "wb" if isinstance(content, bytes) else "w") as fh:
-                fh.write(content)
+        write_files(tmp, extra_files or {})
     return sorted(files + aux + list(extra_files or {}))

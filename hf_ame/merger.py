@@ -1,6 +1,7 @@
 """The user-facing API: ``AMEMerger.from_pretrained(...).merge(...) -> MergeResult``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -223,7 +224,9 @@ class AMEMerger:
         :meth:`merge` then defaults to the recipe's config, ordering and output settings."""
         from .recipe import load_recipe
 
-        recipe = load_recipe(path_or_repo_id, revision=revision, token=token, endpoint=endpoint)
+        # the caller's trust_remote_code, never the recipe's own, allows a recipe to run code
+        recipe = load_recipe(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
+                             trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
         load = dict(recipe.load)
         load.update(kwargs)
         if recipe.output.get("dtype") is not None:
@@ -466,102 +469,115 @@ class AMEMerger:
             raise IngredientError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
         if output_dir is None:
             output_dir = Path(tempfile.mkdtemp(prefix="hf_ame-")) / "merged"
-        check_output_dir(output_dir, overwrite)  # before any scoring or merging
+        inputs = [i.path for i in self.ingredients] + ([self.base.path] if self.base is not None else [])
+        check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
         if cfg.pivot == "base":  # "the base_model given to from_pretrained"
             if self.base is None:
                 raise IngredientError("pivot: 'base' needs from_pretrained(..., base_model=...)")
             cfg = cfg.replace(pivot=self.base.id)
-        base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
-        t0 = time.perf_counter()
-        timings = dict(self.timings)
+        # weights, config, card, chart and recipe are all written in one staging folder, moved into
+        # place in one rename at the end (the old folder, with overwrite, deleted only after that)
+        with _staging(output_dir, overwrite, inputs) as target:
+            base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
+            t0 = time.perf_counter()
+            timings = dict(self.timings)
 
-        scores: Dict[str, Any] = {}
-        metric = run = None
-        if order_by is not None:
-            self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
-                       metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
-                       batch_size=score_batch_size, cache=score_cache, progress=progress)
-            metric, run = self._last_scorer
-            timings["score"] = time.perf_counter() - t0
-        ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
-                            order=order if order_by is not None else "given", top_k=top_k)
-        ings = [Ingredient(**vars(i)) for i in self.ingredients]
-        for pos, k in enumerate(ranked):
-            ings[k].order = pos
-            ings[k].kept = k in kept
-        chosen = [ings[k] for k in kept]
-        candidates = [i.id for i in chosen]
-        ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
-        device = tensor_device_lookup(self.device_map, str(chosen[0].path), self.trust_remote_code)
+            scores: Dict[str, Any] = {}
+            metric = run = None
+            if order_by is not None:
+                self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
+                           metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
+                           batch_size=score_batch_size, cache=score_cache, progress=progress)
+                metric, run = self._last_scorer
+                timings["score"] = time.perf_counter() - t0
+            ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
+                                order=order if order_by is not None else "given", top_k=top_k)
+            ings = [Ingredient(**vars(i)) for i in self.ingredients]
+            for pos, k in enumerate(ranked):
+                ings[k].order = pos
+                ings[k].kept = k in kept
+            chosen = [ings[k] for k in kept]
+            candidates = [i.id for i in chosen]
+            ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
+            device = tensor_device_lookup(self.device_map, str(chosen[0].path), self.trust_remote_code)
 
-        greedy_log = None
-        t1 = time.perf_counter()
-        if greedy is None:
-            report = merge_checkpoints(ckpts, output_dir, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                       dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                                       progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
-        else:
-            slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
-                             lambda model: run(model, chosen[0].path))
-            greedy_log = GreedyLog()
-            try:
-                if greedy == "soup":
-                    accepted, _ = greedy_soup(ckpts, chosen[0].score, slot, greater_is_better=metric.greater_is_better,
-                                              log=greedy_log)
-                    for k, ing in enumerate(chosen):
-                        ing.kept = k in accepted
-                    cfg = AMEConfig.soup()
-                    report = merge_checkpoints([ckpts[k] for k in accepted], output_dir, cfg, dtype=self.dtype,
-                                               max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                                               device_map=device, min_ingredients=1)
-                else:
-                    state, _ = greedy_ame(ckpts, cfg, slot, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                          greater_is_better=metric.greater_is_better, log=greedy_log)
-                    files = save_state(state, ckpts[0], output_dir, dtype=self.dtype, max_shard_size=max_shard_size,
-                                       overwrite=overwrite)
-                    report = MergeReport(Path(output_dir), [c.name for c in ckpts], cfg,
-                                         str(self.dtype or next(i.dtype for i in ckpts[0].tensors.values() if i.is_floating)).replace("torch.", ""),
-                                         tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
-                                         merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
-                                         steps=len(greedy_log.entries) - 1, files=files, seconds=time.perf_counter() - t1)
-                    del state
-            finally:
-                slot.close()
-        timings["merge"] = time.perf_counter() - t1
-        result = MergeResult(Path(output_dir), cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
-        result.greedy = greedy
-        result.greedy_log = greedy_log.entries if greedy_log else None
-        if metric is not None:
-            t2 = time.perf_counter()
-            scores["merged"] = run(result.model, result.output_dir)
-            best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
-            scores["best_ingredient"] = {"id": best.id, "score": best.score}
-            if compare_soup:
-                soup_dir = Path(tempfile.mkdtemp(prefix="hf_ame-soup-")) / "soup"
-                merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_dir, AMEConfig.soup(),
-                                  dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
-                soup_model = load_model(soup_dir, self.device_map, trust_remote_code=self.trust_remote_code)
-                scores["soup"] = run(soup_model, chosen[0].path)
-                free_model(soup_model)
-                shutil.rmtree(soup_dir.parent, ignore_errors=True)
-            timings["score_merged"] = time.perf_counter() - t2
-            result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
-        result.scores = scores
-        result.candidates = candidates
-        result.max_shard_size = max_shard_size
-        result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
-        if order_by is not None:
-            from .scoring import DatasetRef
+            greedy_log = None
+            t1 = time.perf_counter()
+            if greedy is None:
+                report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                           dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                                           progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
+            else:
+                slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
+                                 lambda model: run(model, chosen[0].path))
+                greedy_log = GreedyLog()
+                try:
+                    if greedy == "soup":
+                        accepted, _ = greedy_soup(ckpts, chosen[0].score, slot, greater_is_better=metric.greater_is_better,
+                                                  log=greedy_log)
+                        for k, ing in enumerate(chosen):
+                            ing.kept = k in accepted
+                        cfg = AMEConfig.soup()
+                        report = merge_checkpoints([ckpts[k] for k in accepted], target, cfg, dtype=self.dtype,
+                                                   max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                                                   device_map=device, min_ingredients=1)
+                    else:
+                        state, _ = greedy_ame(ckpts, cfg, slot, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                              greater_is_better=metric.greater_is_better, log=greedy_log)
+                        files = save_state(state, ckpts[0], target, dtype=self.dtype, max_shard_size=max_shard_size,
+                                           overwrite=overwrite)
+                        report = MergeReport(Path(target), [c.name for c in ckpts], cfg,
+                                             str(self.dtype or next(i.dtype for i in ckpts[0].tensors.values() if i.is_floating)).replace("torch.", ""),
+                                             tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
+                                             merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
+                                             steps=len(greedy_log.entries) - 1, files=files, seconds=time.perf_counter() - t1)
+                        del state
+                finally:
+                    slot.close()
+            timings["merge"] = time.perf_counter() - t1
+            result = MergeResult(Path(target), cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+            result.greedy = greedy
+            result.greedy_log = greedy_log.entries if greedy_log else None
+            if metric is not None:
+                t2 = time.perf_counter()
+                scores["merged"] = run(result.model, result.output_dir)
+                best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
+                scores["best_ingredient"] = {"id": best.id, "score": best.score}
+                if compare_soup:
+                    soup_dir = Path(tempfile.mkdtemp(prefix="hf_ame-soup-")) / "soup"
+                    merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_dir, AMEConfig.soup(),
+                                      dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
+                    soup_model = load_model(soup_dir, self.device_map, trust_remote_code=self.trust_remote_code)
+                    scores["soup"] = run(soup_model, chosen[0].path)
+                    free_model(soup_model)
+                    shutil.rmtree(soup_dir.parent, ignore_errors=True)
+                timings["score_merged"] = time.perf_counter() - t2
+                result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
+            result.scores = scores
+            result.candidates = candidates
+            result.max_shard_size = max_shard_size
+            result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+            if order_by is not None:
+                from .scoring import DatasetRef
 
-            ds = eval_dataset.to_dict() if isinstance(eval_dataset, DatasetRef) else (
-                dict(eval_dataset) if isinstance(eval_dataset, Mapping) else eval_dataset)
-            result.ordering = {"metric": order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom")),
-                               "dataset": ds, "order": order, "top_k": top_k, "greedy": greedy,
-                               "greater_is_better": greater_is_better, "metric_key": metric_key,
-                               "metric_kwargs": dict(metric_kwargs) if metric_kwargs else None}
-        if write_card and report.rank == 0:
-            result.write_card(r.hub.get("repo_id") if r is not None else None)
+                ds = eval_dataset.to_dict() if isinstance(eval_dataset, DatasetRef) else (
+                    dict(eval_dataset) if isinstance(eval_dataset, Mapping) else eval_dataset)
+                result.ordering = {"metric": order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom")),
+                                   "dataset": ds, "order": order, "top_k": top_k, "greedy": greedy,
+                                   "greater_is_better": greater_is_better, "metric_key": metric_key,
+                                   "metric_kwargs": dict(metric_kwargs) if metric_kwargs else None}
+            if write_card and report.rank == 0:
+                result.write_card(r.hub.get("repo_id") if r is not None else None)
+        result.output_dir = Path(output_dir)
         return result
+
+
+def _staging(output_dir: Union[str, os.PathLike], overwrite: bool, inputs: Sequence[Any]):
+    """:func:`~hf_ame.output.staged_output` for a whole merge; under ``torchrun`` / ``accelerate
+    launch`` (WORLD_SIZE > 1) the engine's rank 0 stages the weights and the card is added after."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return contextlib.nullcontext(Path(output_dir))
+    return staged_output(output_dir, overwrite, inputs)
 
 
 def _pivot_is_base(cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:

@@ -1,17 +1,30 @@
-"""Output folders: refuse to clobber, stage in a temporary sibling, move into place at the end."""
+"""Output folders: refuse to clobber, stage in a temporary sibling, move into place at the end.
+
+Writers of one target take a lock file beside it (``.NAME.hf_ame-lock``, removed on release), so
+two merges into one folder run one after the other. Holding the lock, a writer knows any
+``.NAME.hf_ame-tmp-*`` / ``-old-*`` sibling is left over from a killed run: it names and removes it.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterable, Iterator, List, Mapping, Optional, Union
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; writers are not serialised there
+    fcntl = None
 
 import torch
 
-__all__ = ["OutputExistsError", "check_output_dir", "staged_output", "copy_aux_files", "update_config", "AUX_SKIP"]
+__all__ = ["OutputExistsError", "check_output_dir", "staged_output", "target_lock", "stale_siblings", "copy_aux_files",
+           "update_config", "write_files", "write_error", "AUX_SKIP"]
 
 # Files of a reference checkpoint that are NOT copied: weights (we write our own), the old card.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
@@ -22,9 +35,16 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and overwrite was not asked for."""
 
 
-def check_output_dir(out: Union[str, Path], overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` exists and ``overwrite`` is False, or if it is a file."""
+def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union[str, Path]] = ()) -> Path:
+    """Fail early (before any work) if ``out`` exists and ``overwrite`` is False, if it is a file,
+    or if it is, or contains, one of the ``inputs`` (an overwrite would delete an ingredient)."""
     out = Path(out)
+    target = out.resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if src == target or target in src.parents:
+            raise OutputExistsError(f"output {out} {'is' if src == target else 'contains'} the input {inp}; "
+                                    "write the merge somewhere else")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -35,26 +55,94 @@ def check_output_dir(out: Union[str, Path], overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def staged_output(out: Union[str, Path], overwrite: bool) -> Iterator[Path]:
+def target_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (a ``.NAME.hf_ame-lock`` file beside it) until the block
+    ends; waits while another writer holds it. The file is removed on release: a waiter that then
+    finds it gone or replaced locks again."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = out.parent / f".{out.name}.hf_ame-lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def stale_siblings(out: Path) -> List[Path]:
+    """Staging and set-aside folders of ``out`` left by a killed run (also nested ones: a merge's
+    engine stages inside the merger's staging name)."""
+    prefixes = (f"{out.name}.hf_ame-tmp-", f"{out.name}.hf_ame-old-")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(".") and p.name.lstrip(".").startswith(prefixes))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union[str, Path]] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` (swap by rename, so
     the old folder is only deleted once the new one is in place); on failure it is removed and
-    ``out`` is untouched."""
-    out = check_output_dir(out, overwrite)
-    tmp = out.parent / f".{out.name}.hf_ame-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    check_output_dir(out, overwrite)  # someone may have created it meanwhile
-    old: Optional[Path] = None
-    if out.exists():
-        old = out.parent / f".{out.name}.hf_ame-old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    ``out`` is untouched. The whole block runs under :func:`target_lock`; leftovers of killed runs
+    into ``out`` are removed first, with a warning naming them."""
+    inputs = list(inputs)
+    out = check_output_dir(out, overwrite, inputs)
+    with target_lock(out):
+        stale = stale_siblings(out)
+        if stale:
+            warnings.warn(f"removing {len(stale)} folder(s) left by an interrupted write into {out}: "
+                          + ", ".join(p.name for p in stale), stacklevel=3)
+            for p in stale:
+                _remove(p)
+        tmp = out.parent / f".{out.name}.hf_ame-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            check_output_dir(out, overwrite, inputs)  # someone may have created it meanwhile (without hf_ame)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old: Optional[Path] = None
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.hf_ame-old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)  # a link is replaced, never what it points to
+        os.replace(tmp, out)
+        if old is not None:
+            _remove(old)
+
+
+def write_files(folder: Path, files: "Mapping[str, Union[str, bytes]]") -> None:
+    """Write small files (name -> text or bytes) into ``folder``; a failure names the file."""
+    for fname, content in files.items():
+        try:
+            with open(folder / fname, "wb" if isinstance(content, bytes) else "w") as fh:
+                fh.write(content)
+        except OSError as exc:
+            raise write_error(exc, folder / fname) from None
+
+
+def write_error(exc: OSError, path: Union[str, Path]) -> OSError:
+    """``exc`` (a failed write) as an OSError naming ``path``: a full disk says where."""
+    code = exc.errno or errno.EIO
+    return OSError(code, f"{os.strerror(code)} while writing", str(path))
 
 
 def copy_aux_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:

@@ -17,16 +17,18 @@ Every error names the field: ``merge.lr: expected a positive number, got 'fast'`
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import AMEConfig, ConfigError, parse_dtype
 from .ordering import GREEDY_MODES, ORDERS
 
-__all__ = ["Recipe", "RecipeError", "RECIPE_VERSION", "RECIPE_FILE", "load_recipe"]
+__all__ = ["Recipe", "RecipeError", "RECIPE_VERSION", "RECIPE_FILE", "load_recipe", "is_plain_metric_name"]
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "ame_recipe.yaml"
@@ -41,6 +43,29 @@ _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
 class RecipeError(ConfigError):
     """A recipe that cannot be used; the message starts with the field's path."""
+
+
+_CONSENT = "pass trust_remote_code=True (hf-ame merge --trust-remote-code) if you trust this recipe"
+
+
+def _refuse_code(data: Mapping[str, Any]) -> None:
+    """Raise if the recipe would run code it brings: nothing is imported or loaded before this."""
+    load, merge, ordering = (data.get(k) if isinstance(data.get(k), Mapping) else {} for k in ("load", "merge", "ordering"))
+    if load.get("trust_remote_code") is True:
+        raise RecipeError(f"load.trust_remote_code: a recipe cannot turn on the ingredients' custom code; {_CONSENT}")
+    amp = merge.get("amplification")
+    if isinstance(amp, str) and ":" in amp:
+        raise RecipeError(f"merge.amplification: {amp!r} would import and call Python code named by the recipe; "
+                          f"{_CONSENT}")
+    metric = ordering.get("metric")
+    if isinstance(metric, str) and not is_plain_metric_name(metric):
+        raise RecipeError(f"ordering.metric: {metric!r} is a metric script (a path or a Hub repo), which would run "
+                          f"code; only evaluate's own metric names are run from a recipe unless you {_CONSENT}")
+
+
+def is_plain_metric_name(name: str) -> bool:
+    """An ``evaluate`` metric name (``accuracy``, ``f1``, ``loss``): no path, no Hub namespace."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_\-]*", name)) and not Path(name).exists()
 
 
 def _expect(cond: bool, where: str, what: str, got: Any) -> None:
@@ -72,8 +97,14 @@ class Recipe:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def from_dict(cls, data: Any, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None) -> "Recipe":
+    def from_dict(cls, data: Any, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None,
+                  trust_remote_code: bool = False) -> "Recipe":
+        """Validate ``data`` completely. A recipe cannot turn on code execution by itself: remote
+        code (``load.trust_remote_code``), ``module:function`` amplifications and metric scripts
+        (a path or a Hub metric repo) are refused unless the caller passes ``trust_remote_code=True``."""
         data = _mapping(data, "recipe", _TOP)
+        if not trust_remote_code:
+            _refuse_code(data)
         version = data.get("hf_ame", RECIPE_VERSION)
         _expect(version == RECIPE_VERSION, "hf_ame", f"schema version {RECIPE_VERSION}", version)
         models_raw = data.get("models")
@@ -104,6 +135,10 @@ class Recipe:
         hub = _mapping(data.get("hub") or {}, "hub", _HUB)
         if hub.get("repo_id") is not None:
             _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
+            try:
+                validate_repo_id(hub["repo_id"])
+            except HFValidationError as exc:
+                raise RecipeError(f"hub.repo_id: {exc}") from None
         if hub.get("private") is not None:
             _expect(isinstance(hub["private"], bool), "hub.private", "true or false", hub["private"])
         load = _mapping(data.get("load") or {}, "load", _LOAD)
@@ -156,21 +191,22 @@ class Recipe:
         return o
 
     @classmethod
-    def from_yaml(cls, text: str, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None) -> "Recipe":
+    def from_yaml(cls, text: str, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None,
+                  trust_remote_code: bool = False) -> "Recipe":
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise RecipeError(f"recipe{' ' + source if source else ''}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, base_dir=base_dir, source=source)
+        return cls.from_dict(data, base_dir=base_dir, source=source, trust_remote_code=trust_remote_code)
 
     @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "Recipe":
+    def from_file(cls, path: Union[str, Path], *, trust_remote_code: bool = False) -> "Recipe":
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise RecipeError(f"recipe: no such file: {path}") from None
-        return cls.from_yaml(text, base_dir=path.parent, source=str(path))
+        return cls.from_yaml(text, base_dir=path.parent, source=str(path), trust_remote_code=trust_remote_code)
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> Dict[str, Any]:
@@ -194,13 +230,14 @@ class Recipe:
 
 
 def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None, token: Union[bool, str, None] = None,
-                endpoint: Optional[str] = None, filename: str = RECIPE_FILE) -> Recipe:
-    """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``)."""
+                endpoint: Optional[str] = None, filename: str = RECIPE_FILE, trust_remote_code: bool = False) -> Recipe:
+    """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``).
+    ``trust_remote_code``: allow the recipe to run code (see :meth:`Recipe.from_dict`); default False."""
     p = Path(str(path_or_repo_id)).expanduser()
     if p.is_file():
-        return Recipe.from_file(p)
+        return Recipe.from_file(p, trust_remote_code=trust_remote_code)
     if p.is_dir() and (p / filename).is_file():
-        return Recipe.from_file(p / filename)
+        return Recipe.from_file(p / filename, trust_remote_code=trust_remote_code)
     text = str(path_or_repo_id)
     if text.endswith((".yaml", ".yml")):  # a YAML name is a file, never a repo id
         raise RecipeError(f"recipe: no such file: {text}")
@@ -211,6 +248,6 @@ def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = 
     except Exception as exc:  # noqa: BLE001
         raise RecipeError(f"recipe: {text!r} is not a file and its {filename} could not be read from the Hub "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    r = Recipe.from_file(local)
+    r = Recipe.from_file(local, trust_remote_code=trust_remote_code)
     r.source = f"{text}@{revision or 'main'}"
     return r

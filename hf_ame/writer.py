@@ -16,6 +16,7 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .checkpoints import DTYPE_TO_SAFETENSORS
+from .output import write_error
 
 __all__ = ["ShardPlan", "plan_shards", "ShardedWriter", "parse_size"]
 
@@ -135,17 +136,23 @@ class ShardedWriter:
         e = self.plan.entries[name]
         if tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
             raise ValueError(f"tensor {name!r}: planned {e.dtype} {e.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
-        f = self._open(e.shard)
         t = tensor.detach().to("cpu").contiguous()
-        f.seek(self._data_start[e.shard] + e.begin)
-        if t.numel():
-            # A uint8 view of the same storage: no copy beyond the device transfer above.
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        try:
+            f = self._open(e.shard)
+            f.seek(self._data_start[e.shard] + e.begin)
+            if t.numel():
+                # A uint8 view of the same storage: no copy beyond the device transfer above.
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as exc:  # a full disk: say which file
+            raise write_error(exc, self.folder / self.plan.files[e.shard]) from None
         self.bytes_written += e.nbytes
         self._remaining[e.shard].discard(name)
         if not self._remaining[e.shard]:
-            f.close()
             del self._files[e.shard]
+            try:
+                f.close()
+            except OSError as exc:
+                raise write_error(exc, self.folder / self.plan.files[e.shard]) from None
 
     def finish(self, write_index: bool = True) -> List[str]:
         """Check every owned tensor was written, close files, write the index if sharded (and
@@ -154,7 +161,10 @@ class ShardedWriter:
         if left:
             raise RuntimeError(f"output is missing {len(left)} tensor(s), e.g. {left[0]!r}")
         for shard in list(self._files):
-            self._files.pop(shard).close()
+            try:
+                self._files.pop(shard).close()
+            except OSError as exc:
+                raise write_error(exc, self.folder / self.plan.files[shard]) from None
         for shard, names in enumerate(self.plan.order):
             if not names and shard in self.shards:  # an empty model still gets a valid (empty) file
                 self._open(shard)
@@ -168,5 +178,8 @@ class ShardedWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # the write failed already (a full disk): that error is the one reported
+                pass
         self._files.clear()
