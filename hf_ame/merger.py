@@ -6,9 +6,10 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -30,8 +31,9 @@ class MergeResult:
     """A finished merge.
 
     Attributes:
-        output_dir: the folder holding the merged checkpoint (a temporary folder when ``merge`` was
-            given no ``output_dir``: call :meth:`save_pretrained` to keep it).
+        output_dir: the folder holding the merged checkpoint. When ``merge`` was given no
+            ``output_dir``, a temporary folder owned by this result: removed when the result is
+            garbage-collected or the interpreter exits; :meth:`save_pretrained` moves it to keep it.
         config: the AME config actually used.
         ingredients: every ingredient (id, revision, resolved sha, local path, order, score, kept).
         report: the engine's :class:`MergeReport` (tensor counts, bytes, timings in seconds).
@@ -60,6 +62,17 @@ class MergeResult:
     max_shard_size: Union[int, str] = "5GB"
     base_id: Optional[str] = None
     _model: Any = field(default=None, repr=False)
+    _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
+
+    def own_temporary(self, root: Path) -> None:
+        """Mark ``root`` (holding ``output_dir``) as this result's temporary folder: it is removed
+        when the result is garbage-collected or the interpreter exits, unless saved first."""
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(root), True)
+
+    @property
+    def is_temporary(self) -> bool:
+        """True while the merge lives in a temporary folder that :meth:`save_pretrained` moves."""
+        return self._cleanup is not None and self._cleanup.alive
 
     @property
     def model(self):
@@ -73,19 +86,25 @@ class MergeResult:
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *, overwrite: bool = False,
                         max_shard_size: Union[int, str, None] = None) -> Path:
-        """Copy the merged checkpoint to ``save_directory`` (refused if it exists, unless
-        ``overwrite``); with ``max_shard_size``, re-shard the weights while copying."""
+        """Write the merged checkpoint to ``save_directory`` (refused if it exists, unless
+        ``overwrite``); with ``max_shard_size``, re-shard the weights on the way. A temporary merge
+        (``merge()`` without ``output_dir``) is moved, not copied (a rename on one filesystem), and
+        ``output_dir`` then points at ``save_directory``; a merge in your own folder is copied."""
         dest = Path(save_directory)
-        if dest.resolve() == self.output_dir.resolve():
-            return dest
+        if dest.resolve() == self.output_dir.resolve() and max_shard_size is None:
+            return dest  # already there (re-sharding in place needs overwrite=True)
         check_output_dir(dest, overwrite)
+        move = self.is_temporary
         with staged_output(dest, overwrite) as tmp:
-            if max_shard_size is None:
+            if max_shard_size is not None:
+                _reshard(self.output_dir, tmp, max_shard_size)
+            else:
                 for p in self.output_dir.iterdir():
                     if p.is_file():
-                        shutil.copy2(p, tmp / p.name)
-            else:
-                _reshard(self.output_dir, tmp, max_shard_size)
+                        shutil.move(p, tmp / p.name) if move else shutil.copy2(p, tmp / p.name)
+        if move:
+            self._cleanup()  # the temporary folder, now empty of our files
+            self.output_dir = dest
         return dest
 
     def card_metadata(self) -> Dict[str, Any]:
@@ -467,17 +486,20 @@ class AMEMerger:
             raise IngredientError(f"greedy: expected one of None, 'soup', 'ame', got {greedy!r}")
         if (greedy is not None or top_k is not None or order not in ("best", "given")) and order_by is None:
             raise IngredientError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
-        if output_dir is None:
-            output_dir = Path(tempfile.mkdtemp(prefix="hf_ame-")) / "merged"
         inputs = [i.path for i in self.ingredients] + ([self.base.path] if self.base is not None else [])
-        check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
+        if output_dir is not None:
+            check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
         if cfg.pivot == "base":  # "the base_model given to from_pretrained"
             if self.base is None:
                 raise IngredientError("pivot: 'base' needs from_pretrained(..., base_model=...)")
             cfg = cfg.replace(pivot=self.base.id)
         # weights, config, card, chart and recipe are all written in one staging folder, moved into
         # place in one rename at the end (the old folder, with overwrite, deleted only after that)
-        with _staging(output_dir, overwrite, inputs) as target:
+        temp_root = None
+        if output_dir is None:  # owned by the result: removed with it unless saved (save_pretrained moves it)
+            temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
+            output_dir = temp_root / "merged"
+        with _staging(output_dir, overwrite, inputs, temp_root) as target:
             base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
             t0 = time.perf_counter()
             timings = dict(self.timings)
@@ -536,6 +558,8 @@ class AMEMerger:
                     slot.close()
             timings["merge"] = time.perf_counter() - t1
             result = MergeResult(Path(target), cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+            if temp_root is not None:
+                result.own_temporary(temp_root)
             result.greedy = greedy
             result.greedy_log = greedy_log.entries if greedy_log else None
             if metric is not None:
@@ -572,12 +596,22 @@ class AMEMerger:
         return result
 
 
-def _staging(output_dir: Union[str, os.PathLike], overwrite: bool, inputs: Sequence[Any]):
+@contextlib.contextmanager
+def _staging(output_dir: Union[str, os.PathLike], overwrite: bool, inputs: Sequence[Any],
+             temp_root: Optional[Path] = None) -> Iterator[Path]:
     """:func:`~hf_ame.output.staged_output` for a whole merge; under ``torchrun`` / ``accelerate
-    launch`` (WORLD_SIZE > 1) the engine's rank 0 stages the weights and the card is added after."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return contextlib.nullcontext(Path(output_dir))
-    return staged_output(output_dir, overwrite, inputs)
+    launch`` (WORLD_SIZE > 1) the engine's rank 0 stages the weights and the card is added after.
+    A failed merge into a temporary folder removes that folder."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            yield Path(output_dir)
+        else:
+            with staged_output(output_dir, overwrite, inputs) as target:
+                yield target
+    except BaseException:
+        if temp_root is not None:
+            shutil.rmtree(temp_root, ignore_errors=True)
+        raise
 
 
 def _pivot_is_base(cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:

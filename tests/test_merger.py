@@ -44,11 +44,14 @@ def test_overrides_and_default_temp_output(families, tmp_path):
     got = read_state(r.output_dir)
     for k in got:
         torch.testing.assert_close(got[k], torch.stack([s[k] for s in states]).mean(0), atol=1e-6, rtol=1e-5)
+    before = (r.output_dir / "model.safetensors").read_bytes()
     saved = r.save_pretrained(tmp_path / "saved")
-    assert (saved / "model.safetensors").read_bytes() == (r.output_dir / "model.safetensors").read_bytes()
+    assert (saved / "model.safetensors").read_bytes() == before and r.output_dir == saved  # a temporary merge moves
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(OutputExistsError):
-        r.save_pretrained(tmp_path / "saved")
-    r.save_pretrained(tmp_path / "saved", overwrite=True, max_shard_size="10KB")
+        r.save_pretrained(tmp_path / "other")
+    r.save_pretrained(tmp_path / "saved", overwrite=True, max_shard_size="10KB")  # re-shard in place
     assert (tmp_path / "saved/model.safetensors.index.json").exists() and not (tmp_path / "saved/model.safetensors").exists()
     resharded = read_state(tmp_path / "saved")
     assert all(torch.equal(resharded[k], got[k]) for k in got)

@@ -245,3 +245,66 @@ def test_debug_shows_the_traceback(llamas, tmp_path):
     with pytest.raises(OutputExistsError):
         main(["--debug", "merge", *llamas, "--out", llamas[0], "--overwrite", "--no-progress"])
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ temporary outputs (merge() without output_dir)
+
+def _temp_entries() -> set:
+    import tempfile
+
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("hf_ame")}
+
+
+def test_temporary_merge_is_removed_with_its_result(llamas):
+    import gc
+
+    merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
+    before = _temp_entries()
+    result = merger.merge(AMEConfig.soup(), progress=False)
+    root = result.output_dir.parent
+    assert result.is_temporary and (result.output_dir / "model.safetensors").exists()
+    del result
+    gc.collect()
+    assert not root.exists() and _temp_entries() == before
+
+
+def test_save_pretrained_moves_a_temporary_merge(llamas, tmp_path):
+    merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
+    before = _temp_entries()
+    result = merger.merge(AMEConfig(lr=1e-2), progress=False)
+    expected = tree_sha(result.output_dir)
+    root = result.output_dir.parent
+    assert result.save_pretrained(tmp_path / "kept") == tmp_path / "kept"
+    assert result.output_dir == tmp_path / "kept" and not result.is_temporary and not root.exists()
+    assert tree_sha(tmp_path / "kept") == expected and _temp_entries() == before
+    # re-sharded on the way out: the temporary single-file weights are not carried along
+    other = merger.merge(AMEConfig(lr=1e-2), progress=False)
+    other.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    names = {p.name for p in (tmp_path / "sharded").iterdir()}
+    assert "model.safetensors.index.json" in names and "model.safetensors" not in names
+    assert _temp_entries() == before
+    # a merge in the user's own folder is copied, and stays where it was
+    mine = merger.merge(AMEConfig.soup(), output_dir=tmp_path / "mine", progress=False)
+    mine.save_pretrained(tmp_path / "copy")
+    assert tree_sha(tmp_path / "mine") == tree_sha(tmp_path / "copy") and mine.output_dir == tmp_path / "mine"
+
+
+def test_failed_temporary_merge_leaves_nothing(llamas, monkeypatch):
+    merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
+    before = _temp_entries()
+    monkeypatch.setattr(MergeResult, "write_card", lambda self, repo_id=None: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        merger.merge(AMEConfig.soup(), progress=False)
+    assert _temp_entries() == before
+
+
+def test_merge_then_push_leaves_no_temporary_folder(llamas, online):
+    import gc
+
+    hub = online
+    merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
+    before = _temp_entries()
+    merger.merge(AMEConfig.soup(), progress=False).push_to_hub("me/llama-soup", endpoint=hub.endpoint)
+    gc.collect()
+    assert _temp_entries() == before
+    assert "model.safetensors" in hub.state.repos["me/llama-soup"].commits[hub.state.repos["me/llama-soup"].branches["main"]]
