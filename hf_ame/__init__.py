@@ -5,7 +5,7 @@ pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for th
 """
 from .algorithm import AMEStep, AMEStepper, ame_merge, ame_merge_many, plan_steps, soup
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo
-from .checks import IncompatibleCheckpointsError, check_compatible
+from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible
 from .config import AMEConfig, ConfigError
 from .engine import MergeReport, merge_checkpoints
 from .hub import Ingredient, IngredientError
@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "TensorInfo",
     "IncompatibleCheckpointsError",
+    "NonFiniteWeightsError",
     "check_compatible",
     "MergeReport",
     "merge_checkpoints",

@@ -101,6 +101,7 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         link = f"[{ident}](https://huggingface.co/{ident})" if not ing.get("local") else f"`{Path(ident).name}` (local)"
         rev = ing.get("sha") or ing.get("revision") or ""
         rows.append({"order": ing.get("order"), "link": link, "revision_short": f"`{rev[:10]}`" if rev else "",
+                     "dtype": ing.get("dtype") or "",
                      "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}", "kept": ing.get("kept", True)})
     table = []
     chart_rows: List[Tuple[str, float]] = []

@@ -5,11 +5,28 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from .checkpoints import TensorInfo
 
-__all__ = ["IncompatibleCheckpointsError", "check_compatible", "HeaderLike"]
+__all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "HeaderLike", "storage_dtype"]
 
 
 class IncompatibleCheckpointsError(ValueError):
     """Ingredients that cannot be merged; the message names the model and the tensor at fault."""
+
+
+class NonFiniteWeightsError(IncompatibleCheckpointsError):
+    """A NaN or Inf in an ingredient's tensor (or produced by the merge): the merge stops before its
+    output lands. ``models``: the ingredients at fault (empty when the merge itself overflowed)."""
+
+    def __init__(self, tensor: str, models: Sequence[str], optimizer: str = ""):
+        self.tensor, self.models = tensor, list(models)
+        if self.models:
+            msg = (f"model {self.models[0]!r} has NaN or Inf values in tensor {tensor!r}"
+                   + (f" (so do {', '.join(repr(m) for m in self.models[1:])})" if len(self.models) > 1 else "")
+                   + "; the merge was stopped and nothing was written")
+        else:
+            msg = (f"tensor {tensor!r}: the merge produced NaN or Inf values from finite ingredients (a learning "
+                   f"rate or amplification too large for {optimizer or 'the optimizer'}, or an output dtype too "
+                   "narrow); nothing was written")
+        super().__init__(msg)
 
 
 class HeaderLike(Protocol):
@@ -67,8 +84,19 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
                     f"tensor {k!r} has shape {_fmt_shape(o.shape)} in {role} {other.name!r} "
                     f"but {_fmt_shape(info.shape)} in {ref.name!r}"
                 )
-            if o.dtype != info.dtype and not (o.is_floating and info.is_floating and other is base):
+            # floating dtypes may differ (bf16 and fp32 uploads of one model): the merge runs in the
+            # compute dtype and writes the first ingredient's dtype (or dtype=)
+            if o.dtype != info.dtype and not (o.is_floating and info.is_floating):
                 raise IncompatibleCheckpointsError(
                     f"tensor {k!r} has dtype {str(o.dtype).replace('torch.', '')} in {role} {other.name!r} "
                     f"but {str(info.dtype).replace('torch.', '')} in {ref.name!r}"
                 )
+
+
+def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:
+    """The floating dtype holding most of a checkpoint's parameters ("bfloat16", ...), or None."""
+    counts: dict = {}
+    for info in tensors.values():
+        if info.is_floating:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return str(max(counts, key=counts.get)).replace("torch.", "") if counts else None

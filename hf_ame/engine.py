@@ -26,10 +26,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import (DEFAULT_BLOCK_SIZE, block_bounds, can_block, is_exact_soup, merge_in_blocks, merge_tensor,
-                        plan_steps, resolve_pivot)
+from .algorithm import (DEFAULT_BLOCK_SIZE, NonFiniteError, block_bounds, can_block, is_exact_soup, merge_in_blocks,
+                        merge_tensor, plan_steps, resolve_pivot)
 from .checkpoints import Checkpoint, TensorInfo
-from .checks import IncompatibleCheckpointsError, check_compatible
+from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible
 from .config import AMEConfig, ConfigError, parse_dtype
 from .output import check_output_dir, copy_aux_files, staged_output, update_config, write_files
 from .transfer import DeviceUploader, Upload
@@ -172,6 +172,11 @@ class _Row:
 
     def __len__(self) -> int:
         return len(self.ckpts)
+
+    @property
+    def element_sizes(self) -> List[int]:
+        """Bytes per element of each copy, from the headers (copies may be stored in other dtypes)."""
+        return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
 
     def _read(self, j: int) -> torch.Tensor:
         return self.ckpts[j].get_tensor(self.name, device=self.device)
@@ -450,7 +455,11 @@ def merge_checkpoints(
                 tc = time.perf_counter()
                 report.wait_read_seconds += tc - ts
                 if info.is_floating:
-                    result = merge_one(info, xs)
+                    try:
+                        result = merge_one(info, xs)
+                    except NonFiniteError as exc:
+                        raise NonFiniteWeightsError(info.name, [names[j] for j in exc.culprits],
+                                                    config.optimizer) from None
                     report.merged_tensors += 1
                 else:
                     for c, x in zip(ckpts[1:], xs[1:len(ckpts)]):

@@ -37,10 +37,11 @@ class Ingredient:
     order: Optional[int] = None
     score: Optional[float] = None
     kept: bool = True
+    dtype: Optional[str] = None  # the floating dtype most of its weights are stored in
 
     def to_dict(self) -> Dict[str, Any]:
         return {"id": self.id, "revision": self.revision, "sha": self.sha, "path": str(self.path) if self.path else None,
-                "local": self.local, "order": self.order, "score": self.score, "kept": self.kept}
+                "local": self.local, "order": self.order, "score": self.score, "kept": self.kept, "dtype": self.dtype}
 
 
 def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_revision: Optional[str] = None,

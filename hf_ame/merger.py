@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 
 from .checkpoints import Checkpoint
-from .checks import IncompatibleCheckpointsError, check_compatible
+from .checks import IncompatibleCheckpointsError, check_compatible, storage_dtype
 from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints
 from .hub import Ingredient, IngredientError, RemoteHeader, download, inspect_remote, parse_ingredient
@@ -325,8 +325,10 @@ class AMEMerger:
                 ing.path, ing.sha = download(ing, files=remote_files.get(k, []), cache_dir=cache_dir, token=token,
                                              trust_remote_code=trust_remote_code, endpoint=endpoint)
         if len(checkable) != len(ings):  # .bin-only repos: check now, from the downloaded files
-            check_compatible([Checkpoint(i.path, name=i.id) for i in ings],
-                             Checkpoint(base.path, name=base.id) if base is not None else None)
+            headers = [Checkpoint(i.path, name=i.id) for i in everyone]
+            check_compatible(headers[:len(ings)], headers[len(ings)] if base is not None else None)
+        for ing, h in zip(everyone, headers):
+            ing.dtype = storage_dtype(h.tensors) if h is not None else storage_dtype(Checkpoint(ing.path).tensors)
         t2 = time.perf_counter()
 
         # 3. Placement from the reference ingredient's config (no weights materialised).

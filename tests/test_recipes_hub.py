@@ -95,7 +95,7 @@ def _card_checks(folder, hub_ids, merged_score):
     assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == pytest.approx(merged_score)
     assert result["dataset"]["split"] == "validation"
     body = card.text
-    assert "| order | model | revision | accuracy | used |" in body
+    assert "| order | model | revision | dtype | accuracy | used |" in body
     for hid in hub_ids:
         assert f"[{hid}](https://huggingface.co/{hid})" in body
     assert "```yaml\nhf_ame: 1" in body and "hf-ame merge" in body
