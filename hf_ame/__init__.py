@@ -3,6 +3,7 @@
 The merge is an optimizer run in weight space: (merge - ingredient) differences are
 pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for the definition.
 """
+from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
 from .algorithm import AMEStep, AMEStepper, ame_merge, ame_merge_many, plan_steps, soup
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo
 from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible

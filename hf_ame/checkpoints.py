@@ -10,7 +10,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "read_safetensors_header",
     "validate_header",
+    "register_checkpoint_kind",
     "SAFETENSORS_DTYPES",
     "WEIGHT_FILE_NAMES",
 ]
@@ -165,6 +166,16 @@ def infos_from_header(header: Mapping[str, Any], file: str, where: str,
     return out
 
 
+# Other folder formats that read as a checkpoint (detect(folder) -> bool, subclass); see hf_ame.adapters
+_KINDS: List[Tuple[Callable[[Path], bool], type]] = []
+
+
+def register_checkpoint_kind(detect: Callable[[Path], bool], cls: type) -> None:
+    """Make ``Checkpoint(folder)`` build ``cls`` (a :class:`Checkpoint` subclass) for folders that
+    ``detect`` recognises, e.g. LoRA adapters."""
+    _KINDS.append((detect, cls))
+
+
 class Checkpoint:
     """One model folder (as ``save_pretrained`` writes it, or a Hub snapshot).
 
@@ -176,8 +187,16 @@ class Checkpoint:
         format: ``"safetensors"`` or ``"bin"``.
     """
 
+    def __new__(cls, path: Union[str, Path], *args: Any, **kwargs: Any) -> "Checkpoint":
+        if cls is Checkpoint:
+            for detect, kind in _KINDS:
+                if detect(Path(path)):
+                    return super().__new__(kind)
+        return super().__new__(cls)
+
     def __init__(self, path: Union[str, Path], name: Optional[str] = None):
         self.path = Path(path)
+        self.files_path = self.path  # where config, tokenizer and processor files are (an adapter: its base)
         self.name = name or str(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.name}: no such checkpoint folder: {self.path}")

@@ -488,7 +488,7 @@ def merge_checkpoints(
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def finalize(tmp: Path) -> None:
-        aux = copy_aux_files(ref.path, tmp)
+        aux = copy_aux_files(ref.files_path, tmp)
         update_config(tmp, final_dtype)
         write_files(tmp, extra_files or {})
         report.files = sorted(set(plan.files) | set(report.files) | set(aux) | set(extra_files or {}))
@@ -566,7 +566,7 @@ def save_state(
         except BaseException:
             writer.abort()
             raise
-        aux = copy_aux_files(reference.path, tmp)
+        aux = copy_aux_files(reference.files_path, tmp)
         update_config(tmp, final_dtype)
         write_files(tmp, extra_files or {})
     return sorted(files + aux + list(extra_files or {}))

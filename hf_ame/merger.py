@@ -332,7 +332,9 @@ class AMEMerger:
         t2 = time.perf_counter()
 
         # 3. Placement from the reference ingredient's config (no weights materialised).
-        dm = resolve_device_map(device_map, str(ings[0].path), max_memory=max_memory, dtype=out_dtype,
+        # (an adapter's config is its base's: place by the folder that holds config.json)
+        config_dir = Checkpoint(ings[0].path).files_path
+        dm = resolve_device_map(device_map, str(config_dir), max_memory=max_memory, dtype=out_dtype,
                                 trust_remote_code=trust_remote_code)
         timings = {"resolve": t1 - t0, "download": t2 - t1, "placement": time.perf_counter() - t2}
         return cls(ings, dm, dtype=out_dtype, trust_remote_code=trust_remote_code, timings=timings, base=base)
@@ -523,7 +525,7 @@ class AMEMerger:
             chosen = [ings[k] for k in kept]
             candidates = [i.id for i in chosen]
             ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
-            device = tensor_device_lookup(self.device_map, str(chosen[0].path), self.trust_remote_code)
+            device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
 
             greedy_log = None
             t1 = time.perf_counter()

@@ -1,0 +1,96 @@
+"""LoRA adapters as ingredients: expanded tensor by tensor, equal to peft's merge_and_unload()."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from conftest import read_state  # noqa: E402
+from hf_ame import AMEConfig, AMEMerger, merge_checkpoints  # noqa: E402
+from hf_ame.adapters import AdapterCheckpoint  # noqa: E402
+from hf_ame.checkpoints import Checkpoint, CheckpointError  # noqa: E402
+from hf_ame.testing import make_family  # noqa: E402
+
+
+def make_adapter(base, out, seed=0, **lora):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "word_embeddings"],
+                             "modules_to_save": ["classifier"], **lora})
+    pm = peft.get_peft_model(model, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)  # lora_B starts at 0: make the adapter do something
+    pm.save_pretrained(out)
+    merged = pm.merge_and_unload().state_dict()
+    return Path(out), merged
+
+
+@pytest.fixture
+def bert(tmp_path):
+    return [str(p) for p in make_family("bert", tmp_path / "fam", 3, seed=3)]
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True, "rank_pattern": {"value": 2}, "alpha_pattern": {"query": 16}}],
+                         ids=["plain", "rslora-patterns"])
+def test_adapter_reads_as_peft_merge_and_unload(bert, tmp_path, lora):
+    adapter, expected = make_adapter(bert[0], tmp_path / "ad", **lora)
+    ck = Checkpoint(adapter)
+    assert isinstance(ck, AdapterCheckpoint) and ck.config == Checkpoint(bert[0]).config
+    assert set(ck.tensors) == set(Checkpoint(bert[0]).tensors)
+    changed = 0
+    for name in ck.tensors:
+        got = ck.get_tensor(name)
+        torch.testing.assert_close(got, expected[name], atol=1e-6, rtol=1e-6)
+        changed += not torch.equal(got, Checkpoint(bert[0]).get_tensor(name))
+    assert changed == 2 * 2 + 1 + 2  # q and v of 2 layers, the embedding, the classifier's weight and bias
+
+
+def test_adapters_and_full_fine_tunes_mix(bert, tmp_path):
+    adapter, expanded = make_adapter(bert[0], tmp_path / "ad")
+    ings = [str(adapter), bert[1], bert[2]]
+    result = AMEMerger.from_pretrained(ings, device_map="cpu").merge(AMEConfig.soup(), output_dir=tmp_path / "o",
+                                                                    progress=False)
+    states = [expanded, read_state(bert[1]), read_state(bert[2])]
+    got = read_state(tmp_path / "o")
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, torch.stack([s[k] for s in states]).mean(0), atol=1e-6, rtol=1e-5)
+    assert (tmp_path / "o/config.json").exists()  # config and tokenizer files come from the base
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o")
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    assert result.report.bytes_read > 0
+    # AME steps through the adapter ingredient as through any other
+    merge_checkpoints(ings, tmp_path / "ame", AMEConfig(optimizer="adamw", lr=1e-2, epochs=2), progress=False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("use_dora", True, r"adapter_config\.use_dora = True is not supported"),
+    ("peft_type", "IA3", r"peft adapter type 'IA3' is not supported \(LoRA only\)"),
+    ("base_model_name_or_path", "nobody/nothing-here", r"base model 'nobody/nothing-here' is neither a folder nor in"),
+])
+def test_unsupported_adapters_are_refused_by_name(bert, tmp_path, field, value, match):
+    adapter, _ = make_adapter(bert[0], tmp_path / "ad")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg[field] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        merge_checkpoints([str(adapter), bert[1]], tmp_path / "o", AMEConfig.soup(), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_for_another_model_is_refused(bert, tmp_path):
+    adapter, _ = make_adapter(bert[0], tmp_path / "ad")
+    other = make_family("bert", tmp_path / "wide", 1, seed=3, hidden_size=48, num_attention_heads=4)[0]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(other)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"adapter tensor '.*' gives shape .* but '.*' of the base has"):
+        Checkpoint(adapter)
