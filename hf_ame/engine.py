@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .algorithm import (DEFAULT_BLOCK_SIZE, NonFiniteError, block_bounds, can_block, is_exact_soup, merge_in_blocks,
                         merge_tensor, plan_steps, resolve_pivot)
 from .checkpoints import Checkpoint, TensorInfo
-from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible
-from .config import AMEConfig, ConfigError, parse_dtype
+from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible, storage_dtype
+from .config import COMPUTE_DTYPES, AMEConfig, ConfigError, parse_dtype
 from .output import check_output_dir, copy_aux_files, staged_output, update_config, write_files
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter, parse_size, plan_shards
@@ -65,13 +65,44 @@ class MergeReport:
     stream: str = "tensor"
     rank: int = 0
     world_size: int = 1
+    exact_soup: bool = False
+    counters_maxed: List[str] = field(default_factory=list)  # BatchNorm num_batches_tracked: the maximum
 
     def summary(self) -> str:
+        how = ("the exact uniform soup (one pass)" if self.exact_soup else
+               f"{self.steps} {self.config.optimizer} steps per tensor, lr={self.config.lr}")
         return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
                 f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
-                f"{self.steps} optimizer steps per tensor, {self.config.optimizer} lr={self.config.lr}, "
+                f"{how}, "
                 f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s"
                 + (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]" if self.world_size > 1 else ""))
+
+
+def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Tensor], reference: int,
+                  report: "MergeReport") -> torch.Tensor:
+    """An integer tensor: copied when every ingredient agrees. BatchNorm's ``num_batches_tracked``
+    (a step counter: fine-tunes of different lengths disagree) takes the maximum, recorded in
+    ``report.counters_maxed``; any other difference is refused."""
+    if all(torch.equal(xs[0], x) for x in xs[1:]):
+        return xs[reference]
+    if name.endswith("num_batches_tracked"):
+        report.counters_maxed.append(name)
+        return torch.stack(list(xs)).amax(0)
+    other = next(j for j in range(1, len(xs)) if not torch.equal(xs[0], xs[j]))
+    raise IncompatibleCheckpointsError(
+        f"non-floating tensor {name!r} ({xs[0].dtype}) differs between {ckpts[0].name!r} and "
+        f"{ckpts[other].name!r}; integer buffers cannot be averaged")
+
+
+def model_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype a checkpoint says it is (``config.json``'s ``dtype`` / ``torch_dtype``, as
+    transformers reads it), else the floating dtype most of its parameters are stored in. Not the
+    first tensor's: bf16 models keep a few float32 tensors (routers, T5's ``wo``), listed first."""
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if isinstance(name, str) and name.replace("torch.", "") in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[name.replace("torch.", "")]
+    stored = storage_dtype(ckpt.tensors)
+    return COMPUTE_DTYPES[stored] if stored in COMPUTE_DTYPES else torch.float32
 
 
 def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
@@ -345,7 +376,7 @@ def merge_checkpoints(
     exact_soup = is_exact_soup(config, len(ckpts))
     where = _device_lookup(device_map)
     floating = [i for i in infos if i.is_floating]
-    final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    final_dtype = out_dtype or model_dtype(ref)
     dist = _Dist(distributed)
     if dist.world > 1 and torch.cuda.is_available():  # one GPU per rank, as accelerate launch --multi_gpu sets up
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
@@ -376,6 +407,7 @@ def merge_checkpoints(
     report = MergeReport(Path(output_dir), names, config, str(final_dtype).replace("torch.", ""),
                          tensors=len(mine), steps=len(steps), plan_seconds=time.perf_counter() - t0)
     report.stream = mode
+    report.exact_soup = exact_soup
     report.rank, report.world_size = dist.rank, dist.world
     devices = set()
     uploader = DeviceUploader()
@@ -462,13 +494,7 @@ def merge_checkpoints(
                                                     config.optimizer) from None
                     report.merged_tensors += 1
                 else:
-                    for c, x in zip(ckpts[1:], xs[1:len(ckpts)]):
-                        if not torch.equal(xs[0], x):
-                            raise IncompatibleCheckpointsError(
-                                f"non-floating tensor {info.name!r} ({info.dtype}) differs between "
-                                f"{ckpts[0].name!r} and {c.name!r}; integer buffers cannot be averaged"
-                            )
-                    result = xs[reference]
+                    result = merge_integer(info.name, ckpts, xs[:len(ckpts)], reference, report)
                     report.copied_tensors += 1
                 tw = time.perf_counter()
                 report.compute_seconds += tw - tc
@@ -555,7 +581,7 @@ def save_state(
 
     plan = plan_shards([(i.name, target(i), i.shape) for i in infos], max_shard_size)
     floating = [i for i in infos if i.is_floating]
-    final_dtype = out_dtype or (floating[0].dtype if floating else torch.float32)
+    final_dtype = out_dtype or model_dtype(reference)
     with staged_output(output_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, plan, metadata={"merged_with": "hf_ame"})
         try:

@@ -16,7 +16,7 @@ import torch
 from .checkpoints import Checkpoint
 from .checks import IncompatibleCheckpointsError, check_compatible, storage_dtype
 from .config import AMEConfig, parse_dtype
-from .engine import MergeReport, merge_checkpoints
+from .engine import MergeReport, merge_checkpoints, model_dtype
 from .hub import Ingredient, IngredientError, RemoteHeader, download, inspect_remote, parse_ingredient
 from .output import check_output_dir, staged_output
 from .placement import resolve_device_map
@@ -553,7 +553,7 @@ class AMEMerger:
                         files = save_state(state, ckpts[0], target, dtype=self.dtype, max_shard_size=max_shard_size,
                                            overwrite=overwrite)
                         report = MergeReport(Path(target), [c.name for c in ckpts], cfg,
-                                             str(self.dtype or next(i.dtype for i in ckpts[0].tensors.values() if i.is_floating)).replace("torch.", ""),
+                                             str(self.dtype or model_dtype(ckpts[0])).replace("torch.", ""),
                                              tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
                                              merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
                                              steps=len(greedy_log.entries) - 1, files=files, seconds=time.perf_counter() - t1)
