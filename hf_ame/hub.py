@@ -99,7 +99,7 @@ def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
     elif isinstance(exc, RevisionNotFoundError):
         why = "revision not found"
     elif isinstance(exc, OfflineModeIsEnabled):
-        why = "HF_HUB_OFFLINE is set; use local_files_only=True with a cached copy, or a local folder"
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache (download it first, or use a local folder)"
     else:
         why = f"{type(exc).__name__}: {exc}"
     return IngredientError(f"{ing.id!r}{rev}: cannot {what}: {why}")
@@ -176,7 +176,10 @@ def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: U
                                         local_files_only=local_files_only, allow_patterns=pats, endpoint=endpoint,
                                         library_name="hf_ame"))
     except Exception as exc:  # noqa: BLE001
-        what = "find it in the local cache (local_files_only=True)" if local_files_only else "download it"
+        from huggingface_hub import constants
+
+        why_local = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True"
+        what = f"find it in the local cache ({why_local})" if local_files_only else "download it"
         raise _wrap(ing, exc, what) from exc
     sha = folder.name if _SHA_RE.match(folder.name) else (ing.sha or "")
     if ing.sha and sha and sha != ing.sha:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
+from huggingface_hub import constants as hf_constants
 
 from .checkpoints import Checkpoint
 from .checks import IncompatibleCheckpointsError, check_compatible, storage_dtype
@@ -302,6 +303,9 @@ class AMEMerger:
         #    config.json and HTTP range reads of the headers. Cached-only mode resolves the snapshot.
         headers: List[Any] = []
         remote_files: Dict[int, List[str]] = {}
+        # HF_HUB_OFFLINE=1 means the cache, as transformers reads it (from_pretrained then behaves as
+        # local_files_only=True); an id that is not cached fails there, named
+        local_files_only = local_files_only or bool(hf_constants.HF_HUB_OFFLINE)
         for k, ing in enumerate(everyone):
             if ing.local:
                 headers.append(Checkpoint(ing.path, name=ing.id))

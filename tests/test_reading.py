@@ -47,3 +47,25 @@ def test_batchnorm_counters_take_the_maximum(tmp_path):
     save_file(sd, Path(paths[2]) / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'model.other_counter' .* differs between .* integer buffers cannot be averaged"):
         merge_checkpoints(paths, tmp_path / "o2", AMEConfig.soup(), progress=False)
+
+
+def test_hf_hub_offline_reads_the_cache_as_transformers_does(tmp_path, online, monkeypatch):
+    import huggingface_hub.constants as C
+
+    from hf_ame import AMEMerger, IngredientError
+
+    hub = online
+    paths = make_family("llama", tmp_path / "f", 2, seed=1)
+    shas = [hub.state.add_folder(f"org/ll-{i}", p) for i, p in enumerate(paths)]
+    hub.state.add_folder("org/ll-never-fetched", paths[0])
+    cache = tmp_path / "cache"
+    AMEMerger.from_pretrained(["org/ll-0", "org/ll-1"], cache_dir=cache, endpoint=hub.endpoint, device_map="cpu")
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 in the environment
+    n = len(hub.state.requests)
+    merger = AMEMerger.from_pretrained(["org/ll-0", "org/ll-1"], cache_dir=cache, endpoint=hub.endpoint, device_map="cpu")
+    assert [i.sha for i in merger.ingredients] == shas and len(hub.state.requests) == n  # no request made
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained("org/ll-0", cache_dir=cache)  # transformers finds it offline too
+    with pytest.raises(IngredientError, match=r"'org/ll-never-fetched'.*local cache"):
+        AMEMerger.from_pretrained(["org/ll-0", "org/ll-never-fetched"], cache_dir=cache, endpoint=hub.endpoint)
