@@ -106,6 +106,9 @@ def staged_output(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union
     inputs = list(inputs)
     out = check_output_dir(out, overwrite, inputs)
     with target_lock(out):
+        # again, now that no other writer of ``out`` runs: one that finished while we waited for the
+        # lock may have written it (refused now, before any work, unless overwrite)
+        check_output_dir(out, overwrite, inputs)
         stale = stale_siblings(out)
         if stale:
             warnings.warn(f"removing {len(stale)} folder(s) left by an interrupted write into {out}: "
@@ -129,7 +132,7 @@ def staged_output(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union
             _remove(old)
 
 
-def write_files(folder: Path, files: "Mapping[str, Union[str, bytes]]") -> None:
+def write_files(folder: Path, files: Mapping[str, Union[str, bytes]]) -> None:
     """Write small files (name -> text or bytes) into ``folder``; a failure names the file."""
     for fname, content in files.items():
         try:

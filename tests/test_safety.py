@@ -308,3 +308,28 @@ def test_merge_then_push_leaves_no_temporary_folder(llamas, online):
     gc.collect()
     assert _temp_entries() == before
     assert "model.safetensors" in hub.state.repos["me/llama-soup"].commits[hub.state.repos["me/llama-soup"].branches["main"]]
+
+
+def test_a_writer_waiting_for_the_lock_rechecks_before_working(llamas, tmp_path):
+    from hf_ame.output import staged_output, target_lock
+
+    out = tmp_path / "o"
+    started = threading.Event()
+    outcome = []
+
+    def second_writer():
+        started.set()
+        try:
+            with staged_output(out, overwrite=False):
+                outcome.append("worked")
+        except OutputExistsError:
+            outcome.append("refused before working")
+
+    with target_lock(out):  # the first writer holds the target
+        t = threading.Thread(target=second_writer)
+        t.start()
+        started.wait()
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"first writer's result")
+    t.join()
+    assert outcome == ["refused before working"] and not leftovers(tmp_path)
