@@ -37,12 +37,13 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-# Looked for in this order; transformers writes the first two, older checkpoints the last two.
+# Looked for in this order, the order transformers' from_pretrained uses for a folder (after the
+# config's own "transformers_weights"): a stale file beside newer shards is what transformers loads.
 WEIGHT_FILE_NAMES = (
-    "model.safetensors.index.json",
     "model.safetensors",
-    "pytorch_model.bin.index.json",
+    "model.safetensors.index.json",
     "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 # Bytes read from a safetensors header before we give up (a header is JSON, rarely > a few MB).
 _MAX_HEADER = 100 * 1024 * 1024
@@ -218,6 +219,13 @@ class Checkpoint:
             raise CheckpointError(f"{self.name}: config.json is not valid JSON ({exc})") from None
 
     def _find_weights(self) -> Tuple[str, str]:
+        explicit = self.config.get("transformers_weights")
+        if isinstance(explicit, str):  # transformers loads this file when the config names it
+            target = (self.path / explicit).resolve()
+            if self.path.resolve() not in target.parents or not target.is_file():
+                raise CheckpointError(f"{self.name}: config.json's transformers_weights {explicit!r} is not a file "
+                                      "inside the folder")
+            return explicit, ("safetensors" if ".safetensors" in explicit else "bin")
         for fname in WEIGHT_FILE_NAMES:
             if (self.path / fname).exists():
                 return fname, ("safetensors" if "safetensors" in fname else "bin")

@@ -1,11 +1,12 @@
 """Compatibility checks on configs and tensor headers only: they run before any weight is read."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from .checkpoints import TensorInfo
 
-__all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "HeaderLike", "storage_dtype"]
+__all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "align_tied_copies", "HeaderLike",
+           "storage_dtype"]
 
 
 class IncompatibleCheckpointsError(ValueError):
@@ -48,6 +49,7 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
             f"a merge needs at least {min_ingredients} ingredients, got {len(ingredients)}"
             + (f" ({', '.join(i.name for i in ingredients)})" if ingredients else "")
         )
+    align_tied_copies(list(ingredients) + ([base] if base is not None else []))
     names = [i.name for i in ingredients]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -100,3 +102,40 @@ def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:
         if info.is_floating:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return str(max(counts, key=counts.get)).replace("torch.", "") if counts else None
+
+
+def align_tied_copies(headers: Sequence[HeaderLike]) -> List[str]:
+    """Drop stored copies of tied weights that other ingredients leave out, as transformers does on
+    load. Older ``pytorch_model.bin`` files store ``lm_head.weight`` beside the embedding it is tied
+    to; ``save_pretrained`` now writes it once. A key is dropped only when the architecture ties it
+    (the model class's ``_tied_weights_keys``), the config ties word embeddings, its source is
+    stored, and another ingredient lacks it (so the merge is written as save_pretrained would).
+    Returns the dropped names."""
+    keys = [set(h.tensors) for h in headers]
+    if len({frozenset(k) for k in keys}) <= 1:
+        return []
+    tied = _tied_keys(headers[0].config)
+    dropped = sorted(t for t, src in tied.items()
+                     if any(t not in k for k in keys) and all(src in k for k in keys))
+    for h in headers:
+        for t in dropped:
+            h.tensors.pop(t, None)  # type: ignore[attr-defined]
+    return dropped
+
+
+def _tied_keys(config: Mapping[str, Any]) -> Dict[str, str]:
+    """{tied name: its source} for this config's architecture, when its word embeddings are tied."""
+    import transformers  # heavy; needed only when ingredients store different tensor sets
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    tied = getattr(cls, "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return {}
+    tie = config.get("tie_word_embeddings")
+    if tie is None and config.get("model_type"):
+        try:
+            tie = transformers.AutoConfig.for_model(config["model_type"]).tie_word_embeddings
+        except (ValueError, KeyError):
+            tie = None
+    return dict(tied) if tie else {}

@@ -69,3 +69,54 @@ def test_hf_hub_offline_reads_the_cache_as_transformers_does(tmp_path, online, m
     AutoConfig.from_pretrained("org/ll-0", cache_dir=cache)  # transformers finds it offline too
     with pytest.raises(IngredientError, match=r"'org/ll-never-fetched'.*local cache"):
         AMEMerger.from_pretrained(["org/ll-0", "org/ll-never-fetched"], cache_dir=cache, endpoint=hub.endpoint)
+
+
+def _transformers_state(folder):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+
+
+@pytest.mark.parametrize("stale", ["single-file", "index"])
+def test_weight_files_are_chosen_as_transformers_chooses_them(tmp_path, stale):
+    from transformers import AutoModelForCausalLM
+
+    paths = make_family("llama", tmp_path / "f", 2, seed=1)
+    for i, p in enumerate(paths):
+        model = AutoModelForCausalLM.from_pretrained(p)
+        with torch.no_grad():
+            for t in model.parameters():
+                t.mul_(1.5 + i)  # other weights than the folder's own model.safetensors
+        if stale == "single-file":  # re-saved sharded over an older single-file save: both sets present
+            model.save_pretrained(tmp_path / "tmp", max_shard_size="20KB")
+            for f in (tmp_path / "tmp").glob("model-*.safetensors"):
+                f.replace(Path(p) / f.name)
+            (tmp_path / "tmp/model.safetensors.index.json").replace(Path(p) / "model.safetensors.index.json")
+        else:  # a stale index (its shards gone) beside a newer single file
+            (Path(p) / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00005.safetensors"}}))
+    merge_checkpoints(paths, tmp_path / "o", AMEConfig.soup(), progress=False)
+    got = _transformers_state(tmp_path / "o")
+    states = [_transformers_state(p) for p in paths]  # what transformers loads from each folder
+    for k, v in got.items():
+        torch.testing.assert_close(v, (states[0][k] + states[1][k]) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bin_file_storing_the_tied_head_matches_safetensors_storing_it_once(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths = make_family("llama", tmp_path / "f", 3, seed=1)  # tie_word_embeddings: lm_head.weight not in the files
+    old = Path(paths[1])
+    sd = AutoModelForCausalLM.from_pretrained(old).state_dict()
+    assert "lm_head.weight" in sd and "lm_head.weight" not in load_file(old / "model.safetensors")
+    torch.save({k: v.clone() for k, v in sd.items()}, old / "pytorch_model.bin")  # the older format: both stored
+    (old / "model.safetensors").unlink()
+    for order in (paths, [paths[1], paths[0], paths[2]]):  # the .bin one as the reference too
+        out = tmp_path / f"o-{Path(order[0]).name}"
+        merge_checkpoints(order, out, AMEConfig.soup(), progress=False)
+        assert "lm_head.weight" not in load_file(out / "model.safetensors")  # written as save_pretrained would
+        got = _transformers_state(out)
+        states = [_transformers_state(p) for p in order]
+        for k, v in got.items():
+            torch.testing.assert_close(v, sum(s[k] for s in states) / 3, atol=1e-6, rtol=1e-5)
+        assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])  # still tied
