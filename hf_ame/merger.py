@@ -9,7 +9,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from huggingface_hub import constants as hf_constants
@@ -299,24 +299,9 @@ class AMEMerger:
             raise IncompatibleCheckpointsError(f"a merge needs at least 2 ingredients, got {len(ings)}")
         everyone = ings + ([base] if base is not None else [])
 
-        # 1. Headers only: local folders read their safetensors headers; Hub repos answer with
-        #    config.json and HTTP range reads of the headers. Cached-only mode resolves the snapshot.
-        headers: List[Any] = []
-        remote_files: Dict[int, List[str]] = {}
-        # HF_HUB_OFFLINE=1 means the cache, as transformers reads it (from_pretrained then behaves as
-        # local_files_only=True); an id that is not cached fails there, named
-        local_files_only = local_files_only or bool(hf_constants.HF_HUB_OFFLINE)
-        for k, ing in enumerate(everyone):
-            if ing.local:
-                headers.append(Checkpoint(ing.path, name=ing.id))
-            elif local_files_only:
-                ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True, endpoint=endpoint)
-                headers.append(Checkpoint(ing.path, name=ing.id))
-            else:
-                h: RemoteHeader = inspect_remote(ing, token=token, endpoint=endpoint)
-                ing.sha = h.sha
-                remote_files[k] = h.files
-                headers.append(h if h.safetensors else None)
+        # 1. Headers only (see _read_headers), checked before any weight is downloaded
+        headers, remote_files = _read_headers(everyone, cache_dir=cache_dir, token=token,
+                                              local_files_only=local_files_only, endpoint=endpoint)
         checkable = [h for h in headers[: len(ings)] if h is not None]
         base_h = headers[len(ings)] if base is not None else None
         if len(checkable) == len(ings):
@@ -602,6 +587,29 @@ class AMEMerger:
                 result.write_card(r.hub.get("repo_id") if r is not None else None)
         result.output_dir = Path(output_dir)
         return result
+
+
+def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Union[bool, str, None],
+                  local_files_only: bool, endpoint: Optional[str]) -> Tuple[List[Any], Dict[int, List[str]]]:
+    """Each ingredient's header (None for a .bin-only Hub repo) and each Hub repo's file list: local
+    folders read their safetensors headers; Hub repos answer with config.json and HTTP range reads
+    of the headers; cached-only mode resolves the snapshot. HF_HUB_OFFLINE=1 means the cache, as
+    transformers reads it (``local_files_only=True``); an id that is not cached fails there, named."""
+    local_files_only = local_files_only or bool(hf_constants.HF_HUB_OFFLINE)
+    headers: List[Any] = []
+    remote_files: Dict[int, List[str]] = {}
+    for k, ing in enumerate(everyone):
+        if ing.local:
+            headers.append(Checkpoint(ing.path, name=ing.id))
+        elif local_files_only:
+            ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True, endpoint=endpoint)
+            headers.append(Checkpoint(ing.path, name=ing.id))
+        else:
+            h: RemoteHeader = inspect_remote(ing, token=token, endpoint=endpoint)
+            ing.sha = h.sha
+            remote_files[k] = h.files
+            headers.append(h if h.safetensors else None)
+    return headers, remote_files
 
 
 @contextlib.contextmanager
