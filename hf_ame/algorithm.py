@@ -20,8 +20,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import AMEConfig, ConfigError
+from .errors import HFAMEError
 from .kernels import fused_merge, fused_soup, fused_supported
-from .optimizers import build_optimizer
+from .optimizers import build_optimizer, get_optimizer
 from .schedules import amplification, learning_rate
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(HFAMEError, ValueError):
     """A merged tensor (or block) holds NaN or Inf. ``culprits``: indices of the ingredients whose
     copy holds one (empty: the merge itself overflowed, e.g. a learning rate far too high)."""
 
@@ -175,8 +176,6 @@ def initial_merge(ingredients: Sequence[torch.Tensor], pivot: PivotSpec, *, base
 def _build_fast(config: AMEConfig, weights: List[torch.Tensor]) -> torch.optim.Optimizer:
     """The configured optimizer, with torch's fused kernel when it has one for these tensors (about
     10x faster than the for-loop Adam on CPU) unless the user chose ``fused``/``foreach`` themselves."""
-    from .optimizers import get_optimizer
-
     kwargs = config.optimizer_arguments()
     entry = get_optimizer(config.optimizer)
     if "fused" not in kwargs and "foreach" not in kwargs and "fused" in entry.defaults():
@@ -282,8 +281,6 @@ def can_block(config: AMEConfig, device: Optional[torch.device] = None, *, exact
     """Whether a tensor may be merged block by block with results identical to a whole-tensor run:
     the optimizer must be coordinate-wise (registry flag) and the work on CPU (on a GPU one kernel
     over the whole tensor is already bandwidth-bound; per-block launches would only add latency)."""
-    from .optimizers import get_optimizer
-
     if device is not None and torch.device(device).type != "cpu":
         return False
     return exact_soup or get_optimizer(config.optimizer).elementwise

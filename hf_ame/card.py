@@ -5,36 +5,19 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from importlib.metadata import version as package_version
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["render_card", "scores_svg", "pipeline_tag_for", "TEMPLATE", "CHART_FILE"]
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .optimizers import get_optimizer
+from .tasks import pipeline_tag_for
+from .version import __version__
+
+__all__ = ["render_card", "scores_svg", "TEMPLATE", "CHART_FILE"]
 
 TEMPLATE = Path(__file__).parent / "templates" / "ame_model_card.md"
 CHART_FILE = "ame_scores.svg"
-
-_PIPELINE_TAGS = (
-    ("ForImageClassification", "image-classification"),
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("ForConditionalGeneration", "text2text-generation"),
-    ("ForAudioClassification", "audio-classification"),
-    ("ForSpeechSeq2Seq", "automatic-speech-recognition"),
-    ("ForObjectDetection", "object-detection"),
-    ("ForSemanticSegmentation", "image-segmentation"),
-)
-
-
-def pipeline_tag_for(architectures: Optional[Sequence[str]]) -> Optional[str]:
-    for arch in architectures or []:
-        for suffix, tag in _PIPELINE_TAGS:
-            if arch.endswith(suffix):
-                return tag
-    return None
-
 
 def scores_svg(rows: Sequence[Tuple[str, float]], metric: str, greater_is_better: bool = True) -> str:
     """A horizontal bar chart (SVG text) of (label, score) rows."""
@@ -66,22 +49,50 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
                 seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
     """Returns (huggingface_hub.ModelCard, svg text or None)."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    import transformers
-
-    from . import __version__
-    from .optimizers import get_optimizer
-
     archs = model_config.get("architectures") or []
-    pipeline_tag = pipeline_tag_for(archs)
-    kept = [i for i in ingredients if i.get("kept", True)]
-    hub_ids = [i["id"] for i in kept if not i.get("local")]
     optimizer = config["optimizer"]
     name = repo_id.split("/")[-1] if repo_id else "ame-merge"
     scores = scores or {}
     metric_name = (metric or {}).get("name")
     gib = (metric or {}).get("greater_is_better", True)
+    ds_path = (dataset or {}).get("path")
+    table, chart_rows = _score_rows(scores, ingredients, greedy, optimizer)
+    svg = scores_svg(chart_rows, metric_name, gib) if (metric_name and chart_rows) else None
+    ds_text = f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "") if ds_path else "a held-out split"
+    card = ModelCard.from_template(
+        _card_data(ingredients, archs, optimizer, name, scores, metric_name, dataset, greedy),
+        template_path=str(TEMPLATE),
+        model_name=name,
+        n_kept=sum(1 for i in ingredients if i.get("kept", True)),
+        architecture=archs[0] if archs else model_config.get("model_type", "model"),
+        method="greedy soup" if greedy == "soup" else f"{optimizer}{', greedy' if greedy == 'ame' else ''}",
+        optimizer_class=get_optimizer(optimizer).cls.__name__,
+        ingredients=_ingredient_rows(ingredients),
+        metric_name=metric_name,
+        greater_is_better=gib,
+        dataset_text=ds_text,
+        scores_table=table,
+        chart_file=CHART_FILE,
+        greedy_text=_greedy_text(greedy, greedy_log),
+        hyperparameters=[(k, _fmt(v)) for k, v in config.items()],
+        dtype=dtype,
+        compute_dtype=config.get("compute_dtype", "float32"),
+        parameters=f"{parameters:,}",
+        seconds=f"{seconds:.1f}",
+        hf_ame_version=__version__,
+        transformers_version=package_version("transformers"),
+        reproduce=reproduce or "hf-ame merge ame_recipe.yaml --out merged",
+        recipe_yaml=recipe_yaml,
+    )
+    return card, svg
+
+
+def _card_data(ingredients: List[Dict[str, Any]], archs: Sequence[str], optimizer: str, name: str,
+               scores: Dict[str, Any], metric_name: Optional[str], dataset: Optional[Dict[str, Any]],
+               greedy: Optional[str]) -> ModelCardData:
+    """The card's YAML metadata: base models (the Hub ingredients kept), tags, eval results."""
+    pipeline_tag = pipeline_tag_for(archs)
+    hub_ids = [i["id"] for i in ingredients if i.get("kept", True) and not i.get("local")]
     ds_path = (dataset or {}).get("path")
     ds_is_hub = bool(ds_path) and not Path(str(ds_path)).exists() and str(ds_path).count("/") == 1
     eval_results = None
@@ -91,10 +102,12 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                                    dataset_split=(dataset or {}).get("split"), metric_type=metric_name,
                                    metric_value=float(scores["merged"]), metric_name=metric_name)]
     tags = ["merge", "hf-ame", "ame", f"ame-{optimizer}"] + (["greedy-soup"] if greedy == "soup" else [])
-    data = ModelCardData(base_model=hub_ids or None, library_name="transformers", pipeline_tag=pipeline_tag, tags=tags,
+    return ModelCardData(base_model=hub_ids or None, library_name="transformers", pipeline_tag=pipeline_tag, tags=tags,
                          datasets=[ds_path] if ds_is_hub else None, eval_results=eval_results,
                          model_name=name if eval_results else None, base_model_relation="merge")
 
+
+def _ingredient_rows(ingredients: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for ing in sorted(ingredients, key=lambda i: (i.get("order") is None, i.get("order") or 0)):
         ident = ing["id"]
@@ -103,6 +116,12 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         rows.append({"order": ing.get("order"), "link": link, "revision_short": f"`{rev[:10]}`" if rev else "",
                      "dtype": ing.get("dtype") or "",
                      "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}", "kept": ing.get("kept", True)})
+    return rows
+
+
+def _score_rows(scores: Dict[str, Any], ingredients: List[Dict[str, Any]], greedy: Optional[str],
+                optimizer: str) -> Tuple[List[Dict[str, str]], List[Tuple[str, float]]]:
+    """The card's score table and the chart's (label, score) rows."""
     table = []
     chart_rows: List[Tuple[str, float]] = []
     if "merged" in scores:
@@ -118,37 +137,13 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
     for ing in ingredients:
         if ing.get("score") is not None:
             chart_rows.append((Path(ing["id"]).name if ing.get("local") else ing["id"], float(ing["score"])))
-    svg = scores_svg(chart_rows, metric_name, gib) if (metric_name and chart_rows) else None
-    greedy_text = None
-    if greedy and greedy_log:
-        acc = sum(1 for e in greedy_log if e.get("accepted"))
-        what = "candidates" if greedy == "soup" else "steps (the first line is the starting point)"
-        greedy_text = (f"**Greedy {'soup' if greedy == 'soup' else 'AME'}**: {acc} of {len(greedy_log)} {what} were kept; "
-                       "a candidate is kept only if the held-out score strictly improves.")
-    ds_text = f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "") if ds_path else "a held-out split"
-    card = ModelCard.from_template(
-        data,
-        template_path=str(TEMPLATE),
-        model_name=name,
-        n_kept=len(kept),
-        architecture=archs[0] if archs else model_config.get("model_type", "model"),
-        method="greedy soup" if greedy == "soup" else f"{optimizer}{', greedy' if greedy == 'ame' else ''}",
-        optimizer_class=get_optimizer(optimizer).cls.__name__,
-        ingredients=rows,
-        metric_name=metric_name,
-        greater_is_better=gib,
-        dataset_text=ds_text,
-        scores_table=table,
-        chart_file=CHART_FILE,
-        greedy_text=greedy_text,
-        hyperparameters=[(k, _fmt(v)) for k, v in config.items()],
-        dtype=dtype,
-        compute_dtype=config.get("compute_dtype", "float32"),
-        parameters=f"{parameters:,}",
-        seconds=f"{seconds:.1f}",
-        hf_ame_version=__version__,
-        transformers_version=transformers.__version__,
-        reproduce=reproduce or "hf-ame merge ame_recipe.yaml --out merged",
-        recipe_yaml=recipe_yaml,
-    )
-    return card, svg
+    return table, chart_rows
+
+
+def _greedy_text(greedy: Optional[str], greedy_log: Optional[List[Dict[str, Any]]]) -> Optional[str]:
+    if not (greedy and greedy_log):
+        return None
+    acc = sum(1 for e in greedy_log if e.get("accepted"))
+    what = "candidates" if greedy == "soup" else "steps (the first line is the starting point)"
+    return (f"**Greedy {'soup' if greedy == 'soup' else 'AME'}**: {acc} of {len(greedy_log)} {what} were kept; "
+            "a candidate is kept only if the held-out score strictly improves.")

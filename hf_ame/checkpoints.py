@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
+from .errors import CheckpointError
 
 __all__ = [
     "TensorInfo",
@@ -47,10 +48,6 @@ WEIGHT_FILE_NAMES = (
 )
 # Bytes read from a safetensors header before we give up (a header is JSON, rarely > a few MB).
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be merged; the message names the folder or file."""
 
 
 @dataclass(frozen=True)

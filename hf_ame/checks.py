@@ -3,31 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
+import torch
+
 from .checkpoints import TensorInfo
+from .config import COMPUTE_DTYPES
+from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 
 __all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "align_tied_copies", "HeaderLike",
-           "storage_dtype"]
-
-
-class IncompatibleCheckpointsError(ValueError):
-    """Ingredients that cannot be merged; the message names the model and the tensor at fault."""
-
-
-class NonFiniteWeightsError(IncompatibleCheckpointsError):
-    """A NaN or Inf in an ingredient's tensor (or produced by the merge): the merge stops before its
-    output lands. ``models``: the ingredients at fault (empty when the merge itself overflowed)."""
-
-    def __init__(self, tensor: str, models: Sequence[str], optimizer: str = ""):
-        self.tensor, self.models = tensor, list(models)
-        if self.models:
-            msg = (f"model {self.models[0]!r} has NaN or Inf values in tensor {tensor!r}"
-                   + (f" (so do {', '.join(repr(m) for m in self.models[1:])})" if len(self.models) > 1 else "")
-                   + "; the merge was stopped and nothing was written")
-        else:
-            msg = (f"tensor {tensor!r}: the merge produced NaN or Inf values from finite ingredients (a learning "
-                   f"rate or amplification too large for {optimizer or 'the optimizer'}, or an output dtype too "
-                   "narrow); nothing was written")
-        super().__init__(msg)
+           "storage_dtype", "model_dtype"]
 
 
 class HeaderLike(Protocol):
@@ -102,6 +85,17 @@ def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:
         if info.is_floating:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return str(max(counts, key=counts.get)).replace("torch.", "") if counts else None
+
+
+def model_dtype(ckpt: HeaderLike) -> torch.dtype:
+    """The dtype a checkpoint says it is (``config.json``'s ``dtype`` / ``torch_dtype``, as
+    transformers reads it), else the floating dtype most of its parameters are stored in. Not the
+    first tensor's: bf16 models keep a few float32 tensors (routers, T5's ``wo``), listed first."""
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if isinstance(name, str) and name.replace("torch.", "") in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[name.replace("torch.", "")]
+    stored = storage_dtype(ckpt.tensors)
+    return COMPUTE_DTYPES[stored] if stored in COMPUTE_DTYPES else torch.float32
 
 
 def align_tied_copies(headers: Sequence[HeaderLike]) -> List[str]:

@@ -5,7 +5,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from .config import AMEConfig
+from .errors import HFAMEError
+from .merger import AMEMerger
+from .optimizers import list_optimizers
+from .publish import push_folder
 
 EXAMPLES = """examples:
   hf-ame merge recipes/adamw_ame.yaml --out merged                 # everything from a recipe file
@@ -14,6 +21,7 @@ EXAMPLES = """examples:
   hf-ame merge ./ft-a ./ft-b ./ft-c --out merged --optimizer sgd --lr 1 --lr-schedule constant --no-adaptive-pivot   # uniform soup
   hf-ame merge ./ft-* --out merged --optimizer adamw --lr 1e-3 --epochs 5 --batch-size 2 --opt weight_decay=0
   hf-ame merge ./ft-a ./ft-b --out merged --pivot ./base-model --no-adaptive-pivot --dtype bfloat16
+  hf-ame merge ./ft-* --out merged --max-shard-size 2GB --dry-run   # print the plan; read no weight, write nothing
   hf-ame push merged me/vit-ame --private
   hf-ame score ./ft-a ./ft-b --metric accuracy --dataset ./val_dataset --split validation
   hf-ame optimizers
@@ -87,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with a recipe and no value, to the recipe's hub.repo_id")
     m.add_argument("--private", action="store_true", default=None, help="with --push: create the repo private")
     m.add_argument("--revision", default=None, help="recipe from a Hub repo: its revision")
+    m.add_argument("--dry-run", action="store_true",
+                   help="print the merge plan (tensors, readers, bytes to read and write, peak memory estimate, "
+                        "shards, devices) from the headers alone, and stop: no weight is read, nothing is written")
+    m.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON (every tensor)")
 
     p = sub.add_parser("push", help="publish a merged folder (one commit: weights, card, recipe)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_recipe(models: List[str]) -> bool:
-    from pathlib import Path
-
     if len(models) != 1:
         return False
     p = Path(models[0])
@@ -125,15 +135,14 @@ def _is_recipe(models: List[str]) -> bool:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .config import AMEConfig
-
     if _is_recipe(args.models):
-        from .merger import AMEMerger
-
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
         if args.trust_remote_code:
             kwargs["trust_remote_code"] = True
         merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
+        if args.dry_run:
+            return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, stream=args.stream,
+                                           memory_budget=args.memory_budget), args.json)
         result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
                               stream=args.stream, memory_budget=args.memory_budget)
         print(result.report.summary())
@@ -166,10 +175,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     )
     if args.push == "":
         raise ValueError("--push: give a repo id (only a recipe can supply one)")
-    from .merger import AMEMerger
-
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
                                        trust_remote_code=args.trust_remote_code)
+    if args.dry_run:
+        return _print_plan(merger.plan(config, output_dir=args.out, overwrite=args.overwrite,
+                                       max_shard_size=args.max_shard_size, stream=args.stream,
+                                       memory_budget=args.memory_budget), args.json)
     result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
                           max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget)
     if result.report.rank == 0:
@@ -180,9 +191,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .publish import push_folder
+def _print_plan(plan: Any, as_json: bool) -> int:
+    print(json.dumps(plan.to_dict(), indent=1) if as_json else str(plan))
+    return 0
 
+
+def _cmd_push(args: argparse.Namespace) -> int:
     info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
                        commit_message=args.message)
     print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}"
@@ -191,8 +205,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .merger import AMEMerger
-
     ds = {"path": args.dataset, "split": args.split, "name": args.name, "data_files": args.data_files,
           "input_column": args.input_column, "label_column": args.label_column}
     metric_kwargs = json.loads(args.metric_kwargs) if args.metric_kwargs else None
@@ -206,8 +218,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimizers(args: argparse.Namespace) -> int:
-    from .optimizers import list_optimizers
-
     for e in list_optimizers():
         alias = f" (alias: {', '.join(e.aliases)})" if e.aliases else ""
         defaults = ", ".join(f"{k}={v!r}" for k, v in e.defaults().items()
@@ -223,8 +233,6 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers}
-    from .publish import PushError
-
     try:
         return handlers[args.command](args)
     except BrokenPipeError:  # `hf-ame optimizers | head`: the reader left; not an error of ours
@@ -233,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure is one line and exit code 2 (--debug: traceback)
         if args.debug:
             raise
-        known = isinstance(exc, (ValueError, OSError, KeyError, PushError))  # ours name the field/file/tensor
+        known = isinstance(exc, (HFAMEError, ValueError, OSError, KeyError))  # ours name the field/file/tensor
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"hf-ame: error: {msg if known else f'{type(exc).__name__}: {msg}'}", file=sys.stderr)
         return 2

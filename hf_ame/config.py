@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
+from .errors import ConfigError
 from .optimizers import OptimizerArgumentError, UnknownOptimizerError, build_optimizer, get_optimizer
 from .schedules import LR_SCHEDULES
 
@@ -21,10 +22,6 @@ COMPUTE_DTYPES = {
     "float16": torch.float16,
 }
 _DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "double": "float64"}
-
-
-class ConfigError(ValueError):
-    """A bad hyperparameter; the message starts with the field's path (e.g. ``lr: ...``)."""
 
 
 def parse_dtype(value: Union[str, torch.dtype, None], field_name: str = "dtype") -> Optional[torch.dtype]:
@@ -41,10 +38,6 @@ def parse_dtype(value: Union[str, torch.dtype, None], field_name: str = "dtype")
         if name in COMPUTE_DTYPES:
             return COMPUTE_DTYPES[name]
     raise ConfigError(f"{field_name}: expected one of {', '.join(COMPUTE_DTYPES)} (or 'auto'), got {value!r}")
-
-
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
 
 
 @dataclass

@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .checkpoints import SAFETENSORS_DTYPES, TensorInfo
+from .errors import IngredientError
 
 __all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns"]
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-
-
-class IngredientError(ValueError):
-    """An ingredient that cannot be found or read; the message names it."""
 
 
 @dataclass

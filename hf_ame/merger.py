@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -13,14 +14,26 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from huggingface_hub import constants as hf_constants
+from tqdm.auto import tqdm
 
+from .algorithm import resolve_pivot
+from .card import CHART_FILE, render_card
 from .checkpoints import Checkpoint
-from .checks import IncompatibleCheckpointsError, check_compatible, storage_dtype
+from .checks import check_compatible, model_dtype, storage_dtype
 from .config import AMEConfig, parse_dtype
-from .engine import MergeReport, merge_checkpoints, model_dtype
-from .hub import Ingredient, IngredientError, RemoteHeader, download, inspect_remote, parse_ingredient
+from .engine import MergeReport, merge_checkpoints, plan_merge, save_state
+from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError
+from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
+from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
 from .output import check_output_dir, staged_output
-from .placement import resolve_device_map
+from .placement import load_model, resolve_device_map, tensor_device_lookup
+from .plan import MergePlan
+from .publish import push_folder
+from .recipe import RECIPE_FILE, Recipe, load_recipe
+from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
+                      resolve_metric, score_model)
+from .version import __version__
+from .writer import ShardedWriter, plan_shards
 
 __all__ = ["AMEMerger", "MergeResult"]
 
@@ -80,8 +93,6 @@ class MergeResult:
         """The merged model (a transformers ``PreTrainedModel``), loaded on first access with
         ``from_pretrained(output_dir, device_map=...)``."""
         if self._model is None:
-            from .placement import load_model
-
             self._model = load_model(self.output_dir, self.device_map, trust_remote_code=self.trust_remote_code)
         return self._model
 
@@ -124,9 +135,6 @@ class MergeResult:
     def recipe(self, repo_id: Optional[str] = None):
         """The :class:`~hf_ame.recipe.Recipe` that reproduces this merge: the ingredients merged, in
         merge order, pinned to their resolved commit shas (local folders by absolute path)."""
-        from . import __version__
-        from .recipe import Recipe
-
         by_id = {i.id: i for i in self.ingredients}
 
         def pin(i: Ingredient) -> Dict[str, Any]:
@@ -165,13 +173,8 @@ class MergeResult:
 
     def write_card(self, repo_id: Optional[str] = None) -> List[str]:
         """Write README.md (model card), the scores chart and ame_recipe.yaml into ``output_dir``."""
-        import json as _json
-
-        from .card import CHART_FILE, render_card
-        from .recipe import RECIPE_FILE
-
         recipe_yaml = self.recipe(repo_id).to_yaml()
-        model_config = _json.loads((self.output_dir / "config.json").read_text()) if (self.output_dir / "config.json").exists() else {}
+        model_config = json.loads((self.output_dir / "config.json").read_text()) if (self.output_dir / "config.json").exists() else {}
         ds = (self.ordering or {}).get("dataset")
         reproduce = (f"hf-ame merge {repo_id} --out merged   # reads ame_recipe.yaml from the repo" if repo_id
                      else "hf-ame merge ame_recipe.yaml --out merged")
@@ -195,8 +198,6 @@ class MergeResult:
         tokenizer/processor files in ONE commit (``create_repo(exist_ok=True)`` first). Returns
         huggingface_hub's ``CommitInfo``. A failed push raises :class:`~hf_ame.publish.PushError`
         and leaves ``output_dir`` intact."""
-        from .publish import push_folder
-
         self.write_card(repo_id)
         n = len(self.report.ingredients)
         msg = commit_message or f"AME merge of {n} models ({self.config.optimizer}) with hf_ame"
@@ -205,8 +206,6 @@ class MergeResult:
 
 
 def _reshard(src: Path, dst: Path, max_shard_size: Union[int, str]) -> None:
-    from .writer import ShardedWriter, plan_shards
-
     ck = Checkpoint(src)
     plan = plan_shards([(i.name, i.dtype, i.shape) for i in ck.tensors.values()], max_shard_size)
     w = ShardedWriter(dst, plan, metadata={"merged_with": "hf_ame"})
@@ -242,8 +241,6 @@ class AMEMerger:
         """Read a recipe (a local YAML file, or ``ame_recipe.yaml`` of a Hub repo at ``revision``) and
         resolve its ingredients like :meth:`from_pretrained` (``kwargs`` override its ``load`` section).
         :meth:`merge` then defaults to the recipe's config, ordering and output settings."""
-        from .recipe import load_recipe
-
         # the caller's trust_remote_code, never the recipe's own, allows a recipe to run code
         recipe = load_recipe(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
                              trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
@@ -336,8 +333,6 @@ class AMEMerger:
     def _scorer(self, metric: Any, eval_dataset: Any, *, greater_is_better: Optional[bool], metric_key: Optional[str],
                 metric_kwargs: Optional[Mapping[str, Any]], input_column: Optional[str], label_column: Optional[str],
                 batch_size: int):
-        from .scoring import resolve_dataset, resolve_metric, score_model
-
         if eval_dataset is None:
             raise IngredientError("eval_dataset: scoring needs a dataset (a datasets.Dataset or a dataset reference)")
         m = resolve_metric(metric, greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs)
@@ -371,11 +366,6 @@ class AMEMerger:
         fingerprint, metric). ``cache``: True (default location), False (off), a path, or a
         :class:`~hf_ame.scoring.ScoreCache`. Sets ``ingredient.score`` and returns the scores in
         ingredient order."""
-        from tqdm.auto import tqdm
-
-        from .placement import load_model
-        from .scoring import ScoreCache, checkpoint_fingerprint, dataset_fingerprint, free_model
-
         m, ds, run = self._scorer(metric, dataset, greater_is_better=greater_is_better, metric_key=metric_key,
                                   metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
                                   batch_size=batch_size)
@@ -391,7 +381,8 @@ class AMEMerger:
                 t0 = time.perf_counter()
                 model = load_model(ing.path, self.device_map, trust_remote_code=self.trust_remote_code)
                 value = run(model, ing.path)
-                free_model(model)
+                del model
+                release_memory()
                 store.put(key, value, metric=m.name, model=ing.id, seconds=time.perf_counter() - t0)
             ing.score = value
             scores.append(value)
@@ -454,38 +445,15 @@ class AMEMerger:
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
         """
-        from .engine import save_state
-        from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
-        from .placement import load_model, tensor_device_lookup
-        from .scoring import free_model
-
-        r = self.recipe
-        if r is not None:
-            config = config or r.merge
-            max_shard_size = max_shard_size or r.output.get("max_shard_size")
-            if order_by is None and r.ordering:
-                o = r.ordering
-                order_by, eval_dataset = o["metric"], eval_dataset if eval_dataset is not None else o["dataset"]
-                order, top_k, greedy = o.get("order", "best"), o.get("top_k"), o.get("greedy")
-                greater_is_better, metric_key = o.get("greater_is_better"), o.get("metric_key")
-                metric_kwargs, compare_soup = o.get("metric_kwargs"), bool(o.get("compare_soup", compare_soup))
-                score_batch_size = int(o.get("batch_size", score_batch_size))
-        max_shard_size = max_shard_size or "5GB"
-        cfg = config or AMEConfig()
-        if overrides:
-            cfg = cfg.replace(**overrides)
-        cfg.validate()
-        if greedy not in GREEDY_MODES:
-            raise IngredientError(f"greedy: expected one of None, 'soup', 'ame', got {greedy!r}")
-        if (greedy is not None or top_k is not None or order not in ("best", "given")) and order_by is None:
-            raise IngredientError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
+        req = self._request(config, overrides, dict(
+            order_by=order_by, eval_dataset=eval_dataset, order=order, top_k=top_k, greedy=greedy,
+            greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
+            input_column=input_column, label_column=label_column, score_batch_size=score_batch_size,
+            score_cache=score_cache, compare_soup=compare_soup, max_shard_size=max_shard_size, stream=stream,
+            memory_budget=memory_budget))
         inputs = [i.path for i in self.ingredients] + ([self.base.path] if self.base is not None else [])
         if output_dir is not None:
             check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
-        if cfg.pivot == "base":  # "the base_model given to from_pretrained"
-            if self.base is None:
-                raise IngredientError("pivot: 'base' needs from_pretrained(..., base_model=...)")
-            cfg = cfg.replace(pivot=self.base.id)
         # weights, config, card, chart and recipe are all written in one staging folder, moved into
         # place in one rename at the end (the old folder, with overwrite, deleted only after that)
         temp_root = None
@@ -493,100 +461,213 @@ class AMEMerger:
             temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
             output_dir = temp_root / "merged"
         with _staging(output_dir, overwrite, inputs, temp_root) as target:
-            base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
-            t0 = time.perf_counter()
-            timings = dict(self.timings)
-
-            scores: Dict[str, Any] = {}
-            metric = run = None
-            if order_by is not None:
-                self.score(order_by, eval_dataset, greater_is_better=greater_is_better, metric_key=metric_key,
-                           metric_kwargs=metric_kwargs, input_column=input_column, label_column=label_column,
-                           batch_size=score_batch_size, cache=score_cache, progress=progress)
-                metric, run = self._last_scorer
-                timings["score"] = time.perf_counter() - t0
-            ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
-                                order=order if order_by is not None else "given", top_k=top_k)
-            ings = [Ingredient(**vars(i)) for i in self.ingredients]
-            for pos, k in enumerate(ranked):
-                ings[k].order = pos
-                ings[k].kept = k in kept
-            chosen = [ings[k] for k in kept]
-            candidates = [i.id for i in chosen]
-            ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
-            device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
-
-            greedy_log = None
-            t1 = time.perf_counter()
-            if greedy is None:
-                report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                           dtype=self.dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                                           progress=progress, device_map=device, stream=stream, memory_budget=memory_budget)
-            else:
-                slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
-                                 lambda model: run(model, chosen[0].path))
-                greedy_log = GreedyLog()
-                try:
-                    if greedy == "soup":
-                        accepted, _ = greedy_soup(ckpts, chosen[0].score, slot, greater_is_better=metric.greater_is_better,
-                                                  log=greedy_log)
-                        for k, ing in enumerate(chosen):
-                            ing.kept = k in accepted
-                        cfg = AMEConfig.soup()
-                        report = merge_checkpoints([ckpts[k] for k in accepted], target, cfg, dtype=self.dtype,
-                                                   max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                                                   device_map=device, min_ingredients=1)
-                    else:
-                        state, _ = greedy_ame(ckpts, cfg, slot, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                              greater_is_better=metric.greater_is_better, log=greedy_log)
-                        files = save_state(state, ckpts[0], target, dtype=self.dtype, max_shard_size=max_shard_size,
-                                           overwrite=overwrite)
-                        report = MergeReport(Path(target), [c.name for c in ckpts], cfg,
-                                             str(self.dtype or model_dtype(ckpts[0])).replace("torch.", ""),
-                                             tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
-                                             merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
-                                             steps=len(greedy_log.entries) - 1, files=files, seconds=time.perf_counter() - t1)
-                        del state
-                finally:
-                    slot.close()
-            timings["merge"] = time.perf_counter() - t1
-            result = MergeResult(Path(target), cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+            result = self._merge_into(Path(target), req, overwrite=overwrite, progress=progress)
             if temp_root is not None:
                 result.own_temporary(temp_root)
-            result.greedy = greedy
-            result.greedy_log = greedy_log.entries if greedy_log else None
-            if metric is not None:
-                t2 = time.perf_counter()
-                scores["merged"] = run(result.model, result.output_dir)
-                best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
-                scores["best_ingredient"] = {"id": best.id, "score": best.score}
-                if compare_soup:
-                    soup_dir = Path(tempfile.mkdtemp(prefix="hf_ame-soup-")) / "soup"
-                    merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_dir, AMEConfig.soup(),
-                                      dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
-                    soup_model = load_model(soup_dir, self.device_map, trust_remote_code=self.trust_remote_code)
-                    scores["soup"] = run(soup_model, chosen[0].path)
-                    free_model(soup_model)
-                    shutil.rmtree(soup_dir.parent, ignore_errors=True)
-                timings["score_merged"] = time.perf_counter() - t2
-                result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
-            result.scores = scores
-            result.candidates = candidates
-            result.max_shard_size = max_shard_size
-            result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
-            if order_by is not None:
-                from .scoring import DatasetRef
-
-                ds = eval_dataset.to_dict() if isinstance(eval_dataset, DatasetRef) else (
-                    dict(eval_dataset) if isinstance(eval_dataset, Mapping) else eval_dataset)
-                result.ordering = {"metric": order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom")),
-                                   "dataset": ds, "order": order, "top_k": top_k, "greedy": greedy,
-                                   "greater_is_better": greater_is_better, "metric_key": metric_key,
-                                   "metric_kwargs": dict(metric_kwargs) if metric_kwargs else None}
-            if write_card and report.rank == 0:
-                result.write_card(r.hub.get("repo_id") if r is not None else None)
+            if write_card and result.report.rank == 0:
+                result.write_card(self.recipe.hub.get("repo_id") if self.recipe is not None else None)
         result.output_dir = Path(output_dir)
         return result
+
+    def plan(self, config: Optional[AMEConfig] = None, *, output_dir: Union[str, os.PathLike, None] = None,
+             overwrite: bool = False, **merge_kwargs: Any) -> MergePlan:
+        """What :meth:`merge` with the same arguments will do, from configs and headers alone: no
+        weight is read, nothing is written. Returns a :class:`~hf_ame.plan.MergePlan` (``print`` it).
+        With ``order_by`` / ``top_k`` / ``greedy`` the ingredients kept depend on scores not yet
+        computed: the plan covers every candidate in the given order (an upper bound) and says so."""
+        req = self._request(config, {k: v for k, v in merge_kwargs.items() if k not in _MERGE_ARGS},
+                            {k: v for k, v in merge_kwargs.items() if k in _MERGE_ARGS})
+        target = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "hf_ame-<temporary>" / "merged"
+        ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
+        cfg = AMEConfig.soup() if req.greedy == "soup" else req.cfg
+        base = Checkpoint(self.base.path, name=self.base.id) if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+        device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
+        plan = plan_merge(ckpts, target, cfg, base=base, dtype=self.dtype, max_shard_size=req.max_shard_size,
+                          overwrite=overwrite if output_dir is not None else True, device_map=device,
+                          stream=req.stream if req.greedy is None else "auto", memory_budget=req.memory_budget,
+                          min_ingredients=1 if req.greedy else 2)
+        if req.order_by is not None:
+            plan.notes.append(f"ingredients are scored by {_metric_name(req.order_by)} first; "
+                              + ("the greedy pass then keeps some of them, in memory; " if req.greedy else "")
+                              + (f"top_k={req.top_k} keeps the best {req.top_k}; " if req.top_k else "")
+                              + "this plan covers every candidate in the given order")
+        if output_dir is None:
+            plan.notes.append("no output_dir: merge() writes to a temporary folder owned by its result")
+        return plan
+
+    def _request(self, config: Optional[AMEConfig], overrides: Mapping[str, Any], kw: Dict[str, Any]) -> "_Request":
+        """The merge's arguments with the recipe's defaults filled in, validated before any work."""
+        req = _Request(**kw)
+        r = self.recipe
+        if r is not None:
+            config = config or r.merge
+            req.max_shard_size = req.max_shard_size or r.output.get("max_shard_size")
+            if req.order_by is None and r.ordering:
+                req.from_recipe_ordering(r.ordering)
+        req.max_shard_size = req.max_shard_size or "5GB"
+        cfg = config or AMEConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        cfg.validate()
+        if req.greedy not in GREEDY_MODES:
+            raise ConfigError(f"greedy: expected one of None, 'soup', 'ame', got {req.greedy!r}")
+        if (req.greedy is not None or req.top_k is not None or req.order not in ("best", "given")) and req.order_by is None:
+            raise ConfigError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
+        if cfg.pivot == "base":  # "the base_model given to from_pretrained"
+            if self.base is None:
+                raise ConfigError("pivot: 'base' needs from_pretrained(..., base_model=...)")
+            cfg = cfg.replace(pivot=self.base.id)
+        req.cfg = cfg
+        return req
+
+    def _choose(self, req: "_Request", timings: Dict[str, float], progress: bool):
+        """Score (with ``order_by``), rank and keep: (every ingredient with its order/kept, the kept
+        ones in merge order, the metric, the scoring function)."""
+        metric = run = None
+        if req.order_by is not None:
+            t0 = time.perf_counter()
+            self.score(req.order_by, req.eval_dataset, greater_is_better=req.greater_is_better,
+                       metric_key=req.metric_key, metric_kwargs=req.metric_kwargs, input_column=req.input_column,
+                       label_column=req.label_column, batch_size=req.score_batch_size, cache=req.score_cache,
+                       progress=progress)
+            metric, run = self._last_scorer
+            timings["score"] = time.perf_counter() - t0
+        ranked, kept = rank([i.score for i in self.ingredients], greater_is_better=metric.greater_is_better if metric else True,
+                            order=req.order if req.order_by is not None else "given", top_k=req.top_k)
+        ings = [Ingredient(**vars(i)) for i in self.ingredients]
+        for pos, k in enumerate(ranked):
+            ings[k].order = pos
+            ings[k].kept = k in kept
+        return ings, [ings[k] for k in kept], metric, run
+
+    def _merge_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
+        timings = dict(self.timings)
+        ings, chosen, metric, run = self._choose(req, timings, progress)
+        ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
+        base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
+        device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
+        t1 = time.perf_counter()
+        cfg, greedy_log = req.cfg, None
+        kw = dict(dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite, progress=progress,
+                  device_map=device)
+        if req.greedy is None:
+            report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                       stream=req.stream, memory_budget=req.memory_budget, **kw)
+        else:
+            cfg, report, greedy_log = self._merge_greedy(req, ckpts, chosen, base, run, metric, target, kw)
+        timings["merge"] = time.perf_counter() - t1
+        result = MergeResult(target, cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+        result.greedy = req.greedy
+        result.greedy_log = greedy_log.entries if greedy_log else None
+        result.candidates = [i.id for i in chosen]
+        result.max_shard_size = req.max_shard_size
+        result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+        if metric is not None:
+            self._score_result(result, req, metric, run, chosen, device, ings)
+            result.ordering = req.ordering_record()
+        return result
+
+    def _merge_greedy(self, req: "_Request", ckpts: List[Checkpoint], chosen: List[Ingredient], base: Optional[Checkpoint],
+                      run: Any, metric: Any, target: Path, kw: Dict[str, Any]):
+        """Greedy soup (then the exact soup of what it kept, streamed) or greedy AME (held in memory,
+        then written): (the config used, the report, the greedy log)."""
+        slot = ModelSlot(ckpts[0], lambda p: load_model(p, self.device_map, trust_remote_code=self.trust_remote_code),
+                         lambda model: run(model, chosen[0].path))
+        log = GreedyLog()
+        t0 = time.perf_counter()
+        try:
+            if req.greedy == "soup":
+                accepted, _ = greedy_soup(ckpts, chosen[0].score, slot, greater_is_better=metric.greater_is_better, log=log)
+                for k, ing in enumerate(chosen):
+                    ing.kept = k in accepted
+                cfg = AMEConfig.soup()
+                report = merge_checkpoints([ckpts[k] for k in accepted], target, cfg, min_ingredients=1, **kw)
+                return cfg, report, log
+            cfg = req.cfg
+            state, _ = greedy_ame(ckpts, cfg, slot, base=base if _pivot_is_base(cfg, ckpts) else None,
+                                  greater_is_better=metric.greater_is_better, log=log)
+            files = save_state(state, ckpts[0], target, dtype=self.dtype, max_shard_size=req.max_shard_size,
+                               overwrite=kw["overwrite"])
+            report = MergeReport(target, [c.name for c in ckpts], cfg,
+                                 str(self.dtype or model_dtype(ckpts[0])).replace("torch.", ""),
+                                 tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
+                                 merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
+                                 steps=len(log.entries) - 1, files=files, seconds=time.perf_counter() - t0)
+            return cfg, report, log
+        finally:
+            slot.close()
+
+    def _score_result(self, result: MergeResult, req: "_Request", metric: Any, run: Any, chosen: List[Ingredient],
+                      device: Any, ings: List[Ingredient]) -> None:
+        """Score the merged model (and, with ``compare_soup``, the soup of the kept ingredients)."""
+        t2 = time.perf_counter()
+        scores: Dict[str, Any] = {"merged": run(result.model, result.output_dir)}
+        best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
+        scores["best_ingredient"] = {"id": best.id, "score": best.score}
+        if req.compare_soup:
+            soup_root = Path(tempfile.mkdtemp(prefix="hf_ame-soup-"))
+            try:
+                merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_root / "soup", AMEConfig.soup(),
+                                  dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
+                soup_model = load_model(soup_root / "soup", self.device_map, trust_remote_code=self.trust_remote_code)
+                scores["soup"] = run(soup_model, chosen[0].path)
+                del soup_model
+                release_memory()
+            finally:
+                shutil.rmtree(soup_root, ignore_errors=True)
+        result.timings["score_merged"] = time.perf_counter() - t2
+        result.metric = {"name": metric.name, "greater_is_better": metric.greater_is_better, "shipped": metric.shipped}
+        result.scores = scores
+
+
+_MERGE_ARGS = ("order_by", "eval_dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
+               "input_column", "label_column", "score_batch_size", "score_cache", "compare_soup", "max_shard_size",
+               "stream", "memory_budget", "progress", "write_card")
+
+
+def _metric_name(order_by: Any) -> str:
+    return order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom"))
+
+
+@dataclass
+class _Request:
+    """:meth:`AMEMerger.merge`'s arguments once the recipe's defaults are in (``cfg``: the config used)."""
+
+    order_by: Any = None
+    eval_dataset: Any = None
+    order: str = "best"
+    top_k: Optional[int] = None
+    greedy: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    metric_key: Optional[str] = None
+    metric_kwargs: Optional[Mapping[str, Any]] = None
+    input_column: Optional[str] = None
+    label_column: Optional[str] = None
+    score_batch_size: int = 32
+    score_cache: Any = True
+    compare_soup: bool = False
+    max_shard_size: Union[int, str, None] = None
+    stream: str = "auto"
+    memory_budget: Optional[int] = None
+    progress: bool = True
+    write_card: bool = True
+    cfg: Optional[AMEConfig] = None
+
+    def from_recipe_ordering(self, o: Mapping[str, Any]) -> None:
+        self.order_by = o["metric"]
+        self.eval_dataset = self.eval_dataset if self.eval_dataset is not None else o["dataset"]
+        self.order, self.top_k, self.greedy = o.get("order", "best"), o.get("top_k"), o.get("greedy")
+        self.greater_is_better, self.metric_key = o.get("greater_is_better"), o.get("metric_key")
+        self.metric_kwargs, self.compare_soup = o.get("metric_kwargs"), bool(o.get("compare_soup", self.compare_soup))
+        self.score_batch_size = int(o.get("batch_size", self.score_batch_size))
+
+    def ordering_record(self) -> Dict[str, Any]:
+        """How the ingredients were chosen, as the recipe and card record it."""
+        ds = self.eval_dataset
+        ds = ds.to_dict() if isinstance(ds, DatasetRef) else (dict(ds) if isinstance(ds, Mapping) else ds)
+        return {"metric": _metric_name(self.order_by), "dataset": ds, "order": self.order, "top_k": self.top_k,
+                "greedy": self.greedy, "greater_is_better": self.greater_is_better, "metric_key": self.metric_key,
+                "metric_kwargs": dict(self.metric_kwargs) if self.metric_kwargs else None}
 
 
 def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Union[bool, str, None],
@@ -631,6 +712,4 @@ def _staging(output_dir: Union[str, os.PathLike], overwrite: bool, inputs: Seque
 
 
 def _pivot_is_base(cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:
-    from .algorithm import resolve_pivot
-
     return resolve_pivot(cfg.pivot, len(ckpts), [c.name for c in ckpts])[0] == "base"

@@ -13,6 +13,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type
 
 import torch
 
+from .errors import OptimizerArgumentError, UnknownOptimizerError
+
 __all__ = [
     "OptimizerEntry",
     "register_optimizer",
@@ -22,17 +24,6 @@ __all__ = [
     "UnknownOptimizerError",
     "OptimizerArgumentError",
 ]
-
-
-class UnknownOptimizerError(KeyError, ValueError):
-    """Raised when an optimizer name is not in the registry."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
-        return str(self.args[0]) if self.args else ""
-
-
-class OptimizerArgumentError(ValueError):
-    """Raised when an optimizer hyperparameter is rejected; names the field at fault."""
 
 
 @dataclass(frozen=True)

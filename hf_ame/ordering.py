@@ -18,6 +18,9 @@ import torch
 from .algorithm import AMEStepper, initial_merge, plan_steps, resolve_pivot
 from .checkpoints import Checkpoint
 from .config import AMEConfig, ConfigError
+from .engine import save_state
+from .executor import IngredientRow
+from .placement import file_to_model_renamer
 
 __all__ = ["ORDERS", "GREEDY_MODES", "rank", "ModelSlot", "greedy_soup", "greedy_ame", "GreedyLog"]
 
@@ -54,10 +57,6 @@ class GreedyLog:
     def add(self, **kw: Any) -> None:
         self.entries.append(kw)
 
-    @property
-    def accepted(self) -> int:
-        return sum(1 for e in self.entries if e.get("accepted"))
-
 
 class ModelSlot:
     """One in-memory model whose floating weights are replaced by states keyed by *file* tensor
@@ -65,13 +64,10 @@ class ModelSlot:
     one, states are written to a temporary folder and reloaded with ``from_pretrained`` instead."""
 
     def __init__(self, reference: Checkpoint, load: Callable[[Path], Any], score: Callable[[Any], float]):
-        from .placement import file_to_model_renamer
-
         self.reference = reference
         self._load = load
         self._score = score
         self.model = load(reference.path)
-        self.n_evals = 0
         params = dict(self.model.state_dict(keep_vars=True))
         rename = file_to_model_renamer(self.model)
         names = [n for n, i in reference.tensors.items() if i.is_floating]
@@ -86,14 +82,11 @@ class ModelSlot:
             for n, t in self.targets.items():
                 t.data.copy_(state[n].to(device=t.device, dtype=t.dtype))
         else:  # reload path: correct for any naming, slower
-            from .engine import save_state
-
             if self._tmp is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="hf_ame-greedy-"))
             out = self._tmp / "state"
             save_state(state, self.reference, out, overwrite=True)
             self.model = self._load(out)
-        self.n_evals += 1
         return self._score(self.model)
 
     def close(self) -> None:
@@ -140,9 +133,7 @@ class _Lazy:
         return len(self.names)
 
     def __getitem__(self, k: int):
-        from .engine import _Row
-
-        return _Row(self.ckpts, self.names[k], torch.device("cpu"))
+        return IngredientRow(self.ckpts, self.names[k], torch.device("cpu"))
 
 
 def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, *, base: Optional[Checkpoint] = None,

@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 import warnings
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterable, Iterator, List, Mapping, Optional, Union
 
@@ -22,17 +23,14 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; writers ar
     fcntl = None
 
 import torch
+from .errors import OutputExistsError
 
 __all__ = ["OutputExistsError", "check_output_dir", "staged_output", "target_lock", "stale_siblings", "copy_aux_files",
-           "update_config", "write_files", "write_error", "AUX_SKIP"]
+           "update_config", "write_files", "write_error", "finish_output", "AUX_SKIP"]
 
 # Files of a reference checkpoint that are NOT copied: weights (we write our own), the old card.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
 AUX_SKIP = {"README.md", ".gitattributes", "ame_recipe.yaml", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and overwrite was not asked for."""
 
 
 def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union[str, Path]] = ()) -> Path:
@@ -169,9 +167,17 @@ def update_config(folder: Union[str, Path], dtype: torch.dtype) -> None:
     cfg.pop("torch_dtype", None)  # deprecated name; transformers 5 writes "dtype"
     cfg["dtype"] = str(dtype).replace("torch.", "")
     try:  # metadata, not an import: importing transformers costs seconds
-        from importlib.metadata import version
-
-        cfg["transformers_version"] = version("transformers")
+        cfg["transformers_version"] = package_version("transformers")
     except Exception:  # pragma: no cover - transformers is a dependency
         pass
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
+                  extra_files: Optional[Mapping[str, Union[str, bytes]]] = None) -> List[str]:
+    """Complete a folder of merged weights: the reference's config, tokenizer, processor and
+    generation files (``files_from``), config.json's dtype, then ``extra_files``. Returns the names written."""
+    aux = copy_aux_files(files_from, folder)
+    update_config(folder, dtype)
+    write_files(folder, extra_files or {})
+    return aux + list(extra_files or {})

@@ -4,38 +4,12 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
+from .devices import as_device, check_device, device_lookup
+from .errors import DevicePlacementError
 
-__all__ = ["DevicePlacementError", "resolve_device_map", "model_class_for", "check_device"]
+__all__ = ["resolve_device_map", "model_class_for", "tensor_device_lookup", "file_to_model_renamer", "load_model"]
 
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-class DevicePlacementError(ValueError):
-    """A device map that cannot be honoured (e.g. it names a missing GPU)."""
-
-
-def check_device(dev: Union[str, int, torch.device], where: str = "device_map") -> str:
-    """Normalise a device name and check that it exists on this machine."""
-    if isinstance(dev, int) and not isinstance(dev, bool):
-        dev = f"cuda:{dev}"
-    name = str(dev)
-    if name in ("cpu", "disk", "meta"):
-        return name
-    try:
-        d = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise DevicePlacementError(f"{where}: {name!r} is not a device name") from None
-    if d.type == "cuda":
-        n = torch.cuda.device_count()
-        idx = 0 if d.index is None else d.index
-        if idx >= n:
-            raise DevicePlacementError(
-                f"{where}: {name!r} is not available: torch sees {n} CUDA device(s)" + (" (CPU-only torch build?)" if n == 0 else "")
-            )
-        return f"cuda:{idx}"
-    if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DevicePlacementError(f"{where}: 'mps' is not available on this machine")
-    return str(d)
 
 
 def model_class_for(config: Any, trust_remote_code: bool = False):
@@ -115,14 +89,6 @@ def resolve_device_map(
     return {"": check_device(device_map, "device_map")}
 
 
-def devices_in(device_map: Mapping[str, str]) -> Dict[str, int]:
-    """How many entries of the map go to each device."""
-    out: Dict[str, int] = {}
-    for v in device_map.values():
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
 def file_to_model_renamer(model) -> Any:
     """name-in-file -> name-in-memory, from transformers' checkpoint conversion renames (e.g. ViT's
     ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``). Only plain
@@ -155,17 +121,15 @@ def tensor_device_lookup(device_map: Mapping[str, str], config_path: Optional[st
                          trust_remote_code: bool = False):
     """name-in-file -> device for the engine: the longest module prefix of the in-memory name."""
     if len(set(device_map.values())) <= 1:
-        dev = next(iter(device_map.values()))
-        return lambda name: torch.device("cpu" if dev in ("disk", "meta") else dev)
+        dev = as_device(next(iter(device_map.values())))
+        return lambda name: dev
     rename = lambda n: n  # noqa: E731
     if config_path is not None:
         from transformers import AutoConfig
 
         model = _empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code), trust_remote_code)
         rename = file_to_model_renamer(model)
-    from .engine import _device_lookup
-
-    lookup = _device_lookup(dict(device_map))
+    lookup = device_lookup(dict(device_map))
     return lambda name: lookup(rename(name))
 
 

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional, Union
+from .errors import PushError
 
 __all__ = ["PushError", "push_folder"]
-
-
-class PushError(RuntimeError):
-    """A push that failed; the local folder is untouched and the message says where it is."""
 
 
 def push_folder(folder: Union[str, Path], repo_id: str, *, private: Optional[bool] = None,

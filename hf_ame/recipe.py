@@ -26,7 +26,9 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import AMEConfig, ConfigError, parse_dtype
+from .errors import RecipeError
 from .ordering import GREEDY_MODES, ORDERS
+from .writer import parse_size
 
 __all__ = ["Recipe", "RecipeError", "RECIPE_VERSION", "RECIPE_FILE", "load_recipe", "is_plain_metric_name"]
 
@@ -39,10 +41,6 @@ _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "
 _OUTPUT = {"dtype", "max_shard_size"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
-
-
-class RecipeError(ConfigError):
-    """A recipe that cannot be used; the message starts with the field's path."""
 
 
 _CONSENT = "pass trust_remote_code=True (hf-ame merge --trust-remote-code) if you trust this recipe"
@@ -126,8 +124,6 @@ class Recipe:
             except ConfigError as exc:
                 raise RecipeError(str(exc)) from None
         if output.get("max_shard_size") is not None:
-            from .writer import parse_size
-
             try:
                 parse_size(output["max_shard_size"])
             except ValueError as exc:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+from .errors import MetricError
+from .tasks import pipeline_tag_for
 
 __all__ = [
     "MetricError",
@@ -38,10 +40,6 @@ SHIPPED_METRICS = tuple(sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / f"{
 LOWER_IS_BETTER = {"loss", "perplexity", "eval_loss", "mse", "mae", "rmse", "wer", "cer", "ter"}
 _LM_METRICS = {"loss", "perplexity"}
 _WARNED: set = set()  # metric names already warned about (one line per process)
-
-
-class MetricError(ValueError):
-    """A metric, dataset or task that cannot be used for scoring; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------- metric
@@ -170,13 +168,11 @@ def dataset_fingerprint(ds) -> str:
 def infer_task(config: Any) -> str:
     """'image-classification', 'text-classification' or 'causal-lm' from the architecture name."""
     archs = list(getattr(config, "architectures", None) or [])
-    for a in archs:
-        if a.endswith("ForImageClassification"):
-            return "image-classification"
-        if a.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if a.endswith("ForCausalLM") or a.endswith("LMHeadModel"):
-            return "causal-lm"
+    tag = pipeline_tag_for(archs)
+    if tag in ("image-classification", "text-classification"):
+        return tag
+    if tag == "text-generation":
+        return "causal-lm"
     raise MetricError(f"cannot infer a scoring task from architectures {archs!r}; pass order_by=<callable (model, dataset) -> float>")
 
 
@@ -379,9 +375,8 @@ class ScoreCache:
         os.replace(tmp, self.path)
 
 
-def free_model(model) -> None:
-    """Drop a scored model's memory now (CPU and GPU)."""
-    del model
+def release_memory() -> None:
+    """Return freed memory now (CPU and GPU): call after dropping the last reference to a scored model."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

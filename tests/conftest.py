@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from hf_ame.testing import make_family  # noqa: E402
+
+# the demo and its digits fine-tunes live in examples/, beside the library, not in it
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +43,7 @@ def digits_cache(tmp_path_factory):
 def digits(digits_cache):
     """4 small ViTs fine-tuned on scikit-learn digits, each never seeing half of the classes,
     with the validation and test splits as datasets.Dataset (PIL images)."""
-    from hf_ame.digits import DigitsSetup, build_digits_ingredients, digits_dataset
+    from digits import DigitsSetup, build_digits_ingredients, digits_dataset
 
     paths = build_digits_ingredients(digits_cache, DigitsSetup(**DIGITS_SETUP_KW), verbose=False)
     return [str(p) for p in paths], digits_dataset("validation"), digits_dataset("test")
@@ -48,7 +52,7 @@ def digits(digits_cache):
 @pytest.fixture(scope="session")
 def examples(digits_cache, tmp_path_factory):
     """The folder ${HF_AME_EXAMPLES} of the example recipes, built from the same ingredients."""
-    from hf_ame.digits import DigitsSetup, export_examples
+    from digits import DigitsSetup, export_examples
 
     folder = export_examples(tmp_path_factory.mktemp("examples"), DigitsSetup(**DIGITS_SETUP_KW), cache=digits_cache)
     os.environ["HF_AME_EXAMPLES"] = str(folder)

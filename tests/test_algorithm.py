@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from hf_ame import AMEConfig, AMEStepper, ame_merge, ame_merge_many, list_optimizers, plan_steps, register_optimizer
+from hf_ame import AMEConfig, ame_merge, ame_merge_many, list_optimizers, register_optimizer
+from hf_ame.algorithm import AMEStepper, plan_steps
 from hf_ame.algorithm import can_block, initial_merge, merge_tensor, resolve_pivot
 
 

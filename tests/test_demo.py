@@ -7,8 +7,8 @@ from hf_ame import AMEConfig
 def test_merge_beats_every_ingredient_in_class_exclusion(digits_cache, tmp_path):
     from huggingface_hub import metadata_load
 
-    from hf_ame.demo import class_exclusion
-    from hf_ame.digits import DigitsSetup
+    from demo import class_exclusion
+    from digits import DigitsSetup
 
     sweep = [AMEConfig(optimizer="adamw", lr=lr, epochs=2, batch_size=2, optimizer_kwargs={"weight_decay": 0.0})
              for lr in (1e-5, 1e-4)]

@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from hf_ame import AMEConfig, AMEMerger, AMEStepper, plan_steps
+from hf_ame import AMEConfig, AMEMerger
+from hf_ame.algorithm import AMEStepper, plan_steps
 from hf_ame.checkpoints import Checkpoint
 from hf_ame.ordering import greedy_ame, rank
 from hf_ame.scoring import MetricError, ScoreCache, resolve_metric
@@ -72,17 +73,17 @@ def test_offline_metric_and_unknown_metric():
 
 
 def test_score_cache_skips_second_evaluation(digits, tmp_path, monkeypatch):
-    import hf_ame.placement as placement
+    import hf_ame.merger as merger_module  # the name AMEMerger.score calls
 
     paths, val, _ = digits
     calls = []
-    real = placement.load_model
+    real = merger_module.load_model
 
     def counting(path, *a, **kw):
         calls.append(str(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(placement, "load_model", counting)
+    monkeypatch.setattr(merger_module, "load_model", counting)
     merger = AMEMerger.from_pretrained(paths)
     cache = ScoreCache(tmp_path / "scores.json")
     first = merger.score("accuracy", val, cache=cache, progress=False)
@@ -98,7 +99,7 @@ def test_score_cache_skips_second_evaluation(digits, tmp_path, monkeypatch):
 def test_greedy_soup_rejects_a_broken_ingredient(digits, tmp_path):
     from transformers import ViTForImageClassification
 
-    from hf_ame.digits import DigitsSetup, vit_config
+    from digits import DigitsSetup, vit_config
 
     paths, val, _ = digits
     broken = tmp_path / "broken"

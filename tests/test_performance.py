@@ -10,7 +10,7 @@ import torch
 
 from conftest import read_state
 from hf_ame import AMEConfig, merge_checkpoints
-from hf_ame.engine import choose_stream
+from hf_ame.plan import choose_stream
 from hf_ame.testing import make_family
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 same inputs and output as the Hub's ``evaluate-metric/accuracy``)."""
 import datasets
 import evaluate
-from sklearn.metrics import accuracy_score
+import numpy as np
 
 _DESCRIPTION = "Accuracy = (TP + TN) / (TP + TN + FP + FN): the proportion of correct predictions."
 _KWARGS_DESCRIPTION = """
@@ -28,4 +28,8 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        return {"accuracy": float(accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight))}
+        # numpy only: scikit-learn is not a dependency of hf_ame (same result as sklearn's accuracy_score)
+        correct = (np.asarray(predictions) == np.asarray(references)).astype(np.float64)
+        w = np.ones_like(correct) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        total = float((correct * w).sum())
+        return {"accuracy": total / float(w.sum()) if normalize else total}

@@ -1,6 +1,6 @@
 """The main job, offline: the AME paper's class-exclusion experiment on real data, end to end.
 
-    python -m hf_ame.demo [--out demo_output] [--cache .cache] [--models 6] [--unseen 0.5]
+    python examples/demo.py [--out demo_output] [--cache .cache] [--models 6] [--unseen 0.5]
 
 A small ViT is pretrained on part of scikit-learn's digits, then fine-tuned K times (fresh heads,
 different seeds), each copy never seeing some of the classes. The ingredients are ranked by
@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from digits import DigitsSetup, accuracy, build_digits_ingredients, digits_dataset, load_digits_splits  # examples/digits.py
+from hf_ame import AMEConfig, AMEMerger
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -27,7 +30,6 @@ __all__ = ["class_exclusion", "compare_merges", "default_sweep", "main"]
 
 def default_sweep():
     """AdamW-AME settings tried on the validation split (the paper's knobs: lr, epochs)."""
-    from .config import AMEConfig
 
     return [AMEConfig(optimizer="adamw", lr=lr, lr_schedule="harmonic", epochs=ep, batch_size=2, shuffle=True,
                       pivot="soup", adaptive_pivot=True, optimizer_kwargs={"weight_decay": 0.0})
@@ -39,8 +41,6 @@ def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[st
     """Rank ``paths`` by evaluate accuracy on ``val`` (a datasets.Dataset), merge them (uniform soup,
     greedy soup, AME for every config of ``sweep``, the best chosen on ``val``) and report
     ``test_accuracy(folder)`` of each. With ``out``, the chosen AME merge is written there with its card."""
-    from .config import AMEConfig
-    from .merger import AMEMerger
 
     t0 = time.perf_counter()
     merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="auto")
@@ -83,11 +83,10 @@ def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[st
 
 def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Optional[Sequence[Any]] = None,
                     progress: bool = False, verbose: bool = True, score_cache: Any = True) -> Dict[str, Any]:
-    """The digits class-exclusion experiment for ``setup`` (see :mod:`hf_ame.digits`). Every choice
+    """The digits class-exclusion experiment for ``setup`` (see :mod:`digits` (beside this file)). Every choice
     (ranking, greedy soup, the AME sweep) uses the validation split only; test accuracy is reported."""
     from transformers.utils import logging as hf_logging
 
-    from .digits import accuracy, build_digits_ingredients, digits_dataset, load_digits_splits
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
@@ -102,7 +101,7 @@ def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Opti
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_ame.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output/vit-digits-ame", help="where the AME merge and its card go (replaced)")
     parser.add_argument("--cache", default=".cache", help="where trained ingredients are cached")
@@ -112,7 +111,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
 
-    from .digits import DigitsSetup
 
     setup = DigitsSetup(n_models=args.models, unseen_fraction=args.unseen, seed=args.seed)
     r = class_exclusion(setup, args.cache, out=args.out, progress=args.progress)

@@ -1,0 +1,336 @@
+"""The executor: run a :class:`~hf_ame.plan.MergePlan` tensor by tensor into a folder.
+
+It does what the plan says and decides nothing: a reader per tensor (blocks read with
+``os.preadv``, the N copies in memory, or one ingredient's copy at a time, each prefetched on a
+background thread), the pure merge (:mod:`hf_ame.algorithm`), and the writer, which appends each
+merged tensor to its shard at once. Never a whole model in memory. Across processes
+(``torchrun`` / ``accelerate launch``) each rank runs its share of the shards into one folder.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as torch_dist
+from tqdm.auto import tqdm
+
+from .algorithm import NonFiniteError, block_bounds, merge_in_blocks, merge_tensor
+from .checkpoints import Checkpoint
+from .config import AMEConfig
+from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
+from .plan import MergePlan, TensorPlan
+from .transfer import DeviceUploader, Upload
+from .writer import ShardedWriter
+
+__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "merge_integer"]
+
+
+@dataclass
+class MergeReport:
+    """What a merge did. Times are seconds of wall clock; sizes are bytes."""
+
+    output_dir: Path
+    ingredients: List[str]
+    config: AMEConfig
+    dtype: str
+    tensors: int = 0
+    parameters: int = 0
+    merged_tensors: int = 0
+    copied_tensors: int = 0
+    steps: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    files: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
+    wait_read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    devices: List[str] = field(default_factory=list)
+    stream: str = "tensor"
+    rank: int = 0
+    world_size: int = 1
+    exact_soup: bool = False
+    counters_maxed: List[str] = field(default_factory=list)  # BatchNorm num_batches_tracked: the maximum
+
+    def summary(self) -> str:
+        how = ("the exact uniform soup (one pass)" if self.exact_soup else
+               f"{self.steps} {self.config.optimizer} steps per tensor, lr={self.config.lr}")
+        return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
+                f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
+                f"{how}, "
+                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s "
+                f"(waiting for reads {self.wait_read_seconds:.2f}s, merging {self.compute_seconds:.2f}s, "
+                f"writing {self.write_seconds:.2f}s)"
+                + (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]" if self.world_size > 1 else ""))
+
+
+def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Tensor], reference: int,
+                  report: MergeReport) -> torch.Tensor:
+    """An integer tensor: copied when every ingredient agrees. BatchNorm's ``num_batches_tracked``
+    (a step counter: fine-tunes of different lengths disagree) takes the maximum, recorded in
+    ``report.counters_maxed``; any other difference is refused."""
+    if all(torch.equal(xs[0], x) for x in xs[1:]):
+        return xs[reference]
+    if name.endswith("num_batches_tracked"):
+        report.counters_maxed.append(name)
+        return torch.stack(list(xs)).amax(0)
+    other = next(j for j in range(1, len(xs)) if not torch.equal(xs[0], xs[j]))
+    raise IncompatibleCheckpointsError(
+        f"non-floating tensor {name!r} ({xs[0].dtype}) differs between {ckpts[0].name!r} and "
+        f"{ckpts[other].name!r}; integer buffers cannot be averaged")
+
+
+class IngredientRow:
+    """Ingredient j's copy of one tensor, read from disk when indexed (the "rows" reader).
+
+    ``sequence`` is the order the merge will index the ingredients in (the soup pass, then the
+    planned batches): while one copy is used, the next in that sequence is read on ``pool``'s
+    thread, so at most two copies are in memory, whatever N."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], name: str, device: torch.device,
+                 sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None):
+        self.ckpts, self.name, self.device = ckpts, name, device
+        self.sequence, self.pool, self.pos = list(sequence), pool, 0
+        self._last: Optional[tuple] = None  # (j, tensor): the pivot read for w_0 is reused by step 1
+        self._next: Optional[tuple] = None  # (position, j, future)
+
+    def __len__(self) -> int:
+        return len(self.ckpts)
+
+    @property
+    def element_sizes(self) -> List[int]:
+        """Bytes per element of each copy, from the headers (copies may be stored in other dtypes)."""
+        return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
+
+    def _read(self, j: int) -> torch.Tensor:
+        return self.ckpts[j].get_tensor(self.name, device=self.device)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if self._last is not None and self._last[0] == j:
+            t = self._last[1]
+        elif self._next is not None and self._next[1] == j:
+            t = self._next[2].result()
+            self._next = None
+        else:
+            t = self._read(j)
+        # advance along the expected sequence and prefetch what comes next
+        while self.pos < len(self.sequence) and self.sequence[self.pos] != j:
+            self.pos += 1
+        self.pos += 1
+        self._last = (j, t)
+        if self.pool is not None and self._next is None:
+            k = self.pos
+            while k < len(self.sequence) and self.sequence[k] == j:
+                k += 1
+            if k < len(self.sequence):
+                nj = self.sequence[k]
+                self._next = (k, nj, self.pool.submit(self._read, nj))
+        return t
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next[2].cancel()
+        self._next = self._last = None
+
+
+class Ranks:
+    """This process's place in a multi-process merge (torch.distributed, as set up by
+    ``accelerate launch`` or ``torchrun``); world size 1 otherwise."""
+
+    def __init__(self, enabled: Optional[bool]):
+        self.world, self.rank, self.pg = 1, 0, False
+        want = enabled if enabled is not None else int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not want:
+            return
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group(backend="gloo")
+        self.world, self.rank, self.pg = torch_dist.get_world_size(), torch_dist.get_rank(), True
+
+    def local_device(self) -> Optional[torch.device]:
+        """One GPU per rank, as ``accelerate launch --multi_gpu`` sets up (None: no GPU or one process)."""
+        if self.world > 1 and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count())
+        return None
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.pg:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_ok(self, ok: bool) -> bool:
+        if not self.pg:
+            return ok
+        flag = torch.tensor([1 if ok else 0])
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def barrier(self) -> None:
+        if self.pg:
+            torch_dist.barrier()
+
+
+class _Runner:
+    """Runs one plan's tensors (this rank's) with the open checkpoints; fills the report."""
+
+    def __init__(self, plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint], report: MergeReport):
+        self.plan, self.ckpts, self.base, self.report = plan, list(ckpts), base, report
+        self.srcs = self.ckpts + ([base] if base is not None else [])
+        self.uploader = DeviceUploader()
+        streams_rows = any(t.reader in ("rows", "blocks") for t in plan.tensors)
+        self.row_pool = (cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-row")
+                         if (plan.prefetch and streams_rows) else None)
+        self.devices: set = set()
+
+    def read(self, tp: TensorPlan) -> Union[List[torch.Tensor], Upload]:
+        """What is read ahead for a tensor: its copies for the "tensors" reader (uploaded now, on
+        the prefetch thread, when merged on a GPU); nothing for streamed readers."""
+        if tp.reader != "tensors":
+            return []
+        xs = [c.get_tensor(tp.name) for c in (self.srcs if tp.transform != "integer" else self.ckpts)]
+        dev = torch.device(tp.device)
+        if tp.transform != "integer" and dev.type == "cuda":
+            return self.uploader.upload(xs, dev)
+        return xs
+
+    def blocks(self, tp: TensorPlan, bounds: Sequence[tuple]) -> Iterator[List[torch.Tensor]]:
+        """Block k of every source; block k + 1 is read on the row pool's thread while k is merged."""
+        def read_block(k: int) -> List[torch.Tensor]:
+            return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
+
+        pool = self.row_pool
+        pending = pool.submit(read_block, 0) if pool is not None else None
+        for k in range(len(bounds)):
+            xs = pending.result() if pending is not None else read_block(k)
+            if pending is not None and k + 1 < len(bounds):
+                pending = pool.submit(read_block, k + 1)
+            yield xs
+            del xs  # merged: only the block being read stays alive
+
+    def merge_blocks(self, tp: TensorPlan) -> torch.Tensor:
+        """Every step of every epoch on one block of all copies, then the next block: each input
+        byte read once whatever E or the shuffle; memory: two blocks' slices + one block's state."""
+        bounds = block_bounds(tp.numel, tp.block)
+        p = self.plan
+        return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps, p.pivot,
+                               out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
+
+    def merge_floating(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
+        p, dev, n = self.plan, torch.device(tp.device), len(self.ckpts)
+        self.devices.add(str(dev))
+        if tp.reader == "blocks":
+            return self.merge_blocks(tp)
+        if tp.reader == "rows":
+            ing: Sequence[torch.Tensor] = IngredientRow(self.ckpts, tp.name, dev, p.sequence, self.row_pool)
+            base_x = self.base.get_tensor(tp.name, device=dev) if self.base is not None else None
+        else:
+            ing = xs[:n] if dev.type == "cpu" else [x.to(dev, non_blocking=True) for x in xs[:n]]
+            base_x = xs[n] if self.base is not None else None
+        try:
+            # a streamed row is read whole per ingredient, so it is never split into blocks
+            return merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
+                                exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size)
+        finally:
+            if isinstance(ing, IngredientRow):
+                ing.close()
+
+    def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
+        if tp.transform == "integer":
+            self.report.copied_tensors += 1
+            return merge_integer(tp.name, self.ckpts, xs, self.plan.reference, self.report)
+        try:
+            out = self.merge_floating(tp, xs)
+        except NonFiniteError as exc:  # the culprits, by name, or the merge itself overflowed
+            raise NonFiniteWeightsError(tp.name, [self.ckpts[j].name for j in exc.culprits],
+                                        self.plan.config.optimizer) from None
+        self.report.merged_tensors += 1
+        return out
+
+    def run(self, folder: Path, progress: bool) -> None:
+        """Merge and write this rank's tensors into ``folder``; the index is rank 0's to write."""
+        mine, plan, report = self.plan.mine(), self.plan, self.report
+        writer = ShardedWriter(folder, plan.shards, metadata={"merged_with": "hf_ame"},
+                               shards=[s for s, r in enumerate(plan.shard_ranks) if r == plan.rank])
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if (plan.prefetch and mine) else None
+        bar = tqdm(total=sum(t.write_bytes for t in mine), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="hf_ame merge" + (f" [rank {plan.rank}/{plan.world_size}]" if plan.world_size > 1 else ""),
+                   disable=not progress)
+        try:
+            pending = pool.submit(self.read, mine[0]) if pool else None
+            for k, tp in enumerate(mine):
+                ts = time.perf_counter()
+                xs = pending.result() if pending is not None else self.read(tp)
+                if isinstance(xs, Upload):
+                    xs = self.uploader.wait(xs)
+                if pool is not None and k + 1 < len(mine):
+                    pending = pool.submit(self.read, mine[k + 1])
+                tc = time.perf_counter()
+                report.wait_read_seconds += tc - ts
+                result = self.merge(tp, xs)
+                tw = time.perf_counter()
+                report.compute_seconds += tw - tc
+                writer.write(tp.name, result)
+                report.write_seconds += time.perf_counter() - tw
+                report.parameters += tp.numel
+                del xs, result
+                bar.update(tp.write_bytes)
+            bar.close()
+            report.files = writer.finish(write_index=plan.rank == 0)
+            report.bytes_written = writer.bytes_written
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        if self.row_pool is not None:
+            self.row_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_plan(plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint], ranks: Ranks,
+             stage: Callable[[], Any], finalize: Callable[[Path], None], *, progress: bool = True) -> MergeReport:
+    """Execute ``plan`` into the folder ``stage()`` yields (a context manager: a staged output),
+    calling ``finalize(folder)`` once every rank's weights are in (config, tokenizer, extra files).
+    With several ranks, rank 0 stages the folder and broadcasts its path; a failure on any rank
+    fails all of them before the folder is moved into place."""
+    report = MergeReport(plan.output_dir, list(plan.ingredients), plan.config, plan.dtype, tensors=len(plan.mine()),
+                         steps=len(plan.steps), stream=plan.stream, rank=plan.rank, world_size=plan.world_size,
+                         exact_soup=plan.exact_soup)
+    runner = _Runner(plan, ckpts, base, report)
+    try:
+        if ranks.world == 1:
+            with stage() as tmp:
+                runner.run(tmp, progress)
+                finalize(tmp)
+        elif ranks.rank == 0:
+            with stage() as tmp:
+                ranks.broadcast(str(tmp))
+                _run_ranked(runner, tmp, progress, ranks)
+                finalize(tmp)
+            ranks.barrier()  # the output is in place for everyone
+        else:
+            _run_ranked(runner, Path(ranks.broadcast(None)), progress, ranks)
+            ranks.barrier()
+    finally:
+        runner.close()
+    report.devices = sorted(runner.devices)
+    return report
+
+
+def _run_ranked(runner: _Runner, folder: Path, progress: bool, ranks: Ranks) -> None:
+    error: Optional[BaseException] = None
+    try:
+        runner.run(folder, progress)
+    except BaseException as exc:  # noqa: BLE001 - reported to all ranks below
+        error = exc
+    if not ranks.all_ok(error is None):
+        raise error or RuntimeError("another rank failed; see its error")

@@ -1,0 +1,347 @@
+"""The merge plan: every decision of a merge, made from configs and safetensors headers alone.
+
+A :class:`MergePlan` says, before any weight is read, for every output tensor: where its copies
+are (ingredient, file, byte offset, dtype), what is done to them (the exact soup, AME steps, or the
+integer rule), how they are read (blocks, whole tensors, or one ingredient's copy at a time), on
+which device, into which shard and by which rank, and how many bytes that reads and writes; then
+the totals. The executor (:mod:`hf_ame.executor`) runs a plan as it is; ``hf-ame merge --dry-run``
+and ``AMEMerger.plan`` print one. A plan is data: printable, comparable, testable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .algorithm import AMEStep, PivotSpec, can_block, is_exact_soup, plan_steps
+from .checkpoints import Checkpoint, TensorInfo
+from .config import AMEConfig
+from .devices import available_memory, fits_on_gpus
+from .optimizers import build_optimizer
+from .writer import ShardPlan, plan_shards
+
+__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
+           "assign_shards", "block_elements", "read_sequence"]
+
+STREAM_MODES = ("auto", "tensor", "ingredient")
+# what is done to a tensor's copies
+TRANSFORMS = {"soup": "the exact uniform average, one pass", "ame": "AME optimizer steps",
+              "integer": "copied when every ingredient agrees (BatchNorm counters: the maximum)"}
+# how its copies are read
+READERS = {"blocks": "one cache block of every copy at a time (os.preadv), all steps per block",
+           "tensors": "the N copies of the tensor in memory (memory-mapped on CPU)",
+           "rows": "one ingredient's copy at a time, the next one prefetched"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stored copy of a tensor: the model, its file, where its bytes start (-1: a .bin), dtype, size."""
+
+    model: str
+    file: str
+    offset: int
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its sources (the ingredients in merge order, then the base) and what
+    happens to them. Sizes are bytes; ``peak_bytes`` estimates the merge's own buffers for it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    transform: str
+    reader: str
+    device: str
+    shard: int
+    rank: int
+    sources: List[Source]
+    read_bytes: int
+    write_bytes: int
+    peak_bytes: int
+    block: int = 0  # elements per streamed block (the "blocks" reader)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class MergePlan:
+    """The whole merge (see the module docstring). ``tensors`` are in the reference's file order;
+    ``rank`` is the process this plan was made for (its tensors: :meth:`mine`)."""
+
+    output_dir: Path
+    ingredients: List[str]
+    base: Optional[str]
+    config: AMEConfig
+    pivot: PivotSpec
+    steps: List[AMEStep]
+    exact_soup: bool
+    stream: str
+    block_size: Optional[int]
+    prefetch: bool
+    dtype: str
+    shards: ShardPlan
+    tensors: List[TensorPlan]
+    sequence: List[int]
+    shard_ranks: List[int]
+    reference: int = 0
+    rank: int = 0
+    world_size: int = 1
+    extra_files: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # what the plan cannot know yet (e.g. scores)
+
+    def mine(self) -> List[TensorPlan]:
+        """The tensors this process merges and writes."""
+        return [t for t in self.tensors if t.rank == self.rank]
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Bytes of tensor data this process will read from the ingredients (and base)."""
+        return sum(t.read_bytes for t in self.mine())
+
+    @property
+    def bytes_to_write(self) -> int:
+        """Bytes of tensor data this process will write (shard headers and index aside)."""
+        return sum(t.write_bytes for t in self.mine())
+
+    @property
+    def peak_memory(self) -> int:
+        """Estimated peak bytes of the merge's own buffers (the largest tensor's inputs, state and
+        output, plus what prefetching holds); the Python, torch and page-cache baseline comes on top."""
+        mine = self.mine()
+        if not mine:
+            return 0
+        ahead = max(t.read_bytes for t in mine if t.reader == "tensors") if (
+            self.prefetch and any(t.reader == "tensors" for t in mine)) else 0
+        return max(t.peak_bytes for t in mine) + ahead
+
+    @property
+    def devices(self) -> List[str]:
+        return sorted({t.device for t in self.mine()})
+
+    def counts(self, what: str = "transform") -> Dict[str, int]:
+        """How many tensors take each ``what`` ("transform" or "reader"), e.g. {"ame": 18, "integer": 2}."""
+        out: Dict[str, int] = {}
+        for t in self.mine():
+            k = getattr(t, what)
+            out[k] = out.get(k, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        """A few lines for a person: what, how, bytes, memory, shards, devices."""
+        n = len(self.ingredients)
+        how = ("the exact uniform soup (one pass)" if self.exact_soup else
+               f"{len(self.steps)} {self.config.optimizer} steps per tensor (lr={self.config.lr}, "
+               f"epochs={self.config.epochs}, batch_size={self.config.batch_size}, pivot={self.config.pivot})")
+        mine = self.mine()
+        counts = "; ".join(", ".join(f"{v} {k}" for k, v in sorted(self.counts(w).items())) for w in ("transform", "reader"))
+        lines = [
+            f"plan: merge {n} ingredients" + (f" + base {self.base}" if self.base else "") + f" -> {self.output_dir}",
+            f"  how: {how}; stream={self.stream}" + (f", block_size={self.block_size}" if self.block_size else ""),
+            f"  tensors: {len(mine)} ({sum(t.numel for t in mine) / 1e6:.2f}M parameters; {counts})",
+            f"  read: {_mib(self.bytes_to_read)}  write: {_mib(self.bytes_to_write)}  "
+            f"peak memory (merge buffers, estimate): {_mib(self.peak_memory)}",
+            f"  output: {len(self.shards.files)} shard(s) ({', '.join(self.shards.files[:3])}"
+            + (", ..." if len(self.shards.files) > 3 else "") + f"), dtype {self.dtype}",
+            f"  devices: {', '.join(self.devices) or '-'}"
+            + (f"; rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""),
+        ] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def table(self, limit: Optional[int] = 20) -> str:
+        """One line per tensor (the first ``limit``; None: all): name, shape, dtype, transform,
+        reader, device, shard, bytes read and written."""
+        rows = self.mine()
+        shown = rows if limit is None else rows[:limit]
+        width = max([len(t.name) for t in shown] + [6])
+        out = [f"{'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'transform':<9} {'reader':<7} {'device':<7} "
+               f"{'shard':>5} {'read':>10} {'write':>10}"]
+        for t in shown:
+            out.append(f"{t.name:<{width}}  {str(list(t.shape)):<14} {t.dtype:<8} {t.transform:<9} {t.reader:<7} "
+                       f"{t.device:<7} {t.shard:>5} {_mib(t.read_bytes):>10} {_mib(t.write_bytes):>10}")
+        if len(shown) < len(rows):
+            out.append(f"... {len(rows) - len(shown)} more tensors")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n" + self.table()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready description (``hf-ame merge --dry-run --json``)."""
+        return {
+            "output_dir": str(self.output_dir), "ingredients": self.ingredients, "base": self.base,
+            "config": self.config.to_dict(), "steps": len(self.steps), "exact_soup": self.exact_soup,
+            "stream": self.stream, "block_size": self.block_size, "dtype": self.dtype,
+            "files": list(self.shards.files), "rank": self.rank, "world_size": self.world_size,
+            "bytes_to_read": self.bytes_to_read, "bytes_to_write": self.bytes_to_write,
+            "peak_memory": self.peak_memory, "devices": self.devices, "notes": self.notes,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "transform": t.transform,
+                         "reader": t.reader, "device": t.device, "shard": t.shard, "rank": t.rank, "block": t.block,
+                         "read_bytes": t.read_bytes, "write_bytes": t.write_bytes,
+                         "sources": [vars(s) for s in t.sources]} for t in self.tensors],
+        }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 or n == 0 else f"{n / 1024:.1f} KiB"
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget: Optional[int]) -> str:
+    """The budget rule of "auto" for merges that cannot stream blocks (GPU, .bin inputs, optimizers
+    not declared elementwise; on CPU with block streaming, :func:`build_plan` picks "ingredient"
+    before asking this). "tensor" keeps the N copies of one tensor (and the next, prefetched) in
+    memory: E epochs cost no extra I/O. "ingredient" keeps one ingredient's copy at a time: memory
+    independent of N, each input read once per epoch. "auto" picks "ingredient" when 2 x N copies
+    of the largest tensor exceed ``memory_budget`` (default: half of the memory available now)."""
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream: expected one of {', '.join(STREAM_MODES)}, got {stream!r}")
+    if stream != "auto":
+        return stream
+    budget = memory_budget if memory_budget is not None else available_memory() // 2
+    return "ingredient" if 2 * n * largest_tensor_bytes > budget else "tensor"
+
+
+def read_sequence(n: int, pivot: PivotSpec, steps: Sequence[AMEStep], exact_soup: bool) -> List[int]:
+    """The order a tensor's ingredients are indexed in by one merge: the pivot pass, then the steps
+    (the "rows" reader prefetches along it)."""
+    if exact_soup:
+        return list(range(n))
+    seq = list(range(n)) if pivot[0] == "soup" else ([pivot[1]] if pivot[0] == "index" else [])
+    return seq + [j for st in steps for j in st.batch]
+
+
+def assign_shards(sizes: Sequence[int], world: int) -> List[int]:
+    """Shard -> rank, largest shards first to the least loaded rank (balanced bytes)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def block_elements(block_size: int, n_sources: int, element_size: int) -> int:
+    """Elements per streamed block: ``block_size``, shrunk so the N sources' slices of one block
+    stay about 16 x ``block_size`` bytes (at least 64)."""
+    return max(64, min(block_size, 16 * block_size // (n_sources * element_size)))
+
+
+def state_slots(config: AMEConfig, exact_soup: bool) -> int:
+    """How many float tensors of a parameter's size the optimizer keeps (Adam: 2), found by one
+    step on a 4-element parameter, so any registered optimizer is counted as it really runs."""
+    if exact_soup:
+        return 0
+    p = torch.zeros(4, requires_grad=True)
+    try:
+        opt = build_optimizer(config.optimizer, [p], lr=float(config.lr), kwargs=config.optimizer_arguments())
+        p.grad = torch.ones(4)
+        opt.step()
+    except Exception:  # noqa: BLE001 - an optimizer that needs more than this: assume Adam's two slots
+        return 2
+    return sum(1 for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() == 4)
+
+
+@dataclass
+class _Context:
+    """What every tensor's plan depends on (built once per merge by :func:`build_plan`)."""
+
+    srcs: List[Checkpoint]
+    n: int
+    mode: str
+    blocks_stream: bool
+    block_size: Optional[int]
+    exact_soup: bool
+    sequence: List[int]
+    slots: int
+    where: Callable[[str], torch.device]
+    out_dtype: Optional[torch.dtype]
+
+
+def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
+    n, block = ctx.n, 0
+    copies = [c.tensors[info.name] for c in ctx.srcs] if info.is_floating else [c.tensors[info.name] for c in ctx.srcs[:n]]
+    srcs = ctx.srcs if info.is_floating else ctx.srcs[:n]
+    sources = [Source(c.name, i.file, i.offset, _name(i.dtype), i.nbytes) for c, i in zip(srcs, copies)]
+    dev = ctx.where(info.name)
+    dtype = ctx.out_dtype if (ctx.out_dtype is not None and info.is_floating) else info.dtype
+    write = info.numel * _esize(dtype)
+    work = info.numel * 4 * (2 + ctx.slots)  # float32 merge, pseudogradient and optimizer state
+    if not info.is_floating:
+        transform, reader = "integer", "tensors"
+        read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
+    elif ctx.mode == "ingredient" and ctx.blocks_stream and dev.type == "cpu":
+        transform, reader = ("soup" if ctx.exact_soup else "ame"), "blocks"
+        per = block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
+        read = sum(s.nbytes for s in sources)
+        held = min(per, info.numel)  # a small tensor is one short block
+        peak = 2 * held * sum(_esize(c.dtype) for c in copies) + held * 4 * (2 + ctx.slots + n) + write
+    elif ctx.mode == "ingredient":
+        transform, reader = ("soup" if ctx.exact_soup else "ame"), "rows"
+        runs = [j for k, j in enumerate(ctx.sequence) if k == 0 or ctx.sequence[k - 1] != j]
+        read = sum(sources[j].nbytes for j in runs) + (sources[n].nbytes if len(sources) > n else 0)
+        peak = 2 * max(s.nbytes for s in sources[:n]) + (sources[n].nbytes if len(sources) > n else 0) + work + write
+    else:
+        transform, reader = ("soup" if ctx.exact_soup else "ame"), "tensors"
+        read = sum(s.nbytes for s in sources)
+        blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
+        peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4 * n) + write
+    return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
+                      sources, read, write, peak, block)
+
+
+def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path, *, pivot: PivotSpec,
+               base: Optional[Checkpoint] = None, out_dtype: Optional[torch.dtype] = None, model_dtype: torch.dtype,
+               max_shard_size: Any = "5GB", where: Callable[[str], torch.device], stream: str = "auto",
+               memory_budget: Optional[int] = None, block_size: Optional[int] = None, prefetch: bool = True,
+               reference: int = 0, rank: int = 0, world_size: int = 1,
+               extra_files: Sequence[str] = ()) -> MergePlan:
+    """Plan a merge of ``ckpts`` (already checked compatible) from their headers; reads no weight.
+
+    ``where`` maps a file tensor name to its device; the rest are :func:`~hf_ame.engine.merge_checkpoints`'s
+    arguments, already validated."""
+    ref = ckpts[reference]
+    infos: List[TensorInfo] = list(ref.tensors.values())
+    shards = plan_shards([(i.name, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape)
+                          for i in infos], max_shard_size)
+    steps = plan_steps(len(ckpts), config)
+    exact = is_exact_soup(config, len(ckpts))
+    srcs = list(ckpts) + ([base] if base is not None else [])
+    floating = [i for i in infos if i.is_floating]
+    largest = max((i.nbytes for i in floating), default=0)
+    mode = choose_stream(stream, len(ckpts), largest, memory_budget)
+    on_cpu = all(where(i.name).type == "cpu" for i in floating)
+    # blocks stream from the files (CPU tensors): coordinate-wise steps, byte offsets known
+    blocks_stream = (block_size is not None and can_block(config, None, exact_soup=exact)
+                     and all(c.format == "safetensors" for c in srcs))
+    if stream == "auto" and on_cpu and blocks_stream:
+        # blocks streamed with preadv: each input byte read once, a few MiB of memory whatever N,
+        # no mapped copies in RSS, and as fast as the mapped "tensor" mode (benchmarks/speed.py)
+        mode = "ingredient"
+    elif stream == "auto" and exact and not on_cpu and not fits_on_gpus(2 * len(ckpts) * largest):
+        mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
+    sequence = read_sequence(len(ckpts), pivot, steps, exact)
+    ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
+                   where, out_dtype)
+    owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
+    tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
+    return MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
+                     steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors, sequence,
+                     owner, reference, rank, world_size, list(extra_files))
