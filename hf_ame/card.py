@@ -8,8 +8,6 @@ from pathlib import Path
 from importlib.metadata import version as package_version
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
 from .optimizers import get_optimizer
 from .tasks import pipeline_tag_for
 from .version import __version__
@@ -49,6 +47,8 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
                 seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
     """Returns (huggingface_hub.ModelCard, svg text or None)."""
+    # huggingface_hub's card classes pull its HTTP stack (~8 MiB, 190 modules): imported when a card is made
+    from huggingface_hub import ModelCard
     archs = model_config.get("architectures") or []
     optimizer = config["optimizer"]
     name = repo_id.split("/")[-1] if repo_id else "ame-merge"
@@ -89,8 +89,11 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
 
 def _card_data(ingredients: List[Dict[str, Any]], archs: Sequence[str], optimizer: str, name: str,
                scores: Dict[str, Any], metric_name: Optional[str], dataset: Optional[Dict[str, Any]],
-               greedy: Optional[str]) -> ModelCardData:
-    """The card's YAML metadata: base models (the Hub ingredients kept), tags, eval results."""
+               greedy: Optional[str]) -> Any:
+    """The card's YAML metadata (a ``huggingface_hub.ModelCardData``): base models (the Hub
+    ingredients kept), tags, eval results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     pipeline_tag = pipeline_tag_for(archs)
     hub_ids = [i["id"] for i in ingredients if i.get("kept", True) and not i.get("local")]
     ds_path = (dataset or {}).get("path")

@@ -116,7 +116,8 @@ class MergePlan:
     @property
     def peak_memory(self) -> int:
         """Estimated peak bytes of the merge's own buffers (the largest tensor's inputs, state and
-        output, plus what prefetching holds); the Python, torch and page-cache baseline comes on top."""
+        output, plus what prefetching holds), meant as an upper bound: the RSS growth measured in
+        tests/test_plan.py stays below it. The Python and torch baseline comes on top."""
         mine = self.mine()
         if not mine:
             return 0
@@ -302,7 +303,8 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         transform, reader = ("soup" if ctx.exact_soup else "ame"), "tensors"
         read = sum(s.nbytes for s in sources)
         blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
-        peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4 * n) + write
+        # blocked: one block's float32 state and slices; whole: the state and one float32 copy of an input
+        peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
                       sources, read, write, peak, block)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import AMEConfig, ConfigError, parse_dtype
 from .errors import RecipeError
@@ -131,6 +130,9 @@ class Recipe:
         hub = _mapping(data.get("hub") or {}, "hub", _HUB)
         if hub.get("repo_id") is not None:
             _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
+            # huggingface_hub.utils pulls its HTTP stack (~8 MiB): imported when a recipe names a repo
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
             try:
                 validate_repo_id(hub["repo_id"])
             except HFValidationError as exc:
