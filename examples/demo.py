@@ -87,7 +87,6 @@ def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Opti
     (ranking, greedy soup, the AME sweep) uses the validation split only; test accuracy is reported."""
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     paths = build_digits_ingredients(cache, setup, verbose=verbose)

@@ -17,7 +17,10 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["DigitsSetup", "load_digits_splits", "build_digits_ingredients", "accuracy", "vit_config"]
+__all__ = ["DigitsSetup", "load_digits_splits", "build_digits_ingredients", "digits_base", "accuracy", "vit_config"]
+
+
+BASE = "vit-digits-base"
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
 
     folder = Path(root) / f"digits-{setup.key()}"
     paths = [folder / f"vit-digits-ft-{i}" for i in range(setup.n_models)]
-    if (folder / "done.json").exists() and all((p / "model.safetensors").exists() for p in paths):
+    if (folder / "done.json").exists() and all((p / "model.safetensors").exists() for p in paths + [folder / BASE]):
         return paths
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -136,6 +139,13 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
     n_unseen = int(round(10 * setup.unseen_fraction))
     processor = ViTImageProcessor(do_resize=False, do_rescale=True, rescale_factor=1 / 16, do_normalize=True,
                                   image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": 8, "width": 8})
+    # the base model of task-vector merges: the pretrained ViT with the head the fine-tunes start from
+    base = ViTForImageClassification(vit_config(setup))
+    base.load_state_dict(pre_state)
+    torch.manual_seed(setup.seed * 1000)
+    base.classifier.reset_parameters()
+    base.save_pretrained(folder / BASE)
+    processor.save_pretrained(folder / BASE)
     meta = []
     for i, path in enumerate(paths):
         classes = _classes_for(i, n_unseen, setup.seed)
@@ -159,6 +169,12 @@ def build_digits_ingredients(root: Union[str, Path], setup: DigitsSetup = Digits
             print(f"[digits] fine-tuned {path.name} on classes {classes} ({len(idx)} images)", flush=True)
     (folder / "done.json").write_text(json.dumps({"setup": asdict(setup), "models": meta}, indent=2))
     return paths
+
+
+def digits_base(paths: List[Path]) -> Path:
+    """The base model beside ingredients built by :func:`build_digits_ingredients`: the pretrained
+    ViT with the (shared) fresh head the fine-tunes started from."""
+    return Path(paths[0]).parent / BASE
 
 
 def digits_dataset(split: str = "validation", seed: int = 0):

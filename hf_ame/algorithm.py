@@ -22,6 +22,7 @@ import torch
 from .config import AMEConfig, ConfigError
 from .errors import HFAMEError
 from .kernels import fused_merge, fused_soup, fused_supported
+from .methods import MethodContext, get_method
 from .optimizers import build_optimizer, get_optimizer
 from .schedules import amplification, learning_rate
 
@@ -93,7 +94,7 @@ def plan_steps(n_ingredients: int, config: AMEConfig) -> List[AMEStep]:
     """
     if n_ingredients < 1:
         raise ValueError("AME needs at least one ingredient")
-    b = config.batch_size
+    b = config.batch_size or n_ingredients  # None: all ingredients in one step
     s = math.ceil(n_ingredients / b)
     gen = torch.Generator().manual_seed(int(config.seed))
     steps: List[AMEStep] = []
@@ -191,9 +192,9 @@ def is_exact_soup(config: AMEConfig, n_ingredients: int) -> bool:
     pivot, B dividing N, no momentum / weight decay): the result is exactly the uniform average,
     which the engine then computes in one pass instead of N optimizer steps."""
     kw = config.optimizer_arguments()
-    return (config.optimizer in ("sgd", "gd") and config.lr == 1.0 and config.lr_schedule == "constant"
+    return (config.method is None and config.optimizer in ("sgd", "gd") and config.lr == 1.0 and config.lr_schedule == "constant"
             and not callable(config.amplification) and config.amplification == 1 and config.epochs == 1
-            and not config.adaptive_pivot and n_ingredients % config.batch_size == 0
+            and not config.adaptive_pivot and n_ingredients % (config.batch_size or n_ingredients) == 0
             and not kw.get("momentum") and not kw.get("weight_decay") and not kw.get("maximize")
             and not kw.get("nesterov"))
 
@@ -205,8 +206,12 @@ class AMEStepper:
     ``state_dict`` / ``load_state_dict`` capture weights AND optimizer state (greedy AME).
     """
 
-    def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig):
+    def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig, keys: Sequence[str] = ()):
         self.config = config
+        # a merge method builds each step's pseudogradient (keys name the tensors: seeds of random drops)
+        self.method = get_method(config.method) if config.method is not None else None
+        self.method_params = config.method_arguments()
+        self.keys = list(keys) or [f"tensor{k}" for k in range(len(init))]
         self.weights: List[torch.Tensor] = [w.detach().clone() for w in init]
         # The fixed pivot is only kept when it is used.
         self.pivots: Optional[List[torch.Tensor]] = None if config.adaptive_pivot else [w.clone() for w in self.weights]
@@ -221,6 +226,11 @@ class AMEStepper:
         scale = step.scale / len(step.batch)
         for k, (w, g) in enumerate(zip(self.weights, self._grads)):
             p = w if self.pivots is None else self.pivots[k]
+            if self.method is not None:
+                g.copy_(self._method_gradient(p, ingredients[k], step, k)).mul_(step.scale)
+                if w.grad is not g:
+                    w.grad = g
+                continue
             # g = scale * sum_j (p - x_j): each difference is exact 0 where x_j == p, so identical
             # ingredients give a zero pseudogradient (adaptive optimizers would amplify rounding).
             for i, j in enumerate(step.batch):
@@ -235,6 +245,13 @@ class AMEStepper:
         for group in self.optimizer.param_groups:
             group["lr"] = step.lr
         self.optimizer.step()
+
+    def _method_gradient(self, p: torch.Tensor, copies: Sequence[torch.Tensor], step: AMEStep, k: int) -> torch.Tensor:
+        def get(i: int) -> torch.Tensor:
+            return copies[step.batch[i]].to(device=p.device, dtype=p.dtype, copy=True)
+
+        ctx = MethodContext(p, get, step.batch, self.method_params, int(self.config.seed), self.keys[k], step.t)
+        return self.method.fn(ctx)
 
     def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         for s in steps:
@@ -283,6 +300,8 @@ def can_block(config: AMEConfig, device: Optional[torch.device] = None, *, exact
     over the whole tensor is already bandwidth-bound; per-block launches would only add latency)."""
     if device is not None and torch.device(device).type != "cpu":
         return False
+    if config.method is not None:  # methods look at whole tensors (magnitude ranks, norms)
+        return False
     return exact_soup or get_optimizer(config.optimizer).elementwise
 
 
@@ -297,6 +316,7 @@ def merge_tensor(
     out_dtype: Optional[torch.dtype] = None,
     exact_soup: bool = False,
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    key: str = "tensor0",
 ) -> torch.Tensor:
     """Merge one tensor from its N copies (in the given order) along the precomputed ``steps``.
 
@@ -315,12 +335,12 @@ def merge_tensor(
         blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
     if not blocked:
         # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
-        if isinstance(ingredients, (list, tuple)) and fused_supported(config, device, ingredients):
+        if config.method is None and isinstance(ingredients, (list, tuple)) and fused_supported(config, device, ingredients):
             merged = merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype,
                                  exact_soup=exact_soup)
         else:
             merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
-                                 exact_soup=exact_soup).to(out_dtype)
+                                 exact_soup=exact_soup, key=key).to(out_dtype)
         return _check_finite(merged, ingredients)
     bounds = block_bounds(numel, block_size)
     flats = [t.view(-1) for t in srcs]
@@ -361,13 +381,14 @@ def block_bounds(numel: int, block_size: int) -> List[Tuple[int, int]]:
 
 def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec,
                 *, base: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
-                exact_soup: bool = False) -> torch.Tensor:
+                exact_soup: bool = False, key: str = "tensor0") -> torch.Tensor:
     """Merge one tensor, or one block of coordinates of it, through all ``steps`` at once
-    (``ingredients[j]``: ingredient j's copy); returns the compute dtype on ``device``."""
+    (``ingredients[j]``: ingredient j's copy; ``key``: the tensor's name, seeding a method's
+    random drops); returns the compute dtype on ``device``."""
     dtype = config.torch_compute_dtype
     if exact_soup:
         return soup(ingredients, dtype, device)
-    stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config)
+    stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key])
     stepper.run(steps, [ingredients])
     return stepper.release()[0]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from importlib.metadata import version as package_version
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .methods import get_method
 from .optimizers import get_optimizer
 from .tasks import pipeline_tag_for
 from .version import __version__
@@ -65,7 +66,9 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         model_name=name,
         n_kept=sum(1 for i in ingredients if i.get("kept", True)),
         architecture=archs[0] if archs else model_config.get("model_type", "model"),
-        method="greedy soup" if greedy == "soup" else f"{optimizer}{', greedy' if greedy == 'ame' else ''}",
+        method="greedy soup" if greedy == "soup" else (f"{config['method']}, " if config.get("method") else "")
+        + f"{optimizer}{', greedy' if greedy == 'ame' else ''}",
+        method_text=_method_text(config),
         optimizer_class=get_optimizer(optimizer).cls.__name__,
         ingredients=_ingredient_rows(ingredients),
         metric_name=metric_name,
@@ -85,6 +88,17 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         recipe_yaml=recipe_yaml,
     )
     return card, svg
+
+
+def _method_text(config: Dict[str, Any]) -> Optional[str]:
+    """A sentence on the merge method (mergekit's name and parameters), if one shaped the pseudogradients."""
+    name = config.get("method")
+    if not name:
+        return None
+    entry = get_method(name)
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in (config.get("method_kwargs") or {}).items()) or "its defaults"
+    return (f"Each step's pseudogradient was built by the **{name}** method ({entry.description}; "
+            f"{entry.reference}) with {params}, as mergekit names them.")
 
 
 def _card_data(ingredients: List[Dict[str, Any]], archs: Sequence[str], optimizer: str, name: str,

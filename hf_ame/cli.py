@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   hf-ame merge ./ft-* --out merged --optimizer adamw --lr 1e-3 --epochs 5 --batch-size 2 --opt weight_decay=0
   hf-ame merge ./ft-a ./ft-b --out merged --pivot ./base-model --no-adaptive-pivot --dtype bfloat16
   hf-ame merge ./ft-* --out merged --max-shard-size 2GB --dry-run   # print the plan; read no weight, write nothing
+  hf-ame merge ./ft-* --base-model ./base --method ties --param density=0.5 --out merged          # mergekit's TIES
+  hf-ame merge ./ft-* --base-model ./base --method ties --param density=0.5 --optimizer adamw --lr 1e-3 --epochs 3 --out m
   hf-ame push merged me/vit-ame --private
   hf-ame score ./ft-a ./ft-b --metric accuracy --dataset ./val_dataset --split validation
   hf-ame optimizers
@@ -35,45 +37,41 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _opt_kwargs(items: List[str]) -> Dict[str, Any]:
+def _opt_kwargs(items: List[str], flag: str = "--opt") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"hf-ame: --opt expects KEY=VALUE (e.g. --opt betas=[0.9,0.999]), got {item!r}")
+            raise SystemExit(f"hf-ame: {flag} expects KEY=VALUE (e.g. {flag} betas=[0.9,0.999]), got {item!r}")
         out[key] = _parse_value(value)
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-ame",
-        description="Merge fine-tuned Hugging Face checkpoints with Amortized Model Ensembling (AME).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    m = sub.add_parser("merge", help="merge checkpoint folders", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("models", nargs="+", metavar="PATH",
                    help="checkpoint folders or Hub ids in merge order (at least 2), or ONE recipe: a .yaml file or a Hub repo holding ame_recipe.yaml")
     m.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    m.add_argument("--optimizer", default="adamw", help="registry name (see `hf-ame optimizers`); default adamw")
-    m.add_argument("--lr", type=float, default=1e-3, help="base learning rate eta_0; default 1e-3")
-    m.add_argument("--lr-schedule", default="harmonic", choices=["constant", "harmonic", "power"], help="default harmonic")
-    m.add_argument("--lr-power", type=float, default=-0.5, help="alpha of the power schedule; default -0.5")
-    m.add_argument("--epochs", type=int, default=1, help="passes over the ingredients; default 1")
-    m.add_argument("--batch-size", type=int, default=1, help="ingredients per step; default 1")
-    m.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the given order every epoch")
-    m.add_argument("--seed", type=int, default=0, help="shuffle seed; default 0")
-    m.add_argument("--pivot", default="soup", help="soup | first | ingredient index | base checkpoint folder; default soup")
-    m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_false",
+    m.add_argument("--optimizer", default=None, help="registry name (see `hf-ame optimizers`); default adamw")
+    m.add_argument("--lr", type=float, default=None, help="base learning rate eta_0; default 1e-3")
+    m.add_argument("--lr-schedule", default=None, choices=["constant", "harmonic", "power"], help="default harmonic")
+    m.add_argument("--lr-power", type=float, default=None, help="alpha of the power schedule; default -0.5")
+    m.add_argument("--epochs", type=int, default=None, help="passes over the ingredients; default 1")
+    m.add_argument("--batch-size", type=int, default=None, help="ingredients per step; default 1 (0: all in one step)")
+    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None, help="keep the given order every epoch")
+    m.add_argument("--seed", type=int, default=None, help="shuffle seed; default 0")
+    m.add_argument("--pivot", default=None, help="soup | first | ingredient index | base checkpoint folder; default soup")
+    m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_const", const=False, default=None,
                    help="pseudogradient against the initial pivot instead of the current merge")
-    m.add_argument("--amplification", default="1", help="zeta: a number or 'linear'; default 1")
+    m.add_argument("--amplification", default=None, help="zeta: a number or 'linear'; default 1")
     m.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]")
+    m.add_argument("--base-model", default=None, metavar="PATH", help="base checkpoint (folder or Hub id): the pivot of "
+                   "--pivot base, and where --method measures task vectors from")
+    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient (ties, dare_ties, "
+                   "dare_linear, task_arithmetic, breadcrumbs, breadcrumbs_ties, slerp, model_stock); alone (no "
+                   "optimizer option given) it is mergekit's one-shot merge of that name")
+    m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
     m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
@@ -99,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the merge plan (tensors, readers, bytes to read and write, peak memory estimate, "
                         "shards, devices) from the headers alone, and stop: no weight is read, nothing is written")
     m.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON (every tensor)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-ame",
+        description="Merge fine-tuned Hugging Face checkpoints with Amortized Model Ensembling (AME).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge checkpoint folders", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_merge_arguments(m)
 
     p = sub.add_parser("push", help="publish a merged folder (one commit: weights, card, recipe)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,25 +171,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
         return 0
 
-    amp: Any = args.amplification
-    if amp != "linear":
-        try:
-            amp = float(amp)
-        except ValueError:
-            raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', got {amp!r}") from None
-    pivot: Any = args.pivot
-    if isinstance(pivot, str) and pivot.lstrip("-").isdigit():
-        pivot = int(pivot)
-    config = AMEConfig(
-        optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule, lr_power=args.lr_power,
-        epochs=args.epochs, batch_size=args.batch_size, shuffle=args.shuffle, seed=args.seed,
-        pivot=pivot, adaptive_pivot=args.adaptive_pivot, amplification=amp,
-        optimizer_kwargs=_opt_kwargs(args.opt), compute_dtype=args.compute_dtype,
-    )
+    config = _config(args)
     if args.push == "":
         raise ValueError("--push: give a repo id (only a recipe can supply one)")
+    if config.pivot == "base" and args.base_model is None:
+        raise ValueError(f"--method {args.method}: measures task vectors from a base model: give it with --base-model"
+                         if args.method else "--pivot base: give the base checkpoint with --base-model")
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code, base_model=args.base_model)
     if args.dry_run:
         return _print_plan(merger.plan(config, output_dir=args.out, overwrite=args.overwrite,
                                        max_shard_size=args.max_shard_size, stream=args.stream,
@@ -189,6 +191,36 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         info = result.push_to_hub(args.push, private=args.private)
         print(f"pushed to {args.push}: {getattr(info, 'commit_url', info)}")
     return 0
+
+
+def _config(args: argparse.Namespace) -> AMEConfig:
+    """The AMEConfig of the options given. ``--method`` with no optimizer option is the method's
+    one-shot merge (:meth:`AMEConfig.one_shot`); with one, it is composed with AME."""
+    given: Dict[str, Any] = {k: getattr(args, k) for k in ("optimizer", "lr", "lr_schedule", "lr_power", "epochs",
+                                                          "batch_size", "shuffle", "seed", "adaptive_pivot")
+                             if getattr(args, k) is not None}
+    if given.get("batch_size") == 0:
+        given["batch_size"] = None  # all ingredients in one step
+    if args.amplification is not None:
+        try:
+            given["amplification"] = args.amplification if args.amplification == "linear" else float(args.amplification)
+        except ValueError:
+            raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', got {args.amplification!r}") from None
+    if args.opt:
+        given["optimizer_kwargs"] = _opt_kwargs(args.opt)
+    if args.pivot is not None:
+        given["pivot"] = int(args.pivot) if args.pivot.lstrip("-").isdigit() else args.pivot
+    params = _opt_kwargs(args.param, "--param")
+    if args.method is None:
+        if params:
+            raise SystemExit("hf-ame: --param needs --method")
+        return AMEConfig(compute_dtype=args.compute_dtype, **given)
+    ame = set(given) - {"seed", "pivot", "shuffle"}
+    if not ame:
+        base = AMEConfig.one_shot(args.method, **params)
+        return base.replace(compute_dtype=args.compute_dtype, **given)
+    given.setdefault("pivot", "base")
+    return AMEConfig(compute_dtype=args.compute_dtype, method=args.method, method_kwargs=params, **given).validate()
 
 
 def _print_plan(plan: Any, as_json: bool) -> int:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 
 from .errors import ConfigError
+from .methods import get_method, method_parameters
 from .optimizers import OptimizerArgumentError, UnknownOptimizerError, build_optimizer, get_optimizer
 from .schedules import LR_SCHEDULES
 
@@ -52,7 +53,8 @@ class AMEConfig:
             Default ``"harmonic"`` (the paper's).
         lr_power: exponent alpha of the ``"power"`` schedule. Default -0.5.
         epochs: passes over the ingredients (>= 1). Default 1.
-        batch_size: ingredients averaged per optimizer step, B (>= 1). Default 1.
+        batch_size: ingredients averaged per optimizer step, B (>= 1; None: all of them in one step).
+            Default 1.
         shuffle: draw a seeded permutation of the ingredients every epoch. Default True.
         seed: seed of those permutations. Default 0.
         pivot: initial merge w_0: ``"soup"`` (mean of the ingredients), ``"first"`` (first in
@@ -64,6 +66,12 @@ class AMEConfig:
             (given in a dict as ``"module:function"``). Default 1.0.
         optimizer_kwargs: passed to the torch optimizer (betas, eps, weight_decay, momentum, ...).
         compute_dtype: dtype of the merge arithmetic, whatever the storage dtype. Default float32.
+        method: a merge method of :mod:`hf_ame.methods` (``ties``, ``dare_ties``, ``task_arithmetic``,
+            ``slerp``, ``model_stock``, ...) that builds each step's pseudogradient from task
+            vectors; None (default): the plain mean of (pivot - ingredient).
+        method_kwargs: the method's parameters, with mergekit's names and defaults (``weight``,
+            ``density``, ``gamma``, ``lambda``, ``normalize``, ``rescale``, ``t``, ``filter_wise``);
+            ``weight`` / ``density`` / ``gamma`` / ``t`` may be lists, one value per ingredient.
     """
 
     optimizer: str = "adamw"
@@ -71,7 +79,7 @@ class AMEConfig:
     lr_schedule: str = "harmonic"
     lr_power: float = -0.5
     epochs: int = 1
-    batch_size: int = 1
+    batch_size: Optional[int] = 1
     shuffle: bool = True
     seed: int = 0
     pivot: Union[str, int] = "soup"
@@ -79,6 +87,8 @@ class AMEConfig:
     amplification: Union[float, str, Callable[[int], float]] = 1.0
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
     compute_dtype: str = "float32"
+    method: Optional[str] = None
+    method_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -88,17 +98,26 @@ class AMEConfig:
                    shuffle=False, pivot="soup", adaptive_pivot=False, amplification=1.0)
 
     @classmethod
+    def one_shot(cls, method: str, **params: Any) -> "AMEConfig":
+        """The settings under which AME with ``method`` is exactly mergekit's merge of that name:
+        SGD, lr 1 (constant), one epoch, all ingredients in one step, the pivot fixed at the base
+        (``pivot="base"``: the ``base_model`` of ``from_pretrained``). ``params``: the method's."""
+        return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=1, batch_size=None, shuffle=False,
+                   pivot="base", adaptive_pivot=False, amplification=1.0, method=method,
+                   method_kwargs=_lambda_name(params)).validate()
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> "AMEConfig":
         """Build from a plain dict (as :meth:`to_dict` writes it); unknown keys are errors."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(_route_method_params(dict(data), names)) - names)
         if unknown:
             raise ConfigError(
                 f"{prefix}{unknown[0]}: unknown field; expected one of {', '.join(sorted(names))}"
             )
-        values = dict(data)
+        values = _route_method_params(dict(data), names)
         amp = values.get("amplification")
         if isinstance(amp, str) and ":" in amp:
             values["amplification"] = _import_callable(amp, f"{prefix}amplification")
@@ -110,6 +129,11 @@ class AMEConfig:
         """A plain, YAML-safe dict; a callable amplification becomes ``"module:qualname"``."""
         out = dataclasses.asdict(self)
         out["optimizer_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.optimizer_kwargs.items()}
+        if self.method is None:  # recipes of plain AME merges stay as they were
+            out.pop("method")
+            out.pop("method_kwargs")
+        else:
+            out["method_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.method_kwargs.items()}
         if callable(self.amplification):
             fn = self.amplification
             path = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '')}"
@@ -123,7 +147,8 @@ class AMEConfig:
 
     def replace(self, **overrides: Any) -> "AMEConfig":
         """A validated copy with some fields changed."""
-        cfg = dataclasses.replace(self, **overrides)
+        cfg = dataclasses.replace(self, **_route_method_params(dict(overrides), {f.name for f in dataclasses.fields(self)},
+                                                              self.method, self.method_kwargs))
         cfg.validate()
         return cfg
 
@@ -153,8 +178,8 @@ class AMEConfig:
             raise bad("lr_power", "a finite number", self.lr_power)
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "an integer >= 1", v)
+            if (name != "batch_size" or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise bad(name, "an integer >= 1" + (" (or None: all ingredients)" if name == "batch_size" else ""), v)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad("seed", "an integer", self.seed)
         for name in ("shuffle", "adaptive_pivot"):
@@ -171,6 +196,12 @@ class AMEConfig:
                 raise bad("amplification", "a number, 'linear' or a callable", amp)
         if not isinstance(self.optimizer_kwargs, Mapping):
             raise bad("optimizer_kwargs", "a mapping", self.optimizer_kwargs)
+        if self.method is not None:
+            if not isinstance(self.method_kwargs, Mapping):
+                raise bad("method_kwargs", "a mapping", self.method_kwargs)
+            method_parameters(self.method, self.method_kwargs, p)  # the name and every parameter
+        elif self.method_kwargs:
+            raise bad("method_kwargs", "nothing without a method", self.method_kwargs)
         parse_dtype(self.compute_dtype, f"{p}compute_dtype")
         if self.compute_dtype in (None, "auto"):
             raise bad("compute_dtype", f"one of {', '.join(COMPUTE_DTYPES)}", self.compute_dtype)
@@ -184,9 +215,39 @@ class AMEConfig:
                 raise ConfigError(f"{p}{exc}") from None
         return self
 
+    def method_arguments(self) -> Dict[str, Any]:
+        """The method's parameters with its defaults filled in ({} without a method)."""
+        return method_parameters(self.method, self.method_kwargs) if self.method is not None else {}
+
     def optimizer_arguments(self) -> Dict[str, Any]:
         """optimizer_kwargs with YAML lists turned back into the tuples torch expects."""
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
+
+
+def _lambda_name(params: Mapping[str, Any]) -> Dict[str, Any]:
+    return {("lambda" if k == "lambda_" else k): v for k, v in params.items()}
+
+
+def _route_method_params(values: Dict[str, Any], fields: Any, method: Optional[str] = None,
+                         kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Move a method's parameters given beside the fields (``merge(method="ties", density=0.5)``,
+    a recipe's ``merge: {method: ties, density: 0.5}``) into ``method_kwargs``."""
+    name = values.get("method", method)
+    extra = {k: values.pop(k) for k in list(values) if k not in fields}
+    if not extra:
+        return values
+    if name is None:
+        values.update(extra)  # reported as unknown fields
+        return values
+    known = set(get_method(name).defaults) | {"lambda_"}
+    merged = dict(values.get("method_kwargs", kwargs) or {})
+    for k, v in extra.items():
+        if k in known:
+            merged[k] = v
+        else:
+            values[k] = v
+    values["method_kwargs"] = _lambda_name(merged)
+    return values
 
 
 def _import_callable(path: str, field_name: str) -> Callable[[int], float]:

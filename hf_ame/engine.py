@@ -28,6 +28,7 @@ from .checks import check_compatible, model_dtype
 from .config import AMEConfig, ConfigError, parse_dtype
 from .devices import DeviceMap, device_lookup
 from .executor import MergeReport, Ranks, run_plan
+from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
 from .plan import STREAM_MODES, MergePlan, build_plan
 from .writer import ShardedWriter, parse_size, plan_shards
@@ -78,6 +79,9 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
                 )
             base = config.pivot  # type: ignore[assignment]
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
+    if config.method is not None:  # a method's model count and base (slerp: one model and the base)
+        check_counts(config.method, config.method_arguments(), len(ckpts), base_ckpt is not None)
+        min_ingredients = min(min_ingredients, get_method(config.method).models[0])
     check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients)
     if not 0 <= reference < len(ckpts):
         raise ValueError(f"reference: index {reference} out of range for {len(ckpts)} ingredients")

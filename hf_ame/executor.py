@@ -60,7 +60,8 @@ class MergeReport:
 
     def summary(self) -> str:
         how = ("the exact uniform soup (one pass)" if self.exact_soup else
-               f"{self.steps} {self.config.optimizer} steps per tensor, lr={self.config.lr}")
+               (f"method {self.config.method}, " if self.config.method else "")
+               + f"{self.steps} {self.config.optimizer} step{'s' if self.steps != 1 else ''} per tensor, lr={self.config.lr}")
         return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
                 f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
                 f"{how}, "
@@ -236,7 +237,8 @@ class _Runner:
         try:
             # a streamed row is read whole per ingredient, so it is never split into blocks
             return merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
-                                exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size)
+                                exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
+                                key=tp.name)
         finally:
             if isinstance(ing, IngredientRow):
                 ing.close()

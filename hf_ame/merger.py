@@ -24,6 +24,7 @@ from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state
 from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
+from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
 from .output import check_output_dir, staged_output
 from .placement import load_model, resolve_device_map, tensor_device_lookup
@@ -292,8 +293,8 @@ class AMEMerger:
         out_dtype = parse_dtype(dtype, "dtype")
         ings = [parse_ingredient(m, revision, f"models[{i}]") for i, m in enumerate(models)]
         base = parse_ingredient(base_model, revision, "base_model") if base_model is not None else None
-        if len(ings) < 2:
-            raise IncompatibleCheckpointsError(f"a merge needs at least 2 ingredients, got {len(ings)}")
+        if len(ings) < (1 if base is not None else 2):  # one model and a base: slerp
+            raise IncompatibleCheckpointsError(f"a merge needs at least 2 ingredients, got {len(ings)} (one is enough with a base_model, for slerp)")
         everyone = ings + ([base] if base is not None else [])
 
         # 1. Headers only (see _read_headers), checked before any weight is downloaded
@@ -302,7 +303,7 @@ class AMEMerger:
         checkable = [h for h in headers[: len(ings)] if h is not None]
         base_h = headers[len(ings)] if base is not None else None
         if len(checkable) == len(ings):
-            check_compatible(checkable, base_h)
+            check_compatible(checkable, base_h, min_ingredients=1 if base_h is not None else 2)
         t1 = time.perf_counter()
 
         # 2. Download what the merge needs (safetensors, configs, tokenizer/processor files).
@@ -312,7 +313,8 @@ class AMEMerger:
                                              trust_remote_code=trust_remote_code, endpoint=endpoint)
         if len(checkable) != len(ings):  # .bin-only repos: check now, from the downloaded files
             headers = [Checkpoint(i.path, name=i.id) for i in everyone]
-            check_compatible(headers[:len(ings)], headers[len(ings)] if base is not None else None)
+            check_compatible(headers[:len(ings)], headers[len(ings)] if base is not None else None,
+                             min_ingredients=1 if base is not None else 2)
         for ing, h in zip(everyone, headers):
             ing.dtype = storage_dtype(h.tensors) if h is not None else storage_dtype(Checkpoint(ing.path).tensors)
         t2 = time.perf_counter()
@@ -466,7 +468,7 @@ class AMEMerger:
                 result.own_temporary(temp_root)
             if write_card and result.report.rank == 0:
                 result.write_card(self.recipe.hub.get("repo_id") if self.recipe is not None else None)
-        result.output_dir = Path(output_dir)
+        result.output_dir = result.report.output_dir = Path(output_dir)
         return result
 
     def plan(self, config: Optional[AMEConfig] = None, *, output_dir: Union[str, os.PathLike, None] = None,
@@ -505,7 +507,7 @@ class AMEMerger:
             if req.order_by is None and r.ordering:
                 req.from_recipe_ordering(r.ordering)
         req.max_shard_size = req.max_shard_size or "5GB"
-        cfg = config or AMEConfig()
+        cfg = config or _starting_config(overrides)
         if overrides:
             cfg = cfg.replace(**overrides)
         cfg.validate()
@@ -513,10 +515,16 @@ class AMEMerger:
             raise ConfigError(f"greedy: expected one of None, 'soup', 'ame', got {req.greedy!r}")
         if (req.greedy is not None or req.top_k is not None or req.order not in ("best", "given")) and req.order_by is None:
             raise ConfigError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
+        if cfg.method is not None and get_method(cfg.method).needs_base and cfg.pivot == "soup" and self.base is not None:
+            cfg = cfg.replace(pivot="base")  # task vectors are measured from the base model given
         if cfg.pivot == "base":  # "the base_model given to from_pretrained"
             if self.base is None:
-                raise ConfigError("pivot: 'base' needs from_pretrained(..., base_model=...)")
+                raise ConfigError("pivot: 'base' needs from_pretrained(..., base_model=...)"
+                                  + (f" (method {cfg.method!r} measures task vectors from it)" if cfg.method else ""))
             cfg = cfg.replace(pivot=self.base.id)
+        if cfg.method is not None:
+            base_pivot = resolve_pivot(cfg.pivot, len(self.ingredients), [i.id for i in self.ingredients])[0] == "base"
+            check_counts(cfg.method, cfg.method_arguments(), req.top_k or len(self.ingredients), base_pivot)
         req.cfg = cfg
         return req
 
@@ -623,6 +631,19 @@ class AMEMerger:
 _MERGE_ARGS = ("order_by", "eval_dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
                "input_column", "label_column", "score_batch_size", "score_cache", "compare_soup", "max_shard_size",
                "stream", "memory_budget", "progress", "write_card")
+
+
+def _starting_config(overrides: Mapping[str, Any]) -> AMEConfig:
+    """``merge(method=...)`` with no optimizer setting is the method alone (mergekit's one-shot
+    merge, :meth:`AMEConfig.one_shot`); with ``optimizer=`` / ``lr=`` / ``epochs=`` ... it is
+    composed with AME from the defaults."""
+    if overrides.get("method") is not None and not set(overrides) & _AME_FIELDS:
+        return AMEConfig.one_shot(overrides["method"])
+    return AMEConfig()
+
+
+_AME_FIELDS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "amplification", "optimizer_kwargs",
+               "adaptive_pivot"}
 
 
 def _metric_name(order_by: Any) -> str:

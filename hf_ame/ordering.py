@@ -147,7 +147,7 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
     dtype = config.torch_compute_dtype
     init = [initial_merge(lazy[k], pivot, base=base.get_tensor(n) if base is not None else None, dtype=dtype)
             for k, n in enumerate(names)]
-    stepper = AMEStepper(init, config)
+    stepper = AMEStepper(init, config, names)
     del init
     best = slot.score(dict(zip(names, stepper.weights)))
     log.add(step=0, score=best, accepted=True)

@@ -19,6 +19,7 @@ from .algorithm import AMEStep, PivotSpec, can_block, is_exact_soup, plan_steps
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
+from .methods import get_method
 from .optimizers import build_optimizer
 from .writer import ShardPlan, plan_shards
 
@@ -28,7 +29,8 @@ __all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "choose_stream", "
 STREAM_MODES = ("auto", "tensor", "ingredient")
 # what is done to a tensor's copies
 TRANSFORMS = {"soup": "the exact uniform average, one pass", "ame": "AME optimizer steps",
-              "integer": "copied when every ingredient agrees (BatchNorm counters: the maximum)"}
+              "integer": "copied when every ingredient agrees (BatchNorm counters: the maximum)",
+              "<method>": "AME steps whose pseudogradients a merge method builds (ties, slerp, ...)"}
 # how its copies are read
 READERS = {"blocks": "one cache block of every copy at a time (os.preadv), all steps per block",
            "tensors": "the N copies of the tensor in memory (memory-mapped on CPU)",
@@ -219,13 +221,14 @@ def choose_stream(stream: str, n: int, largest_tensor_bytes: int, memory_budget:
     return "ingredient" if 2 * n * largest_tensor_bytes > budget else "tensor"
 
 
-def read_sequence(n: int, pivot: PivotSpec, steps: Sequence[AMEStep], exact_soup: bool) -> List[int]:
-    """The order a tensor's ingredients are indexed in by one merge: the pivot pass, then the steps
-    (the "rows" reader prefetches along it)."""
+def read_sequence(n: int, pivot: PivotSpec, steps: Sequence[AMEStep], exact_soup: bool, passes: int = 1) -> List[int]:
+    """The order a tensor's ingredients are indexed in by one merge: the pivot pass, then the steps,
+    each step's batch ``passes`` times (a method with a sign election reads it twice); the "rows"
+    reader prefetches along it."""
     if exact_soup:
         return list(range(n))
     seq = list(range(n)) if pivot[0] == "soup" else ([pivot[1]] if pivot[0] == "index" else [])
-    return seq + [j for st in steps for j in st.batch]
+    return seq + [j for st in steps for _ in range(passes) for j in st.batch]
 
 
 def assign_shards(sizes: Sequence[int], world: int) -> List[int]:
@@ -274,6 +277,7 @@ class _Context:
     slots: int
     where: Callable[[str], torch.device]
     out_dtype: Optional[torch.dtype]
+    transform: str
 
 
 def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
@@ -289,18 +293,18 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         transform, reader = "integer", "tensors"
         read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
     elif ctx.mode == "ingredient" and ctx.blocks_stream and dev.type == "cpu":
-        transform, reader = ("soup" if ctx.exact_soup else "ame"), "blocks"
+        transform, reader = ctx.transform, "blocks"
         per = block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
         read = sum(s.nbytes for s in sources)
         held = min(per, info.numel)  # a small tensor is one short block
         peak = 2 * held * sum(_esize(c.dtype) for c in copies) + held * 4 * (2 + ctx.slots + n) + write
     elif ctx.mode == "ingredient":
-        transform, reader = ("soup" if ctx.exact_soup else "ame"), "rows"
+        transform, reader = ctx.transform, "rows"
         runs = [j for k, j in enumerate(ctx.sequence) if k == 0 or ctx.sequence[k - 1] != j]
         read = sum(sources[j].nbytes for j in runs) + (sources[n].nbytes if len(sources) > n else 0)
         peak = 2 * max(s.nbytes for s in sources[:n]) + (sources[n].nbytes if len(sources) > n else 0) + work + write
     else:
-        transform, reader = ("soup" if ctx.exact_soup else "ame"), "tensors"
+        transform, reader = ctx.transform, "tensors"
         read = sum(s.nbytes for s in sources)
         blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
         # blocked: one block's float32 state and slices; whole: the state and one float32 copy of an input
@@ -339,9 +343,11 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
         mode = "ingredient"
     elif stream == "auto" and exact and not on_cpu and not fits_on_gpus(2 * len(ckpts) * largest):
         mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
-    sequence = read_sequence(len(ckpts), pivot, steps, exact)
+    passes = get_method(config.method).passes if config.method is not None else 1
+    sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
+    transform = "soup" if exact else (config.method or "ame")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype)
+                   where, out_dtype, transform)
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     return MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,

@@ -26,6 +26,7 @@ import yaml
 
 from .config import AMEConfig, ConfigError, parse_dtype
 from .errors import RecipeError
+from .methods import get_method
 from .ordering import GREEDY_MODES, ORDERS
 from .writer import parse_size
 
@@ -109,8 +110,11 @@ class Recipe:
         models = [cls._model(m, f"models[{i}]", base_dir) for i, m in enumerate(models_raw)]
         base = cls._model(data["base_model"], "base_model", base_dir) if data.get("base_model") is not None else None
         try:
-            merge = AMEConfig.from_dict(_mapping(data.get("merge") or {}, "merge", set(AMEConfig.__dataclass_fields__)),
-                                        prefix="merge.")
+            raw = data.get("merge") or {}
+            # a method's parameters may sit beside the fields, as in mergekit configs (merge: {method: ties, density: 0.5})
+            method = raw.get("method") if isinstance(raw, Mapping) else None
+            allowed = set(AMEConfig.__dataclass_fields__) | (set(get_method(method).defaults) if method else set())
+            merge = AMEConfig.from_dict(_mapping(raw, "merge", allowed), prefix="merge.")
         except RecipeError:
             raise
         except ConfigError as exc:

@@ -1,0 +1,195 @@
+"""Merge methods: quality on the digits class-exclusion set, and speed/memory against mergekit.
+
+    bash scripts/setup.sh      # mergekit is in the test extra
+    .venv/bin/python benchmarks/methods.py quality [--seeds 0 1 2] [--models 6]
+    .venv/bin/python benchmarks/methods.py speed [--reps 2]
+
+quality: for each seed, 6 ViT fine-tunes of one pretrained model that each never see half of the
+classes (examples/digits.py), with that pretrained model (and the head init) as base. Each method
+alone (one shot, its parameter chosen on the validation split from a small grid) and composed with
+AdamW-AME (method parameter, lr and epochs chosen on validation); the uniform soup, the best single
+ingredient and plain AdamW-AME for reference. Test accuracy, mean and spread over seeds.
+
+speed: a base and 3 fine-tunes of a ~75M-parameter Llama (float32, ~300 MB each, under
+benchmarks/.data), each method one shot by `hf-ame merge` and by `mergekit-yaml`, each run in its own
+process (wall time including start-up, peak RSS from wait4), interleaved, best of ``--reps``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))  # digits.py
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GRIDS = {  # each method's own parameter, chosen on validation
+    "task_arithmetic": [{"weight": w} for w in (1 / 6, 0.3, 0.5)],
+    "ties": [{"density": d, "weight": 1.0} for d in (0.2, 0.5, 0.8)],
+    "dare_linear": [{"density": d, "weight": 1 / 6} for d in (0.3, 0.5, 0.8)],
+    "dare_ties": [{"density": d, "weight": 1.0} for d in (0.3, 0.5, 0.8)],
+    "breadcrumbs_ties": [{"density": d, "gamma": 0.01, "weight": 1.0} for d in (0.5, 0.8, 0.9)],
+    "model_stock": [{}],
+}
+AME_GRID = [dict(optimizer="adamw", lr=lr, epochs=e) for lr, e in itertools.product((1e-4, 1e-3), (1, 5))]
+
+
+def quality(seeds, n_models: int) -> dict:
+    import warnings
+
+    from digits import DigitsSetup, accuracy, build_digits_ingredients, digits_base, load_digits_splits
+    from hf_ame import AMEConfig, AMEMerger
+
+    warnings.simplefilter("ignore")
+    rows: dict = {}
+    for seed in seeds:
+        setup = DigitsSetup(n_models=n_models, seed=seed)
+        paths = build_digits_ingredients(HERE / ".data" / "digits", setup, verbose=False)
+        base = digits_base(paths)
+        splits = load_digits_splits(seed)
+        val = lambda p: accuracy(p, *splits["validation"])  # noqa: E731
+        test = lambda p: accuracy(p, *splits["test"])  # noqa: E731
+        merger = AMEMerger.from_pretrained([str(p) for p in paths], base_model=str(base), device_map="cpu")
+        work = Path(tempfile.mkdtemp(prefix="hf_ame-methods-"))
+        try:
+            def best(name, configs):
+                trials = []
+                for i, kw in enumerate(configs):
+                    out = work / f"{name}-{i}"
+                    t0 = time.perf_counter()
+                    merger.merge(**kw, output_dir=out, write_card=False, progress=False)
+                    trials.append((val(out), -i, kw, out, time.perf_counter() - t0))
+                v, _, kw, out, sec = max(trials, key=lambda t: (t[0], t[1]))
+                rows.setdefault(name, []).append({"seed": seed, "val": v, "test": test(out), "chosen": kw, "seconds": sec})
+
+            rows.setdefault("best ingredient", []).append({"seed": seed, "test": max(test(p) for p in paths)})
+            best("uniform soup", [dict(config=AMEConfig.soup())])
+            best("AdamW-AME", AME_GRID)
+            for method, grid in GRIDS.items():
+                best(f"{method}", [dict(method=method, **g) for g in grid])
+                best(f"{method} + AdamW-AME", [dict(method=method, **g, **a) for g in grid for a in AME_GRID])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"[quality] seed {seed} done", flush=True)
+    return rows
+
+
+def print_quality(rows: dict) -> None:
+    print(f"\n{'merge':<32} {'test acc (mean +- sd over seeds)':<34} chosen on validation (seed 0)")
+    for name, rs in rows.items():
+        accs = [r["test"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        chosen = rs[0].get("chosen")
+        chosen = "" if chosen is None else ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in chosen.items() if k != "config")
+        print(f"{name:<32} {statistics.mean(accs):.4f} +- {sd:.4f}{'':<19} {chosen}")
+
+
+# ------------------------------------------------------------------------------------------------ speed
+LLAMA = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=4,
+             vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+SPEED = {"task_arithmetic": {"weight": 0.5}, "ties": {"density": 0.5, "weight": 1.0},
+         "dare_ties": {"density": 0.5, "weight": 1.0}, "breadcrumbs": {"density": 0.8, "gamma": 0.01, "weight": 0.5},
+         "model_stock": {}, "slerp": {"t": 0.5}}
+
+
+def build_llama() -> list:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = HERE / ".data" / "methods-llama"
+    paths = [root / f"m-{i}" for i in range(4)]
+    if all((p / "config.json").exists() for p in paths):
+        return paths
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, p in enumerate(paths):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for k, t in model.state_dict().items():
+                t.copy_(init[k] + (torch.randn(t.shape, generator=g) * 0.01 if i else 0))
+        model.save_pretrained(p)
+    return paths
+
+
+def _run(cmd: list) -> tuple:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()[-2000:]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {err}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def speed(reps: int) -> dict:
+    import yaml
+
+    paths = build_llama()
+    base, fts = paths[0], paths[1:]
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
+    print(f"[speed] base + 3 fine-tunes of {size:.0f} MiB each (float32)", flush=True)
+    bin_dir = Path(sys.executable).parent
+    res: dict = {}
+    for rep in range(reps):
+        for method, params in SPEED.items():
+            models = fts[:1] if method == "slerp" else fts
+            with tempfile.TemporaryDirectory(prefix="hf_ame-mspeed-") as tmp:
+                args = [str(bin_dir / "hf-ame"), "merge", *map(str, models), "--base-model", str(base), "--method", method,
+                        "--out", f"{tmp}/ours", "--device", "cpu", "--no-progress"]
+                for k, v in params.items():
+                    args += ["--param", f"{k}={v}"]
+                per = ("weight", "density", "gamma")
+                entries = [{"model": str(m), "parameters": {k: v for k, v in params.items() if k in per}} for m in models]
+                if method == "slerp":
+                    entries.append({"model": str(base)})
+                cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32", "models": entries}
+                if any(k not in per for k in params):
+                    cfg["parameters"] = {k: v for k, v in params.items() if k not in per}
+                Path(f"{tmp}/mk.yml").write_text(yaml.safe_dump(cfg))
+                mk = [str(bin_dir / "mergekit-yaml"), f"{tmp}/mk.yml", f"{tmp}/mk", "--no-copy-tokenizer", "--quiet"]
+                for who, cmd in (("hf_ame", args), ("mergekit", mk)):
+                    sec, rss = _run(cmd)
+                    res.setdefault(method, {}).setdefault(who, []).append((sec, rss))
+                    print(f"  rep {rep + 1} {method:<16} {who:<9} {sec:6.2f}s  peak RSS {rss:6.0f} MiB", flush=True)
+    return res
+
+
+def print_speed(res: dict) -> None:
+    print(f"\n{'method':<16} {'hf_ame s':>9} {'mergekit s':>11} {'ratio':>6} {'hf_ame RSS':>11} {'mergekit RSS':>13}")
+    for method, d in res.items():
+        (hs, hr), (ms, mr) = min(d["hf_ame"]), min(d["mergekit"])
+        hr, mr = max(r for _, r in d["hf_ame"]), max(r for _, r in d["mergekit"])
+        print(f"{method:<16} {hs:9.2f} {ms:11.2f} {hs / ms:6.2f} {hr:9.0f} MiB {mr:9.0f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["quality", "speed"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--models", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=2)
+    a = ap.parse_args()
+    if a.part == "quality":
+        rows = quality(a.seeds, a.models)
+        print_quality(rows)
+        (HERE / ".data").mkdir(exist_ok=True)
+        (HERE / ".data" / "methods_quality.json").write_text(json.dumps(rows, indent=1, default=str))
+    else:
+        res = speed(a.reps)
+        print_speed(res)
+        (HERE / ".data" / "methods_speed.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

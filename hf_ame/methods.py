@@ -1,0 +1,330 @@
+"""Merge methods as pseudogradient transforms: mergekit's task-vector methods inside AME.
+
+An AME step feeds the optimizer a pseudogradient built from the batch's ingredients and the pivot
+p (the current merge, or w_0 with a fixed pivot): by default g = mean_j (p - x_j). A *method*
+builds g differently, from the task vectors d_j = x_j - p:
+
+- ``task_arithmetic``: g = -lambda * sum_j weight_j d_j (divided by sum_j weight_j with ``normalize``);
+- ``ties``: each d_j trimmed to its ``density`` largest magnitudes, a sign elected per coordinate
+  (the sign of sum_j weight_j d_j), the weighted mean of the agreeing entries (disjoint mean);
+- ``dare_linear`` / ``dare_ties``: each d_j keeps a random ``density`` of its entries (seeded),
+  rescaled to its original L1 norm, then summed (linear) or sign-elected (ties);
+- ``breadcrumbs`` / ``breadcrumbs_ties``: drop the ``gamma`` largest and the smallest magnitudes,
+  keeping ``density``;
+- ``slerp``: g = p - slerp(t, p, x) over each whole tensor (one model besides the base);
+- ``model_stock``: g = t (p - mean_j x_j), t = N cos / (1 + (N - 1) cos) from the mean cosine
+  between the task vectors (Model Stock).
+
+With the pivot at the base model and SGD, lr 1 (constant), one epoch, all ingredients in one step
+and a fixed pivot (:meth:`AMEConfig.one_shot`), one step gives w = base - g: exactly mergekit's
+merge of that name (tested against mergekit 0.1.5). Any other optimizer, lr, batch size or epoch
+count composes the method with AME. Parameters keep mergekit's names and defaults.
+
+Memory: a method holds the pivot, one ingredient's task vector and two accumulators per tensor,
+never the N copies together; methods with a sign election (``*_ties``, ``model_stock``) read each
+ingredient of a step twice instead of stacking them. Everything here is pure (tensors in, tensor out).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["MethodEntry", "MethodContext", "register_method", "get_method", "list_methods", "method_parameters",
+           "PER_MODEL"]
+
+# parameters that may be one value per ingredient (a list in merge order), as mergekit's per-model parameters
+PER_MODEL = ("weight", "density", "gamma", "epsilon", "t")
+
+
+@dataclass
+class MethodContext:
+    """What a method sees for one tensor in one step: the pivot ``p`` (float, the merge's
+    device), ``get(i)`` (batch element i's copy as a fresh float tensor, read when called),
+    ``indices`` (the ingredients of the batch, in merge order), ``param(name, i)`` (a parameter
+    for batch element i), and ``generator(i)`` (a seeded generator: the same for the same seed,
+    tensor, step and ingredient, so a second pass draws the same mask)."""
+
+    pivot: torch.Tensor
+    get: Callable[[int], torch.Tensor]
+    indices: Sequence[int]
+    params: Mapping[str, Any]
+    seed: int
+    key: str
+    step: int
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+    def param(self, name: str, i: int) -> Any:
+        v = self.params[name]
+        return v[self.indices[i]] if isinstance(v, (list, tuple)) else v
+
+    def generator(self, i: int) -> torch.Generator:
+        text = f"{self.seed}/{self.key}/{self.step}/{self.indices[i]}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered method: ``fn(ctx) -> pseudogradient`` (float, the pivot's shape and device).
+
+    ``defaults``: every parameter with its default (mergekit's); ``needs_base``: its one-shot form
+    measures task vectors from a base model; ``models``: (min, max) ingredients besides the base;
+    ``passes``: how many times ``fn`` reads each batch ingredient (the reader prefetches along it)."""
+
+    name: str
+    fn: Callable[[MethodContext], torch.Tensor]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    needs_base: bool = True
+    models: Tuple[int, Optional[int]] = (1, None)
+    passes: int = 1
+    reference: str = ""
+
+
+_METHODS: Dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, fn: Callable[[MethodContext], torch.Tensor], *, defaults: Mapping[str, Any] = (),
+                    description: str = "", needs_base: bool = True, models: Tuple[int, Optional[int]] = (1, None),
+                    passes: int = 1, reference: str = "", overwrite: bool = False) -> MethodEntry:
+    """Register a pseudogradient transform under ``name`` (see :class:`MethodEntry`); raises
+    ``ValueError`` if the name is taken and ``overwrite`` is False."""
+    key = name.lower()
+    if key in _METHODS and not overwrite:
+        raise ValueError(f"method name {key!r} is already registered; pass overwrite=True to replace it")
+    entry = MethodEntry(key, fn, dict(defaults), description, needs_base, models, passes, reference)
+    _METHODS[key] = entry
+    return entry
+
+
+def get_method(name: str) -> MethodEntry:
+    """The entry of a registered method; :class:`ConfigError` naming the choices otherwise."""
+    entry = _METHODS.get(str(name).lower())
+    if entry is None:
+        raise ConfigError(f"method: unknown method {name!r}; expected one of {', '.join(sorted(_METHODS))}")
+    return entry
+
+
+def list_methods() -> List[MethodEntry]:
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """The method's parameters: its defaults updated with ``kwargs`` (``lambda_`` accepted for
+    ``lambda``), each checked; errors name the field (``method_kwargs.density: ...``)."""
+    entry = get_method(name)
+    out = dict(entry.defaults)
+    for k, v in kwargs.items():
+        k = "lambda" if k == "lambda_" else k
+        if k not in entry.defaults:
+            raise ConfigError(f"{prefix}method_kwargs.{k}: not a parameter of {entry.name!r}; expected one of "
+                              f"{', '.join(sorted(entry.defaults)) or 'none'}")
+        out[k] = list(v) if isinstance(v, tuple) else v
+    for k, v in out.items():
+        _check_param(entry.name, k, v, f"{prefix}method_kwargs.{k}")
+    return out
+
+
+_RANGES = {  # name: (test, what it must be)
+    "density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "gamma": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "epsilon": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "t": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "weight": (math.isfinite, "a finite number"),
+    "lambda": (math.isfinite, "a finite number"),
+}
+
+
+def _check_param(method: str, name: str, value: Any, where: str) -> None:
+    if name in ("normalize", "rescale", "filter_wise", "int8_mask"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return
+    test, what = _RANGES.get(name, (math.isfinite, "a finite number"))
+    values = value if (isinstance(value, list) and name in PER_MODEL) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not test(v):
+            extra = " (or one per ingredient)" if name in PER_MODEL else ""
+            raise ConfigError(f"{where}: expected {what}{extra}, got {value!r}")
+
+
+def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: bool) -> None:
+    """Refuse, before any weight is read, a method that cannot run on ``n_models`` ingredients
+    (besides the base) or without a base, or a per-ingredient list of the wrong length."""
+    entry = get_method(name)
+    if entry.needs_base and not has_base:
+        raise ConfigError(f"method: {entry.name!r} measures task vectors from a base model: give base_model= to "
+                          "from_pretrained (or a base checkpoint folder as pivot) and pivot='base'")
+    lo, hi = entry.models
+    if n_models < lo or (hi is not None and n_models > hi):
+        want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+        raise ConfigError(f"method: {entry.name!r} merges {want} model(s) besides the base, got {n_models}")
+    for k, v in params.items():
+        if isinstance(v, list) and len(v) != n_models:
+            raise ConfigError(f"method_kwargs.{k}: {len(v)} values for {n_models} ingredients")
+
+
+# ---------------------------------------------------------------------------------------------- sparsification
+def _rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the ``density`` largest magnitudes (at least one entry)."""
+    if density >= 1:
+        return d
+    k = max(1, int(density * d.numel()))
+    mask = torch.zeros(d.numel(), dtype=d.dtype, device=d.device)
+    mask[torch.topk(d.abs().reshape(-1), k, sorted=False).indices] = 1
+    masked = d * mask.view_as(d)
+    return _rescale_l1(d, masked) if rescale else masked
+
+
+def magnitude_outliers(d: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Drop the ``gamma`` largest magnitudes, then the smallest, keeping ``density`` (breadcrumbs)."""
+    if density >= 1:
+        return d
+    n = d.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(d.abs().reshape(-1)).indices
+    mask = torch.zeros(n, dtype=d.dtype, device=d.device)
+    mask[order[bottom:bottom + keep]] = 1
+    masked = d * mask.view_as(d)
+    return _rescale_l1(d, masked) if rescale else masked
+
+
+def random_drop(d: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """Keep each entry with probability ``density`` (DARE), rescaled to the original L1 norm."""
+    if density >= 1:
+        return d
+    mask = torch.bernoulli(torch.full(d.shape, float(density), dtype=torch.float32), generator=generator)
+    masked = d * mask.to(device=d.device, dtype=d.dtype)
+    return _rescale_l1(d, masked) if rescale else masked
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) -> torch.Tensor:
+    p = ctx.pivot
+
+    def vector(i: int) -> torch.Tensor:  # weight_i * sparsified (x_i - p); identical on a second pass
+        d = ctx.get(i).sub_(p)
+        if sparsify == "magnitude":
+            d = magnitude(d, ctx.param("density", i), ctx.params["rescale"])
+        elif sparsify == "random":
+            d = random_drop(d, ctx.param("density", i), ctx.generator(i), ctx.params["rescale"])
+        elif sparsify == "outliers":
+            d = magnitude_outliers(d, ctx.param("density", i), ctx.param("gamma", i), ctx.params["rescale"])
+        return d.mul_(ctx.param("weight", i))
+
+    weights = [float(ctx.param("weight", i)) for i in range(ctx.n)]
+    mixed = torch.zeros_like(p)
+    if consensus:  # pass 1: the elected sign of each coordinate; pass 2: the agreeing entries
+        for i in range(ctx.n):
+            mixed.add_(vector(i))
+        majority = torch.where(mixed >= 0, 1.0, -1.0).to(p.dtype)
+        mixed.zero_()
+        divisor = torch.zeros_like(p)
+        for i in range(ctx.n):
+            d = vector(i)
+            agree = (d.sign() == majority).to(p.dtype)
+            mixed.add_(d.mul_(agree))
+            divisor.add_(agree, alpha=weights[i])
+        divisor[divisor == 0] = 1
+    else:
+        for i in range(ctx.n):
+            mixed.add_(vector(i))
+        total = sum(weights)
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=p.dtype, device=p.device)
+    if ctx.params["normalize"]:
+        mixed.div_(divisor)
+    if ctx.params["lambda"] != 1:
+        mixed.mul_(ctx.params["lambda"])
+    return mixed.neg_()  # g = p - (p + mixed)
+
+
+def _slerp(ctx: MethodContext) -> torch.Tensor:
+    """Over the whole tensor, flattened (as mergekit 0.1.5); linear where the two are (anti)parallel."""
+    p, t = ctx.pivot, float(ctx.param("t", 0))
+    x = ctx.get(0)
+    a, b = p.reshape(1, -1), x.reshape(1, -1)
+    if a.shape[1] == 0:
+        return torch.zeros_like(p)
+    na = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    nb = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    na, nb = torch.where(na > 1e-8, na, 1), torch.where(nb > 1e-8, nb, 1)
+    dot = ((a / na) * (b / nb)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    linear = dot.abs() > float(ctx.params["dot_threshold"])
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin = torch.sin(theta)
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin)
+    return (a - (ca * a + cb * b)).reshape(p.shape)
+
+
+def _model_stock(ctx: MethodContext) -> torch.Tensor:
+    """Model Stock: pass 1 the norms of the task vectors and their sum; pass 2 the sum of the unit
+    vectors, whose squared norm gives the sum of the pairwise cosines without holding pairs."""
+    p, n = ctx.pivot, ctx.n
+    filter_wise = bool(ctx.params["filter_wise"])
+    # filter-wise: one angle per slice of the last dimension (mergekit's dim=-1 on the tensor as it is)
+    shape = (tuple(p.shape) if p.dim() > 1 else (1, -1)) if filter_wise else (1, -1)
+    total = torch.zeros_like(p)
+    norms = []
+    for i in range(n):
+        d = ctx.get(i).sub_(p)
+        norms.append(torch.linalg.vector_norm(d.reshape(shape).double(), dim=-1, keepdim=True))
+        total.add_(d)
+    units = torch.zeros(p.reshape(shape).shape, dtype=torch.float64, device=p.device)
+    for i in range(n):
+        d = ctx.get(i).sub_(p).reshape(shape).double()
+        units.add_(d / norms[i].clamp(min=1e-12))
+    sq = sum((nm > 1e-12).double() for nm in norms)  # |u_i|^2: 1, or 0 for a zero task vector
+    pairs = n * (n - 1) / 2
+    cos = ((units.pow(2).sum(dim=-1, keepdim=True) - sq) / 2 / pairs).clamp(-1, 1)
+    den = 1 + (n - 1) * cos
+    t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), n * cos / torch.where(den.abs() < 1e-6, 1, den))
+    # merge = t * mean + (1 - t) * p = p + t * mean_i d_i  ->  g = -t * mean_i d_i
+    return (total.reshape(shape).double() * (-t / n)).to(p.dtype).reshape(p.shape)
+
+
+_TV = {"weight": 1.0, "lambda": 1.0, "int8_mask": False}
+register_method("task_arithmetic", lambda c: _task_vectors(c, None, False),
+                defaults={**_TV, "normalize": False, "rescale": False},
+                description="sum of weighted task vectors (Ilharco et al. 2023)",
+                reference="https://arxiv.org/abs/2212.04089")
+register_method("ties", lambda c: _task_vectors(c, "magnitude", True),
+                defaults={**_TV, "density": 1.0, "normalize": True, "rescale": False}, passes=2,
+                description="trim to the largest magnitudes, elect a sign, disjoint mean (Yadav et al. 2023)",
+                reference="https://arxiv.org/abs/2306.01708")
+register_method("dare_linear", lambda c: _task_vectors(c, "random", False),
+                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": True},
+                description="drop entries at random and rescale, then sum (Yu et al. 2024)",
+                reference="https://arxiv.org/abs/2311.03099")
+register_method("dare_ties", lambda c: _task_vectors(c, "random", True),
+                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": True}, passes=2,
+                description="DARE drops, then TIES' sign election", reference="https://arxiv.org/abs/2311.03099")
+register_method("breadcrumbs", lambda c: _task_vectors(c, "outliers", False),
+                defaults={**_TV, "density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False},
+                description="drop the largest outliers and the smallest magnitudes (Davari & Belilovsky 2023)",
+                reference="https://arxiv.org/abs/2312.06795")
+register_method("breadcrumbs_ties", lambda c: _task_vectors(c, "outliers", True),
+                defaults={**_TV, "density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False}, passes=2,
+                description="breadcrumbs, then TIES' sign election", reference="https://arxiv.org/abs/2312.06795")
+register_method("slerp", _slerp, defaults={"t": 0.5, "dot_threshold": 0.9995}, models=(1, 1),
+                description="spherical interpolation between the base and one model, tensor by tensor",
+                reference="https://en.wikipedia.org/wiki/Slerp")
+register_method("model_stock", _model_stock, defaults={"filter_wise": False}, models=(2, None), passes=2,
+                description="interpolate the mean toward the base by the task vectors' angle (Jang et al. 2024)",
+                reference="https://arxiv.org/abs/2403.19522")

@@ -1,0 +1,203 @@
+"""Merge methods (issue 13): mergekit's task-vector methods, SLERP and Model Stock as pseudogradient
+transforms. One-shot, each equals mergekit 0.1.5 on the same checkpoints; composed with AME they
+stream like any merge; bad parameters fail before any weight is read."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hf_ame
+from hf_ame import AMEConfig, AMEMerger, ConfigError, merge_checkpoints, plan_merge
+from hf_ame.checkpoints import Checkpoint
+from hf_ame.methods import list_methods
+from hf_ame.testing import make_family
+
+from conftest import read_state
+
+mergekit_merge = pytest.importorskip("mergekit.merge")  # in the test extra: the reference implementation
+from mergekit.config import MergeConfiguration  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """A base and 3 fine-tunes (float32; 512 x 64 embeddings: trimming and ranks matter)."""
+    root = tmp_path_factory.mktemp("methods")
+    paths = make_family("llama", root, 4, seed=7, noise=0.02, hidden_size=64, intermediate_size=128, vocab_size=512)
+    return paths[0], paths[1:]
+
+
+def run_mergekit(method, base, models, params, out):
+    per = ("weight", "density", "gamma")
+    entries = [{"model": str(m), "parameters": {k: (v[i] if isinstance(v, list) else v) for k, v in params.items() if k in per}}
+               for i, m in enumerate(models)]
+    if method == "slerp":
+        entries.append({"model": str(base)})
+    cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32", "models": entries}
+    shared = {k: v for k, v in params.items() if k not in per}
+    if shared:
+        cfg["parameters"] = shared
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                             mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+    return read_state(out)
+
+
+CASES = {
+    "task_arithmetic": {"weight": [0.5, 0.3, 0.8], "lambda": 0.9},
+    "ties": {"weight": [1.0, 0.6, 0.8], "density": 0.5},
+    "ties_normalize_off": {"weight": 0.7, "density": [0.3, 0.6, 0.9], "normalize": False},
+    "breadcrumbs": {"weight": 0.7, "density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"weight": 1.0, "density": 0.7, "gamma": 0.02},
+    "model_stock": {},
+    "slerp": {"t": 0.3},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_shot_equals_mergekit(fam, tmp_path, case):
+    method = case.replace("_normalize_off", "")
+    params = CASES[case]
+    base, fts = fam
+    models = fts[:1] if method == "slerp" else fts
+    want = run_mergekit(method, base, models, params, tmp_path / "mergekit")
+    got = read_state(merge_checkpoints(models, tmp_path / "ours", AMEConfig.one_shot(method, **params)
+                                       .replace(pivot=str(base)), progress=False).output_dir)
+    base_state = read_state(base)
+    assert set(got) == set(want)
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-6, k
+    moved = max((got[k] - base_state[k]).abs().max().item() for k in got)
+    assert moved > 0.02  # the merge really moved away from the base
+
+
+def test_dare_keeps_density_and_the_l1_norm_and_is_reproducible(fam, tmp_path):
+    base, fts = fam
+    cfg = AMEConfig.one_shot("dare_linear", density=0.3).replace(pivot=str(base), seed=5)
+    a = read_state(merge_checkpoints(fts[:1], tmp_path / "a", cfg, progress=False).output_dir)
+    b = read_state(merge_checkpoints(fts[:1], tmp_path / "b", cfg, progress=False).output_dir)
+    c = read_state(merge_checkpoints(fts[:1], tmp_path / "c", cfg.replace(seed=6), progress=False).output_dir)
+    mk = run_mergekit("dare_linear", base, fts[:1], {"weight": 1.0, "density": 0.3}, tmp_path / "mk")
+    b0, x = read_state(base), read_state(fts[0])
+    name = "model.embed_tokens.weight"  # 32768 entries
+    for state in (a, mk):
+        d = state[name] - b0[name]
+        kept = (d != 0).float().mean().item()
+        assert abs(kept - 0.3) < 0.02, kept
+        # rescaled to the task vector's own L1 norm (mergekit's DARE rescale)
+        assert torch.allclose(d.abs().sum(), (x[name] - b0[name]).abs().sum(), rtol=1e-4)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed: the same drops
+    assert not torch.equal(a[name], c[name])
+
+
+def test_methods_compose_with_ame_and_stream(fam, tmp_path):
+    """TIES + AdamW, 2 epochs, batches of 2: the rows reader (one copy at a time, read twice per
+    step) gives the bytes of the tensor reader (all copies in memory); the pure function agrees."""
+    base, fts = fam
+    cfg = AMEConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=2, pivot=str(base), method="ties",
+                    method_kwargs={"density": 0.5})
+    rows = merge_checkpoints(fts, tmp_path / "rows", cfg, progress=False, stream="ingredient")
+    whole = merge_checkpoints(fts, tmp_path / "whole", cfg, progress=False, stream="tensor")
+    r, w = read_state(rows.output_dir), read_state(whole.output_dir)
+    assert all(torch.equal(r[k], w[k]) for k in r)
+    plan = plan_merge(fts, tmp_path / "p", cfg, stream="ingredient")
+    assert rows.bytes_read == plan.bytes_to_read  # every step's batch read twice, the base once
+    assert {t.transform for t in plan.tensors} == {"ties"} and {t.reader for t in plan.tensors} == {"rows"}
+    one = Checkpoint(base).tensors
+    # per epoch, steps [a, b] and [c], each read twice: a b a b c (c's second pass reuses its copy)
+    assert rows.bytes_read == sum(i.nbytes for i in one.values()) * (1 + 5 * cfg.epochs)
+    name = "model.layers.0.mlp.up_proj.weight"
+    pure = hf_ame.ame_merge([read_state(p)[name] for p in fts], cfg.replace(pivot="base"), base=read_state(base)[name])
+    assert torch.allclose(pure, r[name], atol=1e-6)
+    assert (r[name] - read_state(base)[name]).abs().max() > 1e-3
+
+
+def test_bad_parameters_fail_before_any_weight_is_read(fam, tmp_path, monkeypatch):
+    base, fts = fam
+
+    def refuse(*a, **k):
+        raise AssertionError("read a weight")
+
+    monkeypatch.setattr(Checkpoint, "get_tensor", refuse)
+    monkeypatch.setattr(Checkpoint, "read_flat", refuse)
+    with pytest.raises(ConfigError, match=r"method_kwargs\.density: expected a number in \(0, 1\]"):
+        AMEConfig.one_shot("ties", density=1.5)
+    with pytest.raises(ConfigError, match="method_kwargs.densty: not a parameter of 'ties'"):
+        AMEConfig.one_shot("ties", densty=0.5).validate()
+    with pytest.raises(ConfigError, match="method: unknown method 'tie'"):
+        AMEConfig(method="tie").validate()
+    with pytest.raises(ConfigError, match="'slerp' merges exactly 1 model"):
+        merge_checkpoints(fts, tmp_path / "o", AMEConfig.one_shot("slerp").replace(pivot=str(base)), progress=False)
+    with pytest.raises(ConfigError, match="'model_stock' merges at least 2"):
+        merge_checkpoints(fts[:1], tmp_path / "o", AMEConfig.one_shot("model_stock").replace(pivot=str(base)),
+                          progress=False)
+    with pytest.raises(ConfigError, match="'ties' measures task vectors from a base model"):
+        merge_checkpoints(fts, tmp_path / "o", AMEConfig(method="ties"), progress=False)
+    with pytest.raises(ConfigError, match=r"method_kwargs\.weight: 2 values for 3 ingredients"):
+        merge_checkpoints(fts, tmp_path / "o", AMEConfig.one_shot("ties", weight=[1, 1]).replace(pivot=str(base)),
+                          progress=False)
+    merger = AMEMerger.from_pretrained([str(p) for p in fts], device_map="cpu")
+    with pytest.raises(ConfigError, match="base_model"):
+        merger.merge(method="ties", density=0.5, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_merger_method_alone_composed_recipe_and_card(fam, tmp_path):
+    base, fts = fam
+    merger = AMEMerger.from_pretrained([str(p) for p in fts], base_model=str(base), device_map="cpu")
+    alone = merger.merge(method="ties", density=0.5, weight=[1.0, 0.6, 0.8], output_dir=tmp_path / "alone", progress=False)
+    assert alone.config.optimizer == "sgd" and alone.config.batch_size is None  # the one-shot settings
+    want = run_mergekit("ties", base, fts, {"weight": [1.0, 0.6, 0.8], "density": 0.5}, tmp_path / "mk")
+    got = read_state(alone.output_dir)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    recipe = yaml.safe_load((alone.output_dir / "ame_recipe.yaml").read_text())
+    assert recipe["merge"]["method"] == "ties" and recipe["merge"]["method_kwargs"]["density"] == 0.5
+    card = (alone.output_dir / "README.md").read_text()
+    assert "ties" in card and "density" in card
+    again = AMEMerger.from_recipe(alone.output_dir / "ame_recipe.yaml").merge(output_dir=tmp_path / "again", progress=False)
+    assert all(torch.equal(got[k], read_state(again.output_dir)[k]) for k in got)
+    composed = merger.merge(method="dare_ties", density=0.6, optimizer="adam", lr=1e-3, epochs=2,
+                            output_dir=tmp_path / "composed", progress=False)
+    assert composed.config.optimizer == "adam" and composed.config.method == "dare_ties"
+    assert composed.report.steps == 6  # batch 1, 3 ingredients, 2 epochs
+
+
+def test_flat_recipe_keys_like_mergekit(fam, tmp_path):
+    base, fts = fam
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"hf_ame": 1, "models": [str(p) for p in fts], "base_model": str(base),
+                                    "merge": {"method": "ties", "density": 0.5, "lambda": 0.8, "optimizer": "sgd",
+                                              "lr": 1.0, "lr_schedule": "constant", "batch_size": None,
+                                              "adaptive_pivot": False, "pivot": "base", "epochs": 1}}))
+    result = AMEMerger.from_recipe(path).merge(output_dir=tmp_path / "o", progress=False)
+    want = run_mergekit("ties", base, fts, {"weight": 1.0, "density": 0.5, "lambda": 0.8}, tmp_path / "mk")
+    got = read_state(result.output_dir)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_registry_lists_every_method_with_mergekit_defaults():
+    names = {m.name for m in list_methods()}
+    assert {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
+            "model_stock"} <= names
+    ties = AMEConfig.one_shot("ties").method_arguments()
+    assert ties["normalize"] is True and ties["density"] == 1.0 and ties["lambda"] == 1.0
+    assert AMEConfig.one_shot("dare_linear").method_arguments()["rescale"] is True
+    assert AMEConfig.one_shot("breadcrumbs").method_arguments()["gamma"] == 0.01
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_cli_method_alone_and_composed(fam, tmp_path, capsys):
+    from hf_ame.cli import main
+
+    base, fts = fam
+    common = [*map(str, fts), "--base-model", str(base), "--method", "ties", "--param", "density=0.5",
+              "--param", "weight=[1.0,0.6,0.8]", "--device", "cpu", "--no-progress"]
+    assert main(["merge", *common, "--out", str(tmp_path / "alone")]) == 0
+    assert "method ties, 1 sgd step per tensor" in capsys.readouterr().out
+    want = run_mergekit("ties", base, fts, {"weight": [1.0, 0.6, 0.8], "density": 0.5}, tmp_path / "mk")
+    got = read_state(tmp_path / "alone")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    assert main(["merge", *common, "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "2", "--out", str(tmp_path / "c")]) == 0
+    assert "method ties, 6 adamw steps per tensor" in capsys.readouterr().out
+    assert main(["merge", *map(str, fts), "--method", "ties", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "measures task vectors from a base model" in capsys.readouterr().err
