@@ -7,8 +7,9 @@
 quality: for each seed, 6 ViT fine-tunes of one pretrained model that each never see half of the
 classes (examples/digits.py), with that pretrained model (and the head init) as base. Each method
 alone (one shot, its parameter chosen on the validation split from a small grid) and composed with
-AdamW-AME (method parameter, lr and epochs chosen on validation); the uniform soup, the best single
-ingredient and plain AdamW-AME for reference. Test accuracy, mean and spread over seeds.
+AdamW-AME (all ingredients in each step, from the base; method parameter, lr and epochs chosen on
+validation); the uniform soup, the best single ingredient and plain AdamW-AME (soup pivot) for
+reference. Test accuracy, mean and spread over seeds.
 
 speed: a base and 3 fine-tunes of a ~75M-parameter Llama (float32, ~300 MB each, under
 benchmarks/.data), each method one shot by `hf-ame merge` and by `mergekit-yaml`, each run in its own
@@ -36,11 +37,13 @@ GRIDS = {  # each method's own parameter, chosen on validation
     "task_arithmetic": [{"weight": w} for w in (1 / 6, 0.3, 0.5)],
     "ties": [{"density": d, "weight": 1.0} for d in (0.2, 0.5, 0.8)],
     "dare_linear": [{"density": d, "weight": 1 / 6} for d in (0.3, 0.5, 0.8)],
-    "dare_ties": [{"density": d, "weight": 1.0} for d in (0.3, 0.5, 0.8)],
-    "breadcrumbs_ties": [{"density": d, "gamma": 0.01, "weight": 1.0} for d in (0.5, 0.8, 0.9)],
+    "dare_ties": [{"density": d, "weight": 1 / 6} for d in (0.3, 0.5, 0.8)],  # normalize is off (mergekit's default)
+    "breadcrumbs_ties": [{"density": d, "gamma": 0.01, "weight": 1 / 6} for d in (0.5, 0.8, 0.9)],
     "model_stock": [{}],
 }
 AME_GRID = [dict(optimizer="adamw", lr=lr, epochs=e) for lr, e in itertools.product((1e-4, 1e-3), (1, 5))]
+# composed: every ingredient in each step (the sign election sees them all), from the base
+METHOD_AME_GRID = [dict(optimizer="adamw", lr=lr, epochs=e, batch_size=None) for lr, e in itertools.product((1e-3, 1e-2), (3, 10))]
 
 
 def quality(seeds, n_models: int) -> dict:
@@ -76,7 +79,7 @@ def quality(seeds, n_models: int) -> dict:
             best("AdamW-AME", AME_GRID)
             for method, grid in GRIDS.items():
                 best(f"{method}", [dict(method=method, **g) for g in grid])
-                best(f"{method} + AdamW-AME", [dict(method=method, **g, **a) for g in grid for a in AME_GRID])
+                best(f"{method} + AdamW-AME", [dict(method=method, **g, **a) for g in grid for a in METHOD_AME_GRID])
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"[quality] seed {seed} done", flush=True)

@@ -206,12 +206,14 @@ class AMEStepper:
     ``state_dict`` / ``load_state_dict`` capture weights AND optimizer state (greedy AME).
     """
 
-    def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig, keys: Sequence[str] = ()):
+    def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig, keys: Sequence[str] = (),
+                 positions: Sequence[float] = ()):
         self.config = config
         # a merge method builds each step's pseudogradient (keys name the tensors: seeds of random drops)
         self.method = get_method(config.method) if config.method is not None else None
         self.method_params = config.method_arguments()
         self.keys = list(keys) or [f"tensor{k}" for k in range(len(init))]
+        self.positions = list(positions) or [0.0] * len(init)  # layer position 0..1 (mergekit's gradient t)
         self.weights: List[torch.Tensor] = [w.detach().clone() for w in init]
         # The fixed pivot is only kept when it is used.
         self.pivots: Optional[List[torch.Tensor]] = None if config.adaptive_pivot else [w.clone() for w in self.weights]
@@ -250,7 +252,8 @@ class AMEStepper:
         def get(i: int) -> torch.Tensor:
             return copies[step.batch[i]].to(device=p.device, dtype=p.dtype, copy=True)
 
-        ctx = MethodContext(p, get, step.batch, self.method_params, int(self.config.seed), self.keys[k], step.t)
+        ctx = MethodContext(p, get, step.batch, self.method_params, int(self.config.seed), self.keys[k], step.t,
+                            self.positions[k])
         return self.method.fn(ctx)
 
     def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
@@ -317,6 +320,7 @@ def merge_tensor(
     exact_soup: bool = False,
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
     key: str = "tensor0",
+    position: float = 0.0,
 ) -> torch.Tensor:
     """Merge one tensor from its N copies (in the given order) along the precomputed ``steps``.
 
@@ -340,7 +344,7 @@ def merge_tensor(
                                  exact_soup=exact_soup)
         else:
             merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
-                                 exact_soup=exact_soup, key=key).to(out_dtype)
+                                 exact_soup=exact_soup, key=key, position=position).to(out_dtype)
         return _check_finite(merged, ingredients)
     bounds = block_bounds(numel, block_size)
     flats = [t.view(-1) for t in srcs]
@@ -381,14 +385,16 @@ def block_bounds(numel: int, block_size: int) -> List[Tuple[int, int]]:
 
 def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec,
                 *, base: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
-                exact_soup: bool = False, key: str = "tensor0") -> torch.Tensor:
+                exact_soup: bool = False, key: str = "tensor0", position: float = 0.0) -> torch.Tensor:
     """Merge one tensor, or one block of coordinates of it, through all ``steps`` at once
     (``ingredients[j]``: ingredient j's copy; ``key``: the tensor's name, seeding a method's
-    random drops); returns the compute dtype on ``device``."""
+    random drops; ``position``: its layer, 0 to 1, for per-layer parameter gradients); returns the
+    compute dtype on ``device``."""
     dtype = config.torch_compute_dtype
     if exact_soup:
         return soup(ingredients, dtype, device)
-    stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key])
+    stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key],
+                         [position])
     stepper.run(steps, [ingredients])
     return stepper.release()[0]
 

@@ -46,7 +46,8 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 recipe_yaml: str, scores: Optional[Dict[str, Any]] = None, metric: Optional[Dict[str, Any]] = None,
                 dataset: Optional[Dict[str, Any]] = None, greedy: Optional[str] = None,
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
-                seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None):
+                seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None,
+                mergekit_config: Optional[str] = None):
     """Returns (huggingface_hub.ModelCard, svg text or None)."""
     # huggingface_hub's card classes pull its HTTP stack (~8 MiB, 190 modules): imported when a card is made
     from huggingface_hub import ModelCard
@@ -86,6 +87,7 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         transformers_version=package_version("transformers"),
         reproduce=reproduce or "hf-ame merge ame_recipe.yaml --out merged",
         recipe_yaml=recipe_yaml,
+        mergekit_config=mergekit_config,
     )
     return card, svg
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .config import AMEConfig
-from .errors import HFAMEError
+from .errors import HFAMEError, OutputExistsError
 from .merger import AMEMerger
 from .optimizers import list_optimizers
 from .publish import push_folder
+from .recipe import load_recipe
 
 EXAMPLES = """examples:
   hf-ame merge recipes/adamw_ame.yaml --out merged                 # everything from a recipe file
@@ -27,6 +28,8 @@ EXAMPLES = """examples:
   hf-ame push merged me/vit-ame --private
   hf-ame score ./ft-a ./ft-b --metric accuracy --dataset ./val_dataset --split validation
   hf-ame optimizers
+  hf-ame convert mergekit_config.yml --out ame_recipe.yaml      # a mergekit config as an hf_ame recipe
+  hf-ame merge mergekit_config.yml --out merged                  # or run it as it is
 """
 
 
@@ -137,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-progress", dest="progress", action="store_false")
 
     sub.add_parser("optimizers", help="list the optimizer registry with defaults")
+    c = sub.add_parser("convert", help="write the hf_ame recipe equivalent to a mergekit config", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config", help="a mergekit_config.yml (or a folder or Hub repo holding one)")
+    c.add_argument("--out", default=None, help="where to write the recipe (refused if it exists); default: print it")
     return parser
 
 
@@ -249,6 +256,19 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    text = load_recipe(args.config).to_yaml()
+    if args.out is None:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    if out.exists():
+        raise OutputExistsError(f"{out} exists; choose another --out")
+    out.write_text(text)
+    print(f"wrote {out}: run it with hf-ame merge {out} --out DIR")
+    return 0
+
+
 def _cmd_optimizers(args: argparse.Namespace) -> int:
     for e in list_optimizers():
         alias = f" (alias: {', '.join(e.aliases)})" if e.aliases else ""
@@ -264,7 +284,8 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers}
+    handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers,
+                "convert": _cmd_convert}
     try:
         return handlers[args.command](args)
     except BrokenPipeError:  # `hf-ame optimizers | head`: the reader left; not an error of ours

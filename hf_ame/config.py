@@ -101,9 +101,10 @@ class AMEConfig:
     def one_shot(cls, method: str, **params: Any) -> "AMEConfig":
         """The settings under which AME with ``method`` is exactly mergekit's merge of that name:
         SGD, lr 1 (constant), one epoch, all ingredients in one step, the pivot fixed at the base
-        (``pivot="base"``: the ``base_model`` of ``from_pretrained``). ``params``: the method's."""
+        (``pivot="base"``: the ``base_model`` of ``from_pretrained``; methods without a base, such as
+        ``linear``, pivot on the first model). ``params``: the method's."""
         return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=1, batch_size=None, shuffle=False,
-                   pivot="base", adaptive_pivot=False, amplification=1.0, method=method,
+                   pivot="base" if get_method(method).needs_base else "first", adaptive_pivot=False, amplification=1.0, method=method,
                    method_kwargs=_lambda_name(params)).validate()
 
     @classmethod

@@ -238,7 +238,7 @@ class _Runner:
             # a streamed row is read whole per ingredient, so it is never split into blocks
             return merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
                                 exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
-                                key=tp.name)
+                                key=tp.name, position=tp.position)
         finally:
             if isinstance(ing, IngredientRow):
                 ing.close()

@@ -76,6 +76,7 @@ class MergeResult:
     candidates: List[str] = field(default_factory=list)
     max_shard_size: Union[int, str] = "5GB"
     base_id: Optional[str] = None
+    mergekit_config: Optional[str] = None  # the mergekit config this merge was read from (shown in the card)
     _model: Any = field(default=None, repr=False)
     _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
 
@@ -161,6 +162,8 @@ class MergeResult:
                 prov[key] = getattr(self, key)
         if self.scores:
             prov["scores"] = self.scores
+        if self.mergekit_config:
+            prov["mergekit_config"] = self.mergekit_config
         if o:
             prov["ordering"] = {k: (v if not hasattr(v, "_fingerprint") else f"in-memory dataset {v._fingerprint}")
                                 for k, v in o.items() if v is not None}
@@ -183,7 +186,7 @@ class MergeResult:
                                 model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores, metric=self.metric,
                                 dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
                                 dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
-                                repo_id=repo_id, reproduce=reproduce)
+                                repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config)
         (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
         card.save(self.output_dir / "README.md")
         written = ["README.md", RECIPE_FILE]
@@ -570,6 +573,8 @@ class AMEMerger:
         result.candidates = [i.id for i in chosen]
         result.max_shard_size = req.max_shard_size
         result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+        result.mergekit_config = ((self.recipe.provenance or {}).get("mergekit_config")
+                                  if self.recipe is not None else None)
         if metric is not None:
             self._score_result(result, req, metric, run, chosen, device, ings)
             result.ordering = req.ordering_record()

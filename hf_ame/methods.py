@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -57,18 +58,69 @@ class MethodContext:
     seed: int
     key: str
     step: int
+    position: float = 0.0  # the tensor's layer, 0 to 1 (mergekit's t for gradients); 0 outside the layers
 
     @property
     def n(self) -> int:
         return len(self.indices)
 
-    def param(self, name: str, i: int) -> Any:
+    def param(self, name: str, i: int = 0) -> Any:
+        """The value of ``name`` for batch element i on this tensor: per-ingredient lists, mergekit's
+        gradients and filters resolved; the method's default where nothing applies."""
         v = self.params[name]
-        return v[self.indices[i]] if isinstance(v, (list, tuple)) else v
+        if isinstance(v, (list, tuple)):
+            v = v[self.indices[i]]
+        if isinstance(v, Mapping):
+            v = resolve_setting(v, self.key, self.position)
+            if v is None:
+                v = get_method_default(self.params, name)
+        return v
 
     def generator(self, i: int) -> torch.Generator:
         text = f"{self.seed}/{self.key}/{self.step}/{self.indices[i]}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
+
+
+def resolve_setting(value: Any, tensor: str, t: float) -> Any:
+    """A parameter setting on one tensor, as mergekit 0.1.5's ``evaluate_setting``: a scalar; a
+    gradient ``{"gradient": [v0, ..., vk]}`` interpolated linearly at ``t`` (booleans: the value at
+    ``int(t * k)``); ``{"filters": [{"filter": substring or None, "value": setting}, ...]}``, the
+    first whose filter is None, ``"*"`` or a substring of the tensor's name. None when no filter matches."""
+    if not isinstance(value, Mapping):
+        return value
+    if "gradient" in value:
+        values = list(value["gradient"])
+        if not values:
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+    for cond in value.get("filters", ()):
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor and f in tensor):
+            return resolve_setting(cond["value"], tensor, t)
+    return None
+
+
+def layer_position(tensor: str, num_layers: Optional[int]) -> float:
+    """mergekit's t of a tensor: layer i of L is i / (L - 1) (1 when L == 1); tensors outside the
+    decoder layers (embeddings, final norm, head) are 0."""
+    m = _LAYER.search(tensor)
+    if m is None or not num_layers:
+        return 0.0
+    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.")
+
+
+def get_method_default(params: Mapping[str, Any], name: str) -> Any:
+    """The method's own default of ``name`` (``params["__method__"]`` names the method)."""
+    return get_method(params["__method__"]).defaults[name]
 
 
 @dataclass(frozen=True)
@@ -122,6 +174,7 @@ def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") ->
     ``lambda``), each checked; errors name the field (``method_kwargs.density: ...``)."""
     entry = get_method(name)
     out = dict(entry.defaults)
+    out["__method__"] = entry.name
     for k, v in kwargs.items():
         k = "lambda" if k == "lambda_" else k
         if k not in entry.defaults:
@@ -129,7 +182,8 @@ def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") ->
                               f"{', '.join(sorted(entry.defaults)) or 'none'}")
         out[k] = list(v) if isinstance(v, tuple) else v
     for k, v in out.items():
-        _check_param(entry.name, k, v, f"{prefix}method_kwargs.{k}")
+        if k != "__method__":
+            _check_param(entry.name, k, v, f"{prefix}method_kwargs.{k}")
     return out
 
 
@@ -143,13 +197,35 @@ _RANGES = {  # name: (test, what it must be)
 }
 
 
+def _scalars(value: Any, where: str) -> List[Any]:
+    """Every scalar inside a setting (gradients, filters), checking the setting's shape."""
+    if not isinstance(value, Mapping):
+        return [value]
+    if set(value) == {"gradient"} and isinstance(value["gradient"], list) and value["gradient"]:
+        return list(value["gradient"])
+    if set(value) == {"filters"} and isinstance(value["filters"], list):
+        out: List[Any] = []
+        for cond in value["filters"]:
+            if not (isinstance(cond, Mapping) and "value" in cond and set(cond) <= {"filter", "value"}):
+                raise ConfigError(f"{where}: each filter is {{filter: <substring>, value: <setting>}}, got {cond!r}")
+            out += _scalars(cond["value"], where)
+        return out
+    raise ConfigError(f"{where}: a setting is a value, {{gradient: [values]}} or {{filters: [...]}}, got {value!r}")
+
+
 def _check_param(method: str, name: str, value: Any, where: str) -> None:
+    if isinstance(value, Mapping) or (isinstance(value, list) and any(isinstance(v, Mapping) for v in value)):
+        for v in (value if isinstance(value, list) else [value]):
+            for x in _scalars(v, where):
+                _check_param(method, name, x, where)
+        return
     if name in ("normalize", "rescale", "filter_wise", "int8_mask"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return
     test, what = _RANGES.get(name, (math.isfinite, "a finite number"))
     values = value if (isinstance(value, list) and name in PER_MODEL) else [value]
+    values = [v for v in values if v is not None]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not test(v):
             extra = " (or one per ingredient)" if name in PER_MODEL else ""
@@ -221,11 +297,11 @@ def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) 
     def vector(i: int) -> torch.Tensor:  # weight_i * sparsified (x_i - p); identical on a second pass
         d = ctx.get(i).sub_(p)
         if sparsify == "magnitude":
-            d = magnitude(d, ctx.param("density", i), ctx.params["rescale"])
+            d = magnitude(d, ctx.param("density", i), ctx.param("rescale"))
         elif sparsify == "random":
-            d = random_drop(d, ctx.param("density", i), ctx.generator(i), ctx.params["rescale"])
+            d = random_drop(d, ctx.param("density", i), ctx.generator(i), ctx.param("rescale"))
         elif sparsify == "outliers":
-            d = magnitude_outliers(d, ctx.param("density", i), ctx.param("gamma", i), ctx.params["rescale"])
+            d = magnitude_outliers(d, ctx.param("density", i), ctx.param("gamma", i), ctx.param("rescale"))
         return d.mul_(ctx.param("weight", i))
 
     weights = [float(ctx.param("weight", i)) for i in range(ctx.n)]
@@ -247,10 +323,10 @@ def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) 
             mixed.add_(vector(i))
         total = sum(weights)
         divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=p.dtype, device=p.device)
-    if ctx.params["normalize"]:
+    if ctx.param("normalize"):
         mixed.div_(divisor)
-    if ctx.params["lambda"] != 1:
-        mixed.mul_(ctx.params["lambda"])
+    if ctx.param("lambda") != 1:
+        mixed.mul_(ctx.param("lambda"))
     return mixed.neg_()  # g = p - (p + mixed)
 
 
@@ -265,7 +341,7 @@ def _slerp(ctx: MethodContext) -> torch.Tensor:
     nb = torch.linalg.vector_norm(b, dim=1, keepdim=True)
     na, nb = torch.where(na > 1e-8, na, 1), torch.where(nb > 1e-8, nb, 1)
     dot = ((a / na) * (b / nb)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    linear = dot.abs() > float(ctx.params["dot_threshold"])
+    linear = dot.abs() > float(ctx.param("dot_threshold"))
     theta = torch.acos(torch.where(linear, 0, dot))
     sin = torch.sin(theta)
     ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin)
@@ -277,7 +353,9 @@ def _model_stock(ctx: MethodContext) -> torch.Tensor:
     """Model Stock: pass 1 the norms of the task vectors and their sum; pass 2 the sum of the unit
     vectors, whose squared norm gives the sum of the pairwise cosines without holding pairs."""
     p, n = ctx.pivot, ctx.n
-    filter_wise = bool(ctx.params["filter_wise"])
+    if n == 1:  # a one-ingredient step (batch_size 1, or an epoch's last batch) has no angle: a plain step
+        return ctx.get(0).sub_(p).neg_()
+    filter_wise = bool(ctx.param("filter_wise"))
     # filter-wise: one angle per slice of the last dimension (mergekit's dim=-1 on the tensor as it is)
     shape = (tuple(p.shape) if p.dim() > 1 else (1, -1)) if filter_wise else (1, -1)
     total = torch.zeros_like(p)
@@ -299,6 +377,23 @@ def _model_stock(ctx: MethodContext) -> torch.Tensor:
     return (total.reshape(shape).double() * (-t / n)).to(p.dtype).reshape(p.shape)
 
 
+def _linear(ctx: MethodContext) -> torch.Tensor:
+    """mergekit's linear: the weighted average sum_j weight_j x_j / sum_j weight_j (``normalize``)."""
+    p = ctx.pivot
+    g = torch.zeros_like(p)
+    total = 0.0
+    for i in range(ctx.n):
+        w = float(ctx.param("weight", i))
+        g.add_(ctx.get(i).sub_(p), alpha=w)
+        total += w
+    if ctx.param("normalize") and abs(total) >= 1e-8:
+        g.div_(total)
+    return g.neg_()
+
+
+register_method("linear", _linear, defaults={"weight": 1.0, "normalize": True}, needs_base=False,
+                description="weighted average of the models (Wortsman et al. 2022's soup, with weights)",
+                reference="https://arxiv.org/abs/2203.05482")
 _TV = {"weight": 1.0, "lambda": 1.0, "int8_mask": False}
 register_method("task_arithmetic", lambda c: _task_vectors(c, None, False),
                 defaults={**_TV, "normalize": False, "rescale": False},

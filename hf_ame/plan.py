@@ -19,7 +19,7 @@ from .algorithm import AMEStep, PivotSpec, can_block, is_exact_soup, plan_steps
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
-from .methods import get_method
+from .methods import get_method, layer_position
 from .optimizers import build_optimizer
 from .writer import ShardPlan, plan_shards
 
@@ -66,6 +66,7 @@ class TensorPlan:
     write_bytes: int
     peak_bytes: int
     block: int = 0  # elements per streamed block (the "blocks" reader)
+    position: float = 0.0  # the tensor's layer, 0 to 1 (a method's per-layer parameter gradients)
 
     @property
     def numel(self) -> int:
@@ -278,6 +279,7 @@ class _Context:
     where: Callable[[str], torch.device]
     out_dtype: Optional[torch.dtype]
     transform: str
+    num_layers: Optional[int]
 
 
 def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
@@ -310,7 +312,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         # blocked: one block's float32 state and slices; whole: the state and one float32 copy of an input
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
-                      sources, read, write, peak, block)
+                      sources, read, write, peak, block, layer_position(info.name, ctx.num_layers))
 
 
 def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path, *, pivot: PivotSpec,
@@ -346,8 +348,9 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     passes = get_method(config.method).passes if config.method is not None else 1
     sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
     transform = "soup" if exact else (config.method or "ame")
+    layers = ref.config.get("num_hidden_layers") or (ref.config.get("text_config") or {}).get("num_hidden_layers")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype, transform)
+                   where, out_dtype, transform, layers if isinstance(layers, int) else None)
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     return MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,

@@ -26,6 +26,7 @@ import yaml
 
 from .config import AMEConfig, ConfigError, parse_dtype
 from .errors import RecipeError
+from .mergekit_config import MERGEKIT_FILE, is_mergekit_config, mergekit_to_recipe_dict
 from .methods import get_method
 from .ordering import GREEDY_MODES, ORDERS
 from .writer import parse_size
@@ -100,6 +101,8 @@ class Recipe:
         """Validate ``data`` completely. A recipe cannot turn on code execution by itself: remote
         code (``load.trust_remote_code``), ``module:function`` amplifications and metric scripts
         (a path or a Hub metric repo) are refused unless the caller passes ``trust_remote_code=True``."""
+        if is_mergekit_config(data):  # a mergekit_config.yml: translated field by field
+            data = mergekit_to_recipe_dict(data)
         data = _mapping(data, "recipe", _TOP)
         if not trust_remote_code:
             _refuse_code(data)
@@ -233,13 +236,15 @@ class Recipe:
 
 def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None, token: Union[bool, str, None] = None,
                 endpoint: Optional[str] = None, filename: str = RECIPE_FILE, trust_remote_code: bool = False) -> Recipe:
-    """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``).
+    """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``); a
+    mergekit config (a file, or a repo's ``mergekit_config.yml``) is read as the same merge.
     ``trust_remote_code``: allow the recipe to run code (see :meth:`Recipe.from_dict`); default False."""
     p = Path(str(path_or_repo_id)).expanduser()
     if p.is_file():
         return Recipe.from_file(p, trust_remote_code=trust_remote_code)
-    if p.is_dir() and (p / filename).is_file():
-        return Recipe.from_file(p / filename, trust_remote_code=trust_remote_code)
+    for name in (filename, MERGEKIT_FILE):  # a merge's folder: its hf_ame recipe, else its mergekit config
+        if p.is_dir() and (p / name).is_file():
+            return Recipe.from_file(p / name, trust_remote_code=trust_remote_code)
     text = str(path_or_repo_id)
     if text.endswith((".yaml", ".yml")):  # a YAML name is a file, never a repo id
         raise RecipeError(f"recipe: no such file: {text}")
@@ -248,8 +253,11 @@ def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = 
     try:
         local = hf_hub_download(text, filename, revision=revision, token=token, endpoint=endpoint)
     except Exception as exc:  # noqa: BLE001
-        raise RecipeError(f"recipe: {text!r} is not a file and its {filename} could not be read from the Hub "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        try:  # a repo merged by mergekit carries its mergekit_config.yml
+            local = hf_hub_download(text, MERGEKIT_FILE, revision=revision, token=token, endpoint=endpoint)
+        except Exception:  # noqa: BLE001 - the recipe's own error is the one to report
+            raise RecipeError(f"recipe: {text!r} is not a file and neither its {filename} nor its {MERGEKIT_FILE} "
+                              f"could be read from the Hub ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     r = Recipe.from_file(local, trust_remote_code=trust_remote_code)
     r.source = f"{text}@{revision or 'main'}"
     return r

@@ -201,3 +201,13 @@ def test_cli_method_alone_and_composed(fam, tmp_path, capsys):
     assert "method ties, 6 adamw steps per tensor" in capsys.readouterr().out
     assert main(["merge", *map(str, fts), "--method", "ties", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "measures task vectors from a base model" in capsys.readouterr().err
+
+
+def test_model_stock_one_ingredient_steps_are_plain_steps(fam, tmp_path):
+    """With batch_size 1 a Model Stock step has no angle: it is the plain AME step (no NaN)."""
+    base, fts = fam
+    kw = dict(optimizer="adamw", lr=1e-3, epochs=2, batch_size=1, pivot=str(base))
+    a = merge_checkpoints(fts, tmp_path / "a", AMEConfig(method="model_stock", **kw), progress=False)
+    b = merge_checkpoints(fts, tmp_path / "b", AMEConfig(**kw), progress=False, stream="tensor")
+    sa, sb = read_state(a.output_dir), read_state(b.output_dir)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)

@@ -1,0 +1,149 @@
+"""mergekit configuration files (``mergekit_config.yml``) read as hf_ame recipes.
+
+Recognised by their keys (``merge_method``, ``models``); translated field by field as mergekit
+0.1.5 defines them: ``models`` with per-model ``parameters``, ``base_model`` (also listed among
+``models`` in many configs: it is the base, not an ingredient), ``merge_method``, global
+``parameters`` (below the per-model ones in precedence, above the method's defaults), ``dtype``
+(the merge arithmetic and, without ``out_dtype``, the output), ``out_dtype``. Parameter values may
+be scalars, gradients (lists interpolated over the layers) or ``filter`` lists matched on tensor
+names, resolved per tensor exactly as mergekit's ``evaluate_setting``. An optional ``ame:`` section
+(``optimizer``, ``lr``, ``epochs``, ``batch_size``, ...) runs the same method through AME instead of
+mergekit's one-shot merge. What hf_ame does not support yet (``slices``, ``modules``, tokenizer
+options, other methods, LoRA ``+`` references) is refused by name before anything is read.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import yaml
+
+from .config import AMEConfig
+from .errors import RecipeError
+from .methods import get_method, list_methods
+
+__all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
+
+MERGEKIT_FILE = "mergekit_config.yml"
+_SUPPORTED_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "ame", "name"}
+_NOT_YET = {
+    "slices": "layer slices and passthrough (frankenmerges)",
+    "modules": "per-module merges",
+    "tokenizer_source": "tokenizer merging (the first model's tokenizer files are copied)",
+    "tokenizer": "tokenizer merging (the first model's tokenizer files are copied)",
+    "chat_template": "chat templates (the first model's are copied)",
+}
+_AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "adaptive_pivot",
+             "amplification", "optimizer_kwargs", "compute_dtype"}
+
+
+def is_mergekit_config(data: Any) -> bool:
+    """A mapping with mergekit's keys (``merge_method``) and none of an hf_ame recipe's (``hf_ame``)."""
+    return isinstance(data, Mapping) and "merge_method" in data and "hf_ame" not in data
+
+
+def _fail(where: str, msg: str) -> RecipeError:
+    return RecipeError(f"{where}: {msg}")
+
+
+def _reference(value: Any, where: str) -> Dict[str, Any]:
+    """mergekit's model reference: ``org/name``, ``org/name@revision`` or a folder."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(where, f"expected a model (Hub id or folder), got {value!r}")
+    if "+" in value:
+        raise _fail(where, f"{value!r}: LoRA references (model+lora) are not supported yet; give the adapter folder "
+                           "itself as a model (hf_ame reads adapter folders over their base)")
+    ident, _, rev = value.partition("@")
+    return {"id": ident, "revision": rev or None}
+
+
+def _setting(value: Any, where: str) -> Any:
+    """mergekit's ParameterSetting as hf_ame's: scalars stay, a list of scalars is a gradient, a list
+    of {filter, value} (or one such mapping) is a filter list."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, (bool, int, float)) for v in value):
+        return {"gradient": list(value)}
+    if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+        conds = []
+        for k, c in enumerate(value):
+            if "value" not in c or not set(c) <= {"filter", "value"}:
+                raise _fail(f"{where}[{k}]", f"expected {{filter: <substring>, value: <setting>}}, got {c!r}")
+            conds.append({"filter": c.get("filter"), "value": _setting(c["value"], f"{where}[{k}].value")})
+        return {"filters": conds}
+    raise _fail(where, f"expected a number, a list of numbers (a gradient) or a list of filters, got {value!r}")
+
+
+def _with_fallback(model: Any, shared: Any) -> Any:
+    """One ingredient's setting with the global one below it (mergekit's precedence)."""
+    if model is None:
+        return shared
+    if shared is None or not isinstance(model, Mapping) or "filters" not in model:
+        return model
+    return {"filters": list(model["filters"]) + [{"filter": None, "value": shared}]}
+
+
+def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means."""
+    unknown = sorted(set(data) - _SUPPORTED_KEYS)
+    for key in unknown:
+        if key in _NOT_YET:
+            raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
+    if unknown:
+        raise _fail(unknown[0], f"not a mergekit config key hf_ame knows; expected one of {', '.join(sorted(_SUPPORTED_KEYS))}")
+    method = str(data["merge_method"]).lower()
+    try:
+        entry = get_method(method)
+    except Exception:  # noqa: BLE001 - re-raised with the field and the choices
+        raise _fail("merge_method", f"{method!r} is not supported by hf_ame yet; supported: "
+                                    f"{', '.join(m.name for m in list_methods())}") from None
+    base = _reference(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise _fail("models", "expected a non-empty list of {model: ..., parameters: ...}")
+    models: List[Dict[str, Any]] = []
+    per_model: List[Dict[str, Any]] = []
+    for k, e in enumerate(entries):
+        e = {"model": e} if isinstance(e, str) else e
+        if not isinstance(e, Mapping) or "model" not in e or not set(e) <= {"model", "parameters"}:
+            raise _fail(f"models[{k}]", f"expected {{model: ..., parameters: ...}}, got {e!r}")
+        ref = _reference(e["model"], f"models[{k}].model")
+        params = e.get("parameters") or {}
+        if base is not None and ref == base:
+            continue  # the base listed among the models (mergekit's examples do): it is the base
+        models.append(ref)
+        per_model.append({p: _setting(v, f"models[{k}].parameters.{p}") for p, v in params.items()})
+    shared = {p: _setting(v, f"parameters.{p}") for p, v in (data.get("parameters") or {}).items()}
+    kwargs: Dict[str, Any] = {}
+    for name in sorted(set(shared) | {p for pm in per_model for p in pm}):
+        if name not in entry.defaults:
+            raise _fail(f"parameters.{name}", f"not a parameter of {method!r} (hf_ame knows "
+                                              f"{', '.join(sorted(entry.defaults)) or 'none'})")
+        if any(name in pm for pm in per_model):
+            kwargs[name] = [_with_fallback(pm.get(name), shared.get(name)) for pm in per_model]
+            kwargs[name] = [entry.defaults[name] if v is None else v for v in kwargs[name]]
+        else:
+            kwargs[name] = shared[name]
+    merge = AMEConfig.one_shot(method).to_dict()
+    merge["method_kwargs"] = kwargs
+    dtype = data.get("dtype")
+    if dtype is not None:
+        merge["compute_dtype"] = str(dtype)
+    ame = data.get("ame")
+    if ame is not None:  # the same transforms through AME
+        if not isinstance(ame, Mapping) or not set(ame) <= _AME_KEYS:
+            bad = sorted(set(ame) - _AME_KEYS) if isinstance(ame, Mapping) else [ame]
+            raise _fail(f"ame.{bad[0]}", f"expected AME settings ({', '.join(sorted(_AME_KEYS))})")
+        start = AMEConfig().to_dict()
+        start.update(pivot=merge["pivot"], method=method, method_kwargs=kwargs, compute_dtype=merge["compute_dtype"])
+        start.update(ame)
+        merge = start
+    out_dtype = data.get("out_dtype") or dtype
+    recipe: Dict[str, Any] = {"hf_ame": 1, "models": models, "merge": merge,
+                              "provenance": {"mergekit_config": yaml.safe_dump(dict(data), sort_keys=False)}}
+    if base is not None:
+        recipe["base_model"] = base
+    if out_dtype is not None:
+        recipe["output"] = {"dtype": str(out_dtype)}
+    return recipe

@@ -1,0 +1,160 @@
+"""mergekit configuration files run as they are (issue 18, first part): models / base_model /
+merge_method / parameters (scalars, gradients over layers, filters) / dtype / out_dtype; an `ame:`
+section composes with AME; `hf-ame convert`; what is not supported is refused by name."""
+import pytest
+import torch
+import yaml
+
+from hf_ame import AMEConfig, AMEMerger, RecipeError, load_recipe, merge_checkpoints
+from hf_ame.cli import main
+from hf_ame.methods import layer_position
+from hf_ame.testing import make_family
+
+from conftest import read_state
+
+mergekit_merge = pytest.importorskip("mergekit.merge")  # in the test extra: the reference implementation
+from mergekit.config import MergeConfiguration  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mkcfg")
+    paths = make_family("llama", root, 4, seed=11, noise=0.02, hidden_size=64, intermediate_size=128, vocab_size=512,
+                        num_hidden_layers=3)
+    return paths[0], paths[1:]
+
+
+def write(tmp_path, name, cfg):
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def mergekit(cfg, out):
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                             mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+    return read_state(out)
+
+
+def ours(path, out):
+    return read_state(AMEMerger.from_recipe(path, device_map="cpu").merge(output_dir=out, progress=False).output_dir)
+
+
+def test_linear_with_weight_gradients_by_hand(fam, tmp_path):
+    """Expected tensors computed here: layer i of 3 takes t = i / 2, gradient [a, b] gives a + t (b - a);
+    tensors outside the layers take t = 0 (mergekit's rule)."""
+    base, fts = fam
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(fts[0]), "parameters": {"weight": [1.0, 3.0]}},
+                      {"model": str(fts[1]), "parameters": {"weight": 1.0}}]}
+    got = ours(write(tmp_path, "linear", cfg), tmp_path / "o")
+    a, b = read_state(fts[0]), read_state(fts[1])
+    for name in got:
+        t = layer_position(name, 3)
+        w0 = 1.0 + t * 2.0
+        want = (w0 * a[name] + b[name]) / (w0 + 1.0)
+        assert torch.allclose(got[name], want, atol=1e-6), name
+    assert layer_position("model.layers.2.mlp.up_proj.weight", 3) == 1.0
+    assert layer_position("model.embed_tokens.weight", 3) == 0.0
+
+
+def test_filters_and_global_parameters_by_hand(fam, tmp_path):
+    """task_arithmetic: model weights by filter (self_attn / mlp / the rest), lambda global."""
+    base, fts = fam
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+           "parameters": {"lambda": 0.5, "weight": 0.25},
+           "models": [{"model": str(base)},
+                      {"model": str(fts[0]), "parameters": {"weight": [{"filter": "self_attn", "value": 1.0},
+                                                                       {"filter": "mlp", "value": [0.0, 2.0]}]}},
+                      {"model": str(fts[1])}]}
+    got = ours(write(tmp_path, "ta", cfg), tmp_path / "o")
+    b0, x0, x1 = read_state(base), read_state(fts[0]), read_state(fts[1])
+    for name in got:
+        t = layer_position(name, 3)
+        w0 = 1.0 if "self_attn" in name else (2.0 * t if "mlp" in name else 0.25)  # no filter matches: the global
+        want = b0[name] + 0.5 * (w0 * (x0[name] - b0[name]) + 0.25 * (x1[name] - b0[name]))
+        assert torch.allclose(got[name], want, atol=1e-6), name
+
+
+CONFIGS = {
+    "ties_gradients_filters": lambda base, fts: {
+        "merge_method": "ties", "base_model": base, "dtype": "float32", "parameters": {"normalize": True, "density": 0.6},
+        "models": [{"model": base},
+                   {"model": fts[0], "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+                   {"model": fts[1], "parameters": {"weight": [{"filter": "self_attn", "value": [1.0, 0.1]},
+                                                               {"filter": "mlp", "value": 0.3}, {"value": 0.7}]}},
+                   {"model": fts[2], "parameters": {"weight": 0.5}}]},
+    "slerp_gradient_slerp": lambda base, fts: {  # mergekit's examples/gradient-slerp.yml, on tiny models
+        "merge_method": "slerp", "base_model": base, "dtype": "float32",
+        "models": [{"model": base}, {"model": fts[0]}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "dare_linear_seeded": None,  # random: see test_dare_config
+    "breadcrumbs": lambda base, fts: {
+        "merge_method": "breadcrumbs", "base_model": base, "dtype": "float32",
+        "parameters": {"density": 0.8, "gamma": 0.02},
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.3, 0.3, 0.4))]},
+    "model_stock": lambda base, fts: {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
+                                      "models": [{"model": m} for m in fts]},
+}
+
+
+@pytest.mark.parametrize("name", [k for k, v in CONFIGS.items() if v is not None])
+def test_configs_equal_mergekit(fam, tmp_path, name):
+    base, fts = fam
+    cfg = CONFIGS[name](str(base), [str(p) for p in fts])
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, name, cfg), tmp_path / "o")
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_out_dtype_and_ame_section(fam, tmp_path):
+    base, fts = fam
+    cfg = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
+           "parameters": {"density": 0.5}, "models": [{"model": str(m)} for m in fts]}
+    got = ours(write(tmp_path, "bf16", cfg), tmp_path / "bf16")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    cfg["ame"] = {"optimizer": "adamw", "lr": 1e-3, "epochs": 2, "batch_size": None}
+    del cfg["out_dtype"]
+    composed = ours(write(tmp_path, "ame", cfg), tmp_path / "ame")
+    direct = merge_checkpoints(fts, tmp_path / "direct", AMEConfig(optimizer="adamw", lr=1e-3, epochs=2, batch_size=None,
+                                                                   pivot=str(base), method="ties",
+                                                                   method_kwargs={"density": 0.5}), progress=False)
+    d = read_state(direct.output_dir)
+    assert all(torch.equal(composed[k], d[k]) for k in d)
+
+
+def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
+    base, fts = fam
+    good = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(m)} for m in fts]}
+    cases = [
+        ({**good, "slices": []}, "slices: mergekit's layer slices and passthrough"),
+        ({**good, "tokenizer_source": "union"}, "tokenizer_source: mergekit's tokenizer merging"),
+        ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
+        ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
+        ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: not a parameter of 'ties'"),
+        ({**good, "models": [{"model": str(fts[0]) + "+some/lora"}]}, "LoRA references"),
+        ({**good, "parameters": {"density": 1.5}}, r"density: expected a number in \(0, 1\]"),
+    ]
+    for cfg, msg in cases:
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(write(tmp_path, "bad", cfg))
+
+
+def test_cli_runs_converts_and_the_card_shows_the_config(fam, tmp_path, capsys):
+    base, fts = fam
+    cfg = CONFIGS["breadcrumbs"](str(base), [str(p) for p in fts])
+    path = write(tmp_path, "mergekit_config", cfg)
+    assert main(["merge", str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## mergekit configuration" in card and "merge_method: breadcrumbs" in card
+    assert main(["convert", str(path), "--out", str(tmp_path / "recipe.yaml")]) == 0
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    a, b = read_state(tmp_path / "a"), read_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mergekit_config.yml").write_text(path.read_text())
+    assert load_recipe(tmp_path / "folder").merge.method == "breadcrumbs"
+    assert main(["convert", str(path), "--out", str(tmp_path / "recipe.yaml")]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
