@@ -249,22 +249,36 @@ def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: 
 
 
 # ---------------------------------------------------------------------------------------------- sparsification
-def _rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    before, after = tensor.abs().sum(), masked.abs().sum()
+def _rescale_l1_inplace(masked: torch.Tensor, before: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    after = masked.abs().sum()
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
+
+
+def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """A bool mask of the k largest entries of the 1-D ``a`` (ties at the threshold: the first ones).
+    Through ``kthvalue``, not ``topk``: on a 98 MB tensor topk's buffers peak at +611 MiB, this at +377."""
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    threshold = a.kthvalue(n - k + 1).values
+    keep = a > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:  # entries equal to the threshold, in index order
+        keep[(a == threshold).nonzero().flatten()[:missing]] = True
+    return keep
 
 
 def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``density`` largest magnitudes (at least one entry)."""
+    """Keep the ``density`` largest magnitudes (at least one entry); ``d`` is changed in place."""
     if density >= 1:
         return d
     k = max(1, int(density * d.numel()))
-    mask = torch.zeros(d.numel(), dtype=d.dtype, device=d.device)
-    mask[torch.topk(d.abs().reshape(-1), k, sorted=False).indices] = 1
-    masked = d * mask.view_as(d)
-    return _rescale_l1(d, masked) if rescale else masked
+    keep = top_k_mask(d.abs().reshape(-1), k).view_as(d)
+    before = d.abs().sum() if rescale else None
+    d.mul_(keep.view_as(d))  # in place: d is the caller's fresh copy
+    return _rescale_l1_inplace(d, before) if rescale else d
 
 
 def magnitude_outliers(d: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
@@ -277,17 +291,19 @@ def magnitude_outliers(d: torch.Tensor, density: float, gamma: float, rescale: b
     order = torch.sort(d.abs().reshape(-1)).indices
     mask = torch.zeros(n, dtype=d.dtype, device=d.device)
     mask[order[bottom:bottom + keep]] = 1
-    masked = d * mask.view_as(d)
-    return _rescale_l1(d, masked) if rescale else masked
+    before = d.abs().sum() if rescale else None
+    d.mul_(mask.view_as(d).to(d.dtype))
+    return _rescale_l1_inplace(d, before) if rescale else d
 
 
 def random_drop(d: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (DARE), rescaled to the original L1 norm."""
+    """Keep each entry with probability ``density`` (DARE), rescaled to the original L1 norm; in place."""
     if density >= 1:
         return d
-    mask = torch.bernoulli(torch.full(d.shape, float(density), dtype=torch.float32), generator=generator)
-    masked = d * mask.to(device=d.device, dtype=d.dtype)
-    return _rescale_l1(d, masked) if rescale else masked
+    keep = torch.empty(d.shape, dtype=torch.float32).bernoulli_(float(density), generator=generator)
+    before = d.abs().sum() if rescale else None
+    d.mul_(keep.to(device=d.device, dtype=d.dtype))  # in place: d is the caller's fresh copy
+    return _rescale_l1_inplace(d, before) if rescale else d
 
 
 # ---------------------------------------------------------------------------------------------- the methods
@@ -309,14 +325,14 @@ def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) 
     if consensus:  # pass 1: the elected sign of each coordinate; pass 2: the agreeing entries
         for i in range(ctx.n):
             mixed.add_(vector(i))
-        majority = torch.where(mixed >= 0, 1.0, -1.0).to(p.dtype)
+        positive = mixed >= 0  # the elected sign (a zero sum elects +), one byte per entry
         mixed.zero_()
         divisor = torch.zeros_like(p)
         for i in range(ctx.n):
             d = vector(i)
-            agree = (d.sign() == majority).to(p.dtype)
+            agree = torch.where(positive, d > 0, d < 0)  # sign(d) == elected sign (zeros never agree)
             mixed.add_(d.mul_(agree))
-            divisor.add_(agree, alpha=weights[i])
+            divisor.add_(agree.to(p.dtype), alpha=weights[i])
         divisor[divisor == 0] = 1
     else:
         for i in range(ctx.n):

@@ -1,9 +1,11 @@
 """Where each tensor is merged: Accelerate device maps over an empty-weight skeleton."""
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
+
 from .devices import as_device, check_device, device_lookup
 from .errors import DevicePlacementError
 
@@ -93,8 +95,6 @@ def file_to_model_renamer(model) -> Any:
     """name-in-file -> name-in-memory, from transformers' checkpoint conversion renames (e.g. ViT's
     ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``). Only plain
     renames are applied; identity when transformers offers none."""
-    import re
-
     pairs = []
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

@@ -345,6 +345,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
         mode = "ingredient"
     elif stream == "auto" and exact and not on_cpu and not fits_on_gpus(2 * len(ckpts) * largest):
         mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
+    elif stream == "auto" and config.method is not None:
+        mode = "ingredient"  # a method holds one task vector at a time: never the N copies of a tensor
     passes = get_method(config.method).passes if config.method is not None else 1
     sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
     transform = "soup" if exact else (config.method or "ame")
