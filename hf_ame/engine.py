@@ -27,13 +27,15 @@ from .checkpoints import Checkpoint, TensorInfo
 from .checks import check_compatible, model_dtype
 from .config import AMEConfig, ConfigError, parse_dtype
 from .devices import DeviceMap, device_lookup
+from .errors import IncompatibleCheckpointsError
 from .executor import MergeReport, Ranks, run_plan
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
-from .plan import STREAM_MODES, MergePlan, build_plan
+from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan
+from .stacking import LayerSlice, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
-__all__ = ["MergeReport", "merge_checkpoints", "plan_merge", "open_checkpoints", "save_state"]
+__all__ = ["MergeReport", "merge_checkpoints", "plan_merge", "stack_checkpoints", "open_checkpoints", "save_state"]
 
 
 def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
@@ -204,6 +206,59 @@ def merge_checkpoints(
     report.bytes_read = read
     report.files = sorted(set(plan.shards.files) | set(report.files) | set(files))
     report.plan_seconds = plan_seconds
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def stack_checkpoints(
+    models: Sequence[Union[Checkpoint, str, Path]],
+    slices: Sequence[LayerSlice],
+    output_dir: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    dry_run: bool = False,
+) -> Union[MergeReport, MergePlan]:
+    """Stack decoder layers (mergekit's ``passthrough``): the output's layers are ``slices`` (layer
+    ranges of ``models``, by index) one after another, its other tensors those of the first slice's
+    model (embeddings) and the last's (final norm, head); tensors are copied and renamed while
+    streaming; config.json gets the new ``num_hidden_layers`` and its per-layer lists rebuilt.
+    ``dry_run``: return the :class:`~hf_ame.plan.MergePlan` and stop, reading no weight."""
+    t0 = time.perf_counter()
+    parse_size(max_shard_size)
+    out_dtype = parse_dtype(dtype, "dtype")
+    ckpts = open_checkpoints(models)
+    check_output_dir(output_dir, overwrite, [c.path for c in ckpts])
+    archs = {tuple(c.architectures or ()) for c in ckpts}
+    if len(archs) > 1:
+        raise IncompatibleCheckpointsError(f"layer stacking needs one architecture, got {sorted(archs)}")
+    layers = [c.config.get("num_hidden_layers") for c in ckpts]
+    if not all(isinstance(n, int) for n in layers):
+        raise IncompatibleCheckpointsError("layer stacking needs num_hidden_layers in every model's config.json")
+    entries = stack_names(slices, [list(c.tensors) for c in ckpts], layers, [c.name for c in ckpts])
+    first = ckpts[slices[0].model]
+    plan = build_stack_plan(ckpts, entries, Path(output_dir), out_dtype=out_dtype, model_dtype=model_dtype(first),
+                            max_shard_size=max_shard_size)
+    if dry_run:
+        return plan
+    changes = stacked_config([c.config for c in ckpts], slices)
+    changes = {k: v for k, v in changes.items() if first.config.get(k) != v}
+    files: List[str] = []
+
+    def finalize(tmp: Path) -> None:
+        files.extend(finish_output(tmp, first.files_path, getattr(torch, plan.dtype), extra_files, changes))
+
+    try:
+        report = run_plan(plan, ckpts, None, Ranks(False), lambda: staged_output(output_dir, overwrite, [c.path for c in ckpts]),
+                          finalize, progress=progress)
+        report.bytes_read = sum(c.bytes_read for c in ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+    report.files = sorted(set(plan.shards.files) | set(report.files) | set(files))
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -195,6 +195,8 @@ class _Runner:
         the prefetch thread, when merged on a GPU); nothing for streamed readers."""
         if tp.reader != "tensors":
             return []
+        if tp.transform == "copy":  # one source tensor, maybe another name (a stacked layer)
+            return [self.ckpts[k].get_tensor(n) for k, n in zip(tp.source_models, tp.source_names)]
         xs = [c.get_tensor(tp.name) for c in (self.srcs if tp.transform != "integer" else self.ckpts)]
         dev = torch.device(tp.device)
         if tp.transform != "integer" and dev.type == "cuda":
@@ -244,6 +246,9 @@ class _Runner:
                 ing.close()
 
     def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
+        if tp.transform == "copy":
+            self.report.copied_tensors += 1
+            return xs[0].to(getattr(torch, tp.dtype))
         if tp.transform == "integer":
             self.report.copied_tensors += 1
             return merge_integer(tp.name, self.ckpts, xs, self.plan.reference, self.report)

@@ -24,9 +24,8 @@ from .methods import get_method, list_methods
 __all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
 
 MERGEKIT_FILE = "mergekit_config.yml"
-_SUPPORTED_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "ame", "name"}
+_SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name"}
 _NOT_YET = {
-    "slices": "layer slices and passthrough (frankenmerges)",
     "modules": "per-module merges",
     "tokenizer_source": "tokenizer merging (the first model's tokenizer files are copied)",
     "tokenizer": "tokenizer merging (the first model's tokenizer files are copied)",
@@ -84,15 +83,76 @@ def _with_fallback(model: Any, shared: Any) -> Any:
     return {"filters": list(model["filters"]) + [{"filter": None, "value": shared}]}
 
 
+def _slices_as_models(data: Mapping[str, Any], method: str) -> Dict[str, Any]:
+    """``slices``: passthrough stacks them (one source per slice); any other method with ONE slice
+    taking the same layer range from every source (mergekit's gradient-slerp example) is the
+    ``models`` form, checked against each model's layer count when the merge runs."""
+    slices = data["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise _fail("slices", "expected a non-empty list of {sources: [...]}")
+    parsed = []
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, Mapping) or set(sl) - {"sources"} or not isinstance(sl.get("sources"), list):
+            bad = sorted(set(sl) - {"sources"}) if isinstance(sl, Mapping) else ["sources"]
+            raise _fail(f"slices[{i}]" + (f".{bad[0]}" if bad else ""), "only `sources` (model, layer_range, "
+                        "parameters) is supported in a slice yet")
+        for j, src in enumerate(sl["sources"]):
+            if not isinstance(src, Mapping) or "model" not in src or set(src) - {"model", "layer_range", "parameters"}:
+                raise _fail(f"slices[{i}].sources[{j}]", f"expected {{model, layer_range, parameters}}, got {src!r}")
+            r = src.get("layer_range")
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 0 <= r[0] < r[1]):
+                raise _fail(f"slices[{i}].sources[{j}].layer_range", f"expected [start, end], got {r!r}")
+        parsed.append(sl["sources"])
+    out = dict(data)
+    out.pop("slices")
+    if method == "passthrough":
+        for i, sources in enumerate(parsed):
+            if len(sources) != 1:
+                raise _fail(f"slices[{i}].sources", "passthrough takes exactly one source per slice")
+        out["__slices__"] = parsed
+        return out
+    ranges = {tuple(src["layer_range"]) for src in parsed[0]}
+    if len(parsed) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        raise _fail("slices", f"{method} over several slices or partial layer ranges is not supported yet; one slice "
+                              "taking layers [0, N] of every model (the models form) is")
+    out["models"] = [{"model": s["model"], **({"parameters": s["parameters"]} if s.get("parameters") else {})}
+                     for s in parsed[0]]
+    out["__layers__"] = next(iter(ranges))[1]
+    return out
+
+
+def _stacking_recipe(data: Mapping[str, Any], original: str) -> Dict[str, Any]:
+    """passthrough slices as an hf_ame recipe: the models (in order of first use) and the slices by index."""
+    refs: List[Dict[str, Any]] = []
+    slices = []
+    for i, sources in enumerate(data["__slices__"]):
+        ref = _reference(sources[0]["model"], f"slices[{i}].sources[0].model")
+        if ref not in refs:
+            refs.append(ref)
+        slices.append({"model": refs.index(ref), "layer_range": list(sources[0]["layer_range"])})
+    recipe: Dict[str, Any] = {"hf_ame": 1, "models": refs, "slices": slices, "merge": AMEConfig.soup().to_dict(),
+                              "provenance": {"mergekit_config": original}}
+    if data.get("dtype") is not None or data.get("out_dtype") is not None:
+        recipe["output"] = {"dtype": str(data.get("out_dtype") or data["dtype"])}
+    return recipe
+
+
 def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
     """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means."""
-    unknown = sorted(set(data) - _SUPPORTED_KEYS)
+    unknown = sorted(set(data) - _SUPPORTED_KEYS - {"__slices__", "__layers__"})
     for key in unknown:
         if key in _NOT_YET:
             raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
     if unknown:
         raise _fail(unknown[0], f"not a mergekit config key hf_ame knows; expected one of {', '.join(sorted(_SUPPORTED_KEYS))}")
     method = str(data["merge_method"]).lower()
+    original = yaml.safe_dump(dict(data), sort_keys=False)  # shown in the card as the user wrote it
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise _fail("slices", "give either models or slices, as mergekit requires")
+        data = _slices_as_models(data, method)
+        if method == "passthrough":
+            return _stacking_recipe(data, original)
     try:
         entry = get_method(method)
     except Exception:  # noqa: BLE001 - re-raised with the field and the choices
@@ -141,7 +201,9 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
         merge = start
     out_dtype = data.get("out_dtype") or dtype
     recipe: Dict[str, Any] = {"hf_ame": 1, "models": models, "merge": merge,
-                              "provenance": {"mergekit_config": yaml.safe_dump(dict(data), sort_keys=False)}}
+                              "provenance": {"mergekit_config": original}}
+    if data.get("__layers__") is not None:  # the slice's layer range must be every layer
+        recipe["provenance"]["num_hidden_layers"] = data["__layers__"]
     if base is not None:
         recipe["base_model"] = base
     if out_dtype is not None:

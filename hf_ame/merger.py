@@ -21,8 +21,8 @@ from .card import CHART_FILE, render_card
 from .checkpoints import Checkpoint
 from .checks import check_compatible, model_dtype, storage_dtype
 from .config import AMEConfig, parse_dtype
-from .engine import MergeReport, merge_checkpoints, plan_merge, save_state
-from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError
+from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
+from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError, RecipeError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
 from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
@@ -31,6 +31,7 @@ from .placement import load_model, resolve_device_map, tensor_device_lookup
 from .plan import MergePlan
 from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
+from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
 from .version import __version__
@@ -77,6 +78,7 @@ class MergeResult:
     max_shard_size: Union[int, str] = "5GB"
     base_id: Optional[str] = None
     mergekit_config: Optional[str] = None  # the mergekit config this merge was read from (shown in the card)
+    slices: Optional[List[Dict[str, Any]]] = None  # a layer stacking's slices (recorded in the recipe)
     _model: Any = field(default=None, repr=False)
     _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
 
@@ -170,7 +172,7 @@ class MergeResult:
         if self.greedy and ordering is None:
             prov["note"] = (f"greedy {self.greedy} accepted by scores on an in-memory dataset; this recipe lists "
                             "what was kept and does not re-run the greedy pass")
-        return Recipe(models=models, merge=self.config,
+        return Recipe(models=models, merge=self.config, slices=self.slices,
                       base_model={"id": self.base_id, "revision": None} if getattr(self, "base_id", None) else None,
                       ordering=ordering, output={"dtype": self.report.dtype, "max_shard_size": self.max_shard_size},
                       hub={"repo_id": repo_id} if repo_id else {}, provenance=prov)
@@ -255,6 +257,12 @@ class AMEMerger:
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
                                      base_model=recipe.base_model, **load)
         merger.recipe = recipe
+        layers = (recipe.provenance or {}).get("num_hidden_layers")
+        for ing in merger.ingredients if layers is not None else []:  # a mergekit slice over [0, layers]
+            found = Checkpoint(ing.path).config.get("num_hidden_layers")
+            if found != layers:
+                raise RecipeError(f"slices: the layer range [0, {layers}] is not every layer of {ing.id!r} "
+                                  f"({found}); partial ranges are not supported yet")
         return merger
 
     @classmethod
@@ -466,7 +474,10 @@ class AMEMerger:
             temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
             output_dir = temp_root / "merged"
         with _staging(output_dir, overwrite, inputs, temp_root) as target:
-            result = self._merge_into(Path(target), req, overwrite=overwrite, progress=progress)
+            if self.recipe is not None and self.recipe.slices:  # layer stacking (mergekit's passthrough)
+                result = self._stack_into(Path(target), req, overwrite=overwrite, progress=progress)
+            else:
+                result = self._merge_into(Path(target), req, overwrite=overwrite, progress=progress)
             if temp_root is not None:
                 result.own_temporary(temp_root)
             if write_card and result.report.rank == 0:
@@ -483,6 +494,10 @@ class AMEMerger:
         req = self._request(config, {k: v for k, v in merge_kwargs.items() if k not in _MERGE_ARGS},
                             {k: v for k, v in merge_kwargs.items() if k in _MERGE_ARGS})
         target = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "hf_ame-<temporary>" / "merged"
+        if self.recipe is not None and self.recipe.slices:
+            return stack_checkpoints([Checkpoint(i.path, name=i.id) for i in self.ingredients], self._slices(), target,
+                                     dtype=self.dtype, max_shard_size=req.max_shard_size,
+                                     overwrite=overwrite if output_dir is not None else True, dry_run=True)
         ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
         cfg = AMEConfig.soup() if req.greedy == "soup" else req.cfg
         base = Checkpoint(self.base.path, name=self.base.id) if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
@@ -530,6 +545,24 @@ class AMEMerger:
             check_counts(cfg.method, cfg.method_arguments(), req.top_k or len(self.ingredients), base_pivot)
         req.cfg = cfg
         return req
+
+    def _slices(self) -> List[LayerSlice]:
+        return [LayerSlice(s["model"], *s["layer_range"]) for s in self.recipe.slices]
+
+    def _stack_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
+        """A recipe's layer stacking: tensors copied and renamed, no merge arithmetic."""
+        t0 = time.perf_counter()
+        report = stack_checkpoints([Checkpoint(i.path, name=i.id) for i in self.ingredients], self._slices(), target,
+                                   dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
+                                   progress=progress)
+        timings = dict(self.timings, merge=time.perf_counter() - t0)
+        ings = [Ingredient(**vars(i)) for i in self.ingredients]
+        result = MergeResult(target, req.cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+        result.candidates = [i.id for i in ings]
+        result.max_shard_size = req.max_shard_size
+        result.mergekit_config = (self.recipe.provenance or {}).get("mergekit_config")
+        result.slices = self.recipe.slices
+        return result
 
     def _choose(self, req: "_Request", timings: Dict[str, float], progress: bool):
         """Score (with ``order_by``), rank and keep: (every ingredient with its order/kept, the kept

@@ -158,12 +158,14 @@ def copy_aux_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:
     return copied
 
 
-def update_config(folder: Union[str, Path], dtype: torch.dtype) -> None:
-    """Record the merged dtype and the transformers version in config.json, as save_pretrained does."""
+def update_config(folder: Union[str, Path], dtype: torch.dtype, changes: Optional[Mapping[str, object]] = None) -> None:
+    """Record the merged dtype and the transformers version in config.json, as save_pretrained does
+    (and ``changes``: e.g. the layer count of a stacking)."""
     path = Path(folder) / "config.json"
     if not path.exists():
         return
     cfg = json.loads(path.read_text())
+    cfg.update(changes or {})
     cfg.pop("torch_dtype", None)  # deprecated name; transformers 5 writes "dtype"
     cfg["dtype"] = str(dtype).replace("torch.", "")
     try:  # metadata, not an import: importing transformers costs seconds
@@ -174,10 +176,11 @@ def update_config(folder: Union[str, Path], dtype: torch.dtype) -> None:
 
 
 def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
-                  extra_files: Optional[Mapping[str, Union[str, bytes]]] = None) -> List[str]:
+                  extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+                  config_changes: Optional[Mapping[str, object]] = None) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
     generation files (``files_from``), config.json's dtype, then ``extra_files``. Returns the names written."""
     aux = copy_aux_files(files_from, folder)
-    update_config(folder, dtype)
+    update_config(folder, dtype, config_changes)
     write_files(folder, extra_files or {})
     return aux + list(extra_files or {})

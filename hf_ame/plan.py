@@ -23,14 +23,15 @@ from .methods import get_method, layer_position
 from .optimizers import build_optimizer
 from .writer import ShardPlan, plan_shards
 
-__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
+__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
            "assign_shards", "block_elements", "read_sequence"]
 
 STREAM_MODES = ("auto", "tensor", "ingredient")
 # what is done to a tensor's copies
 TRANSFORMS = {"soup": "the exact uniform average, one pass", "ame": "AME optimizer steps",
               "integer": "copied when every ingredient agrees (BatchNorm counters: the maximum)",
-              "<method>": "AME steps whose pseudogradients a merge method builds (ties, slerp, ...)"}
+              "<method>": "AME steps whose pseudogradients a merge method builds (ties, slerp, ...)",
+              "copy": "one source tensor copied, renamed by layer (layer stacking, mergekit's passthrough)"}
 # how its copies are read
 READERS = {"blocks": "one cache block of every copy at a time (os.preadv), all steps per block",
            "tensors": "the N copies of the tensor in memory (memory-mapped on CPU)",
@@ -67,6 +68,8 @@ class TensorPlan:
     peak_bytes: int
     block: int = 0  # elements per streamed block (the "blocks" reader)
     position: float = 0.0  # the tensor's layer, 0 to 1 (a method's per-layer parameter gradients)
+    source_names: List[str] = field(default_factory=list)  # "copy": the source tensor (renamed layers)
+    source_models: List[int] = field(default_factory=list)  # "copy": its checkpoint (index)
 
     @property
     def numel(self) -> int:
@@ -143,7 +146,8 @@ class MergePlan:
     def summary(self) -> str:
         """A few lines for a person: what, how, bytes, memory, shards, devices."""
         n = len(self.ingredients)
-        how = ("the exact uniform soup (one pass)" if self.exact_soup else
+        how = ("layer stacking (passthrough): tensors copied, renamed by layer" if self.counts().get("copy") else
+               "the exact uniform soup (one pass)" if self.exact_soup else
                f"{len(self.steps)} {self.config.optimizer} steps per tensor (lr={self.config.lr}, "
                f"epochs={self.config.epochs}, batch_size={self.config.batch_size}, pivot={self.config.pivot})")
         mine = self.mine()
@@ -313,6 +317,26 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers))
+
+
+def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str]], output_dir: Path, *,
+                     out_dtype: Optional[torch.dtype], model_dtype: torch.dtype, max_shard_size: Any = "5GB",
+                     prefetch: bool = True) -> MergePlan:
+    """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name)
+    (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole."""
+    infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src in entries]
+    target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape) for out, i, _, _ in infos]
+    shards = plan_shards(target, max_shard_size)
+    tensors = []
+    for (out, info, k, src), (_, dtype, _) in zip(infos, target):
+        write = info.numel * _esize(dtype)
+        source = Source(ckpts[k].name, info.file, info.offset, _name(info.dtype), info.nbytes)
+        tensors.append(TensorPlan(out, tuple(info.shape), _name(dtype), "copy", "tensors", "cpu",
+                                  shards.entries[out].shard, 0, [source], info.nbytes, write, info.nbytes + write,
+                                  source_names=[src], source_models=[k]))
+    config = AMEConfig.soup()
+    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, ("index", 0), [], False, "tensor", None,
+                     prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))
 
 
 def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path, *, pivot: PivotSpec,

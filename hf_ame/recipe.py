@@ -35,7 +35,7 @@ __all__ = ["Recipe", "RecipeError", "RECIPE_VERSION", "RECIPE_FILE", "load_recip
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "ame_recipe.yaml"
-_TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", "load", "provenance"}
+_TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", "load", "provenance", "slices"}
 _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
@@ -93,6 +93,7 @@ class Recipe:
     load: Dict[str, Any] = field(default_factory=dict)
     provenance: Optional[Dict[str, Any]] = None
     source: Optional[str] = None  # where it was read from
+    slices: Optional[List[Dict[str, Any]]] = None  # layer stacking: [{model: index, layer_range: [a, b]}]
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -152,7 +153,22 @@ class Recipe:
         prov = data.get("provenance")
         if prov is not None:
             _expect(isinstance(prov, Mapping), "provenance", "a mapping", prov)
-        return cls(models, merge, base, ordering, output, hub, load, dict(prov) if prov else None, source)
+        slices = cls._slices(data["slices"], len(models)) if data.get("slices") is not None else None
+        return cls(models, merge, base, ordering, output, hub, load, dict(prov) if prov else None, source, slices)
+
+    @staticmethod
+    def _slices(value: Any, n_models: int) -> List[Dict[str, Any]]:
+        _expect(isinstance(value, list) and len(value) >= 1, "slices", "a non-empty list of {model, layer_range}", value)
+        out = []
+        for i, sl in enumerate(value):
+            sl = _mapping(sl, f"slices[{i}]", {"model", "layer_range"})
+            m, r = sl.get("model"), sl.get("layer_range")
+            _expect(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < n_models, f"slices[{i}].model",
+                    f"an index into models (0 to {n_models - 1})", m)
+            _expect(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                    and 0 <= r[0] < r[1], f"slices[{i}].layer_range", "[start, end) with 0 <= start < end", r)
+            out.append({"model": m, "layer_range": list(r)})
+        return out
 
     @staticmethod
     def _model(entry: Any, where: str, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
@@ -226,6 +242,8 @@ class Recipe:
             value = {k: v for k, v in getattr(self, name).items() if v is not None}
             if value:
                 out[name] = value
+        if self.slices:
+            out["slices"] = self.slices
         if self.provenance:
             out["provenance"] = self.provenance
         return out

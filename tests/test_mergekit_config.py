@@ -129,7 +129,8 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
     base, fts = fam
     good = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(m)} for m in fts]}
     cases = [
-        ({**good, "slices": []}, "slices: mergekit's layer slices and passthrough"),
+        ({**good, "modules": {}}, "modules: mergekit's per-module merges"),
+        ({**good, "slices": []}, "slices: give either models or slices"),
         ({**good, "tokenizer_source": "union"}, "tokenizer_source: mergekit's tokenizer merging"),
         ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
@@ -158,3 +159,69 @@ def test_cli_runs_converts_and_the_card_shows_the_config(fam, tmp_path, capsys):
     assert load_recipe(tmp_path / "folder").merge.method == "breadcrumbs"
     assert main(["convert", str(path), "--out", str(tmp_path / "recipe.yaml")]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_passthrough_stacking_equals_mergekit(tmp_path):
+    """mergekit's orcamini-platy-44layer example on tiny Llamas: layers [0, 3) of a, [1, 5) of b."""
+    a = make_family("llama", tmp_path / "a", 1, seed=1, num_hidden_layers=5, tie_word_embeddings=False)[0]
+    b = make_family("llama", tmp_path / "b", 1, seed=2, num_hidden_layers=5, tie_word_embeddings=False)[0]
+    cfg = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+                      {"sources": [{"model": str(b), "layer_range": [1, 5]}]}],
+           "merge_method": "passthrough", "dtype": "float32"}
+    want = mergekit(cfg, tmp_path / "mk")
+    path = write(tmp_path, "stack", cfg)
+    plan = AMEMerger.from_recipe(path, device_map="cpu").plan(output_dir=tmp_path / "o")
+    assert {t.transform for t in plan.tensors} == {"copy"} and not (tmp_path / "o").exists()
+    got = ours(path, tmp_path / "o")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    sa, sb = read_state(a), read_state(b)
+    assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], sb["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
+    assert torch.equal(got["lm_head.weight"], sb["lm_head.weight"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert model.config.num_hidden_layers == 7 and len(model.model.layers) == 7
+
+
+def test_passthrough_rebuilds_per_layer_config_lists(tmp_path):
+    """Qwen2's layer_types (one entry per layer): rebuilt from the layers taken, so transformers loads
+    the result (mergekit 0.1.5 writes a config transformers refuses)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=16,
+                      max_window_layers=2, architectures=["Qwen2ForCausalLM"])
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / f"q{i}")
+        paths.append(tmp_path / f"q{i}")
+    types = AutoModelForCausalLM.from_pretrained(paths[0]).config.layer_types
+    assert len(types) == 4 and len(set(types)) == 2  # sliding and full layers
+    mk = {"slices": [{"sources": [{"model": str(paths[0]), "layer_range": [0, 3]}]},
+                     {"sources": [{"model": str(paths[1]), "layer_range": [1, 4]}]}], "merge_method": "passthrough"}
+    ours(write(tmp_path, "q", mk), tmp_path / "o")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert model.config.num_hidden_layers == 6
+    assert model.config.layer_types == types[0:3] + types[1:4]
+
+
+def test_slices_forms(fam, tmp_path):
+    base, fts = fam
+    full = {"slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]},
+                                    {"model": str(fts[0]), "layer_range": [0, 3]}]}],
+            "merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]}}
+    want = mergekit(full, tmp_path / "mk")
+    got = ours(write(tmp_path, "full", full), tmp_path / "o")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    partial = {**full, "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                               {"model": str(fts[0]), "layer_range": [0, 2]}]}]}
+    with pytest.raises(RecipeError, match=r"layer range \[0, 2\] is not every layer"):
+        AMEMerger.from_recipe(write(tmp_path, "partial", partial), device_map="cpu")
+    two = {**full, "slices": full["slices"] * 2}
+    with pytest.raises(RecipeError, match="over several slices"):
+        load_recipe(write(tmp_path, "two", two))
+    with pytest.raises(RecipeError, match="exactly one source per slice"):
+        load_recipe(write(tmp_path, "pt2", {**full, "merge_method": "passthrough"}))

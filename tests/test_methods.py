@@ -211,3 +211,18 @@ def test_model_stock_one_ingredient_steps_are_plain_steps(fam, tmp_path):
     b = merge_checkpoints(fts, tmp_path / "b", AMEConfig(**kw), progress=False, stream="tensor")
     sa, sb = read_state(a.output_dir), read_state(b.output_dir)
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_top_k_mask_equals_argsort_with_ties():
+    """The k-th value selection keeps exactly what mergekit's argsort(descending=True)[:k] keeps,
+    ties at the threshold included (torch orders ties differently by size: the argsort decides)."""
+    from hf_ame.methods import top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    for n, levels in ((6, 3), (1000, 7), (40000, 50), (40000, 10**9)):
+        a = torch.randint(0, levels, (n,), generator=g).float() if levels < 10**9 else torch.rand(n, generator=g)
+        for k in (1, n // 3, n // 2, n - 1):
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.argsort(a, descending=True)[:k]] = True
+            got = top_k_mask(a, k)
+            assert int(got.sum()) == k and torch.equal(got, want), (n, levels, k)

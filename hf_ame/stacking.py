@@ -1,0 +1,87 @@
+"""Layer stacking (mergekit's ``passthrough`` slices, "frankenmerges"): output layers copied from
+layer ranges of one or more models, tensors renamed by layer index while streaming.
+
+Pure planning on headers and configs: which source tensor (model, name) each output tensor copies,
+and the output config (``num_hidden_layers`` and every per-layer list in it, such as Qwen2's and
+Gemma's ``layer_types``, rebuilt layer by layer from the sources'). Tensors outside the layers come
+from the first slice's model when they precede the layers (embeddings) and from the last slice's
+model otherwise (final norm, head), as mergekit takes ``pre_weights`` and ``post_weights``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import IncompatibleCheckpointsError
+
+__all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index"]
+
+_LAYER = re.compile(r"^(.*?\.layers\.)(\d+)(\..*)$")
+_PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|rotary_emb")
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Layers ``[start, end)`` of ingredient ``model`` (an index into the merge's checkpoints)."""
+
+    model: int
+    start: int
+    end: int
+
+
+def layer_index(name: str) -> Optional[Tuple[str, int, str]]:
+    """(prefix, index, suffix) of a decoder-layer tensor name (``model.layers.3.mlp.up_proj.weight``)."""
+    m = _LAYER.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def stack_names(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]], num_layers: Sequence[int],
+                model_names: Sequence[str]) -> List[Tuple[str, int, str]]:
+    """(output name, source model index, source name) for every output tensor, in output order:
+    the pre-layer tensors, the layers slice by slice, the post-layer tensors. ``names[k]``: model
+    k's tensor names in file order; ``num_layers[k]``: its layer count."""
+    for i, s in enumerate(slices):
+        if not 0 <= s.start < s.end <= num_layers[s.model]:
+            raise IncompatibleCheckpointsError(
+                f"slices[{i}].layer_range: [{s.start}, {s.end}] is outside the {num_layers[s.model]} layers of "
+                f"{model_names[s.model]!r}")
+    first, last = slices[0].model, slices[-1].model
+    outside = [n for n in names[first] if layer_index(n) is None]
+    out: List[Tuple[str, int, str]] = [(n, first, n) for n in outside if _PRE.search(n)]
+    o = 0
+    for s in slices:
+        layer_tensors: Dict[int, List[Tuple[str, str, str]]] = {}
+        for n in names[s.model]:
+            li = layer_index(n)
+            if li is not None and s.start <= li[1] < s.end:
+                layer_tensors.setdefault(li[1], []).append(li)
+        for src in range(s.start, s.end):
+            for prefix, _, suffix in layer_tensors.get(src, []):
+                out.append((f"{prefix}{o}{suffix}", s.model, f"{prefix}{src}{suffix}"))
+            o += 1
+    post = [n for n in names[last] if layer_index(n) is None and not _PRE.search(n)]
+    missing = [n for n in post if n not in names[last]]
+    if missing:  # pragma: no cover - post names come from the last model itself
+        raise IncompatibleCheckpointsError(f"{model_names[last]!r} lacks {missing[0]!r}")
+    out += [(n, last, n) for n in post]
+    return out
+
+
+def stacked_config(configs: Sequence[Mapping[str, Any]], slices: Sequence[LayerSlice]) -> Dict[str, Any]:
+    """The first slice's model config with ``num_hidden_layers`` = the layers stacked and every list
+    that had one entry per layer rebuilt from the sources' entries for the layers taken."""
+    out = dict(configs[slices[0].model])
+    total = sum(s.end - s.start for s in slices)
+    n0 = configs[slices[0].model].get("num_hidden_layers")
+    for key, value in list(out.items()):
+        if isinstance(value, list) and isinstance(n0, int) and len(value) == n0:
+            rebuilt = []
+            for s in slices:
+                src = configs[s.model].get(key)
+                if not (isinstance(src, list) and len(src) == configs[s.model].get("num_hidden_layers")):
+                    raise IncompatibleCheckpointsError(f"config {key!r}: a per-layer list missing in a source model")
+                rebuilt += src[s.start:s.end]
+            out[key] = rebuilt
+    out["num_hidden_layers"] = total
+    return out
