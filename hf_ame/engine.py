@@ -154,6 +154,7 @@ def merge_checkpoints(
     memory_budget: Optional[int] = None,
     distributed: Optional[bool] = None,
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    tokenizer_from: Union[str, Path, None] = None,
 ) -> MergeReport:
     """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
 
@@ -180,6 +181,8 @@ def merge_checkpoints(
         block_size: on CPU with a coordinate-wise optimizer, tensors larger than this many elements
             are merged one block at a time through all steps (the state stays in cache); results
             are bit-identical to ``None`` (whole tensors). Default 2**18 elements.
+        tokenizer_from: the folder whose tokenizer files are copied (a mergekit ``tokenizer_source``;
+            its vocabulary must be the ingredients'); default the ``reference`` ingredient's.
     """
     t0 = time.perf_counter()
     _validate_args(stream, block_size, max_shard_size)
@@ -195,7 +198,8 @@ def merge_checkpoints(
         files: List[str] = []
 
         def finalize(tmp: Path) -> None:
-            files.extend(finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files))
+            files.extend(finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files,
+                                       tokenizer_from=tokenizer_from))
 
         report = run_plan(plan, o.ckpts, o.base, ranks, lambda: staged_output(output_dir, overwrite, o.inputs), finalize,
                           progress=progress)

@@ -24,10 +24,10 @@ from .methods import get_method, list_methods
 __all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
 
 MERGEKIT_FILE = "mergekit_config.yml"
-_SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name"}
+_SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name",
+                   "tokenizer_source"}
 _NOT_YET = {
     "modules": "per-module merges",
-    "tokenizer_source": "tokenizer merging (the first model's tokenizer files are copied)",
     "tokenizer": "tokenizer merging (the first model's tokenizer files are copied)",
     "chat_template": "chat templates (the first model's are copied)",
 }
@@ -208,4 +208,11 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
         recipe["base_model"] = base
     if out_dtype is not None:
         recipe["output"] = {"dtype": str(out_dtype)}
+    source = data.get("tokenizer_source")
+    if source is not None:
+        if source == "union":
+            raise _fail("tokenizer_source", "'union' (a merged vocabulary, embedding rows remapped) is not supported "
+                                            "yet; 'base' or a model whose vocabulary the others share is")
+        ref = "base" if source == "base" else _reference(source, "tokenizer_source")["id"]
+        recipe.setdefault("output", {})["tokenizer_source"] = ref
     return recipe

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .algorithm import resolve_pivot
 from .card import CHART_FILE, render_card
 from .checkpoints import Checkpoint
-from .checks import check_compatible, model_dtype, storage_dtype
+from .checks import check_compatible, check_same_vocab, model_dtype, storage_dtype
 from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
 from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError, RecipeError
@@ -240,6 +240,7 @@ class AMEMerger:
         self.timings = dict(timings or {})
         self.base = base
         self.recipe = None  # set by from_recipe
+        self.tokenizer_from: Optional[str] = None  # a recipe's tokenizer_source (checked: same vocabulary)
 
     @classmethod
     def from_recipe(cls, path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None,
@@ -254,9 +255,12 @@ class AMEMerger:
         load.update(kwargs)
         if recipe.output.get("dtype") is not None:
             load.setdefault("dtype", recipe.output["dtype"])
+        if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
+            load.setdefault("min_models", 1)
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
                                      base_model=recipe.base_model, **load)
         merger.recipe = recipe
+        merger.tokenizer_from = merger._tokenizer_source(recipe.output.get("tokenizer_source"))
         layers = (recipe.provenance or {}).get("num_hidden_layers")
         for ing in merger.ingredients if layers is not None else []:  # a mergekit slice over [0, layers]
             found = Checkpoint(ing.path).config.get("num_hidden_layers")
@@ -280,6 +284,7 @@ class AMEMerger:
         trust_remote_code: bool = False,
         base_model: Optional[ModelEntry] = None,
         endpoint: Optional[str] = None,
+        min_models: Optional[int] = None,
     ) -> "AMEMerger":
         """Resolve, check and fetch the ingredients (transformers' argument names and meanings).
 
@@ -294,6 +299,8 @@ class AMEMerger:
                 default: the ingredients' own.
             base_model: a base checkpoint (Hub id or folder) for ``pivot="base"`` merges.
             endpoint: a Hub endpoint other than the default (``HF_ENDPOINT``).
+            min_models: the fewest ingredients accepted; default 2, or 1 with a ``base_model``
+                (slerp); a layer-stacking recipe may take layers of a single model.
 
         Compatibility (architecture, tensor names, shapes, dtypes) is checked from config.json and
         the safetensors headers alone, before any weight file is downloaded.
@@ -304,8 +311,10 @@ class AMEMerger:
         out_dtype = parse_dtype(dtype, "dtype")
         ings = [parse_ingredient(m, revision, f"models[{i}]") for i, m in enumerate(models)]
         base = parse_ingredient(base_model, revision, "base_model") if base_model is not None else None
-        if len(ings) < (1 if base is not None else 2):  # one model and a base: slerp
-            raise IncompatibleCheckpointsError(f"a merge needs at least 2 ingredients, got {len(ings)} (one is enough with a base_model, for slerp)")
+        least = min_models if min_models is not None else (1 if base is not None else 2)
+        if len(ings) < least:  # one model and a base: slerp
+            raise IncompatibleCheckpointsError(f"a merge needs at least {least} ingredients, got {len(ings)}"
+                                               + (" (one is enough with a base_model, for slerp)" if least == 2 else ""))
         everyone = ings + ([base] if base is not None else [])
 
         # 1. Headers only (see _read_headers), checked before any weight is downloaded
@@ -314,7 +323,7 @@ class AMEMerger:
         checkable = [h for h in headers[: len(ings)] if h is not None]
         base_h = headers[len(ings)] if base is not None else None
         if len(checkable) == len(ings):
-            check_compatible(checkable, base_h, min_ingredients=1 if base_h is not None else 2)
+            check_compatible(checkable, base_h, min_ingredients=least)
         t1 = time.perf_counter()
 
         # 2. Download what the merge needs (safetensors, configs, tokenizer/processor files).
@@ -325,7 +334,7 @@ class AMEMerger:
         if len(checkable) != len(ings):  # .bin-only repos: check now, from the downloaded files
             headers = [Checkpoint(i.path, name=i.id) for i in everyone]
             check_compatible(headers[:len(ings)], headers[len(ings)] if base is not None else None,
-                             min_ingredients=1 if base is not None else 2)
+                             min_ingredients=least)
         for ing, h in zip(everyone, headers):
             ing.dtype = storage_dtype(h.tensors) if h is not None else storage_dtype(Checkpoint(ing.path).tensors)
         t2 = time.perf_counter()
@@ -546,6 +555,24 @@ class AMEMerger:
         req.cfg = cfg
         return req
 
+    def _tokenizer_source(self, source: Optional[str]) -> Optional[str]:
+        """The folder of a recipe's ``tokenizer_source`` ("base" or a model's id), after checking that
+        every ingredient shares its vocabulary (before any weight is read)."""
+        if source is None:
+            return None
+        everyone = self.ingredients + ([self.base] if self.base is not None else [])
+        if source == "base":
+            if self.base is None:
+                raise RecipeError("output.tokenizer_source: 'base' needs a base_model")
+            chosen = self.base
+        else:
+            chosen = next((i for i in everyone if i.id == source), None)
+            if chosen is None:
+                raise RecipeError(f"output.tokenizer_source: {source!r} is neither 'base' nor one of the models")
+        check_same_vocab(Checkpoint(chosen.path).files_path, chosen.id,
+                         [(i.id, Checkpoint(i.path).files_path) for i in everyone if i is not chosen])
+        return str(Checkpoint(chosen.path).files_path)
+
     def _slices(self) -> List[LayerSlice]:
         return [LayerSlice(s["model"], *s["layer_range"]) for s in self.recipe.slices]
 
@@ -596,7 +623,8 @@ class AMEMerger:
                   device_map=device)
         if req.greedy is None:
             report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                       stream=req.stream, memory_budget=req.memory_budget, **kw)
+                                       stream=req.stream, memory_budget=req.memory_budget,
+                                       tokenizer_from=self.tokenizer_from, **kw)
         else:
             cfg, report, greedy_log = self._merge_greedy(req, ckpts, chosen, base, run, metric, target, kw)
         timings["merge"] = time.perf_counter() - t1

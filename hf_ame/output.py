@@ -26,7 +26,7 @@ import torch
 from .errors import OutputExistsError
 
 __all__ = ["OutputExistsError", "check_output_dir", "staged_output", "target_lock", "stale_siblings", "copy_aux_files",
-           "update_config", "write_files", "write_error", "finish_output", "AUX_SKIP"]
+           "update_config", "write_files", "write_error", "finish_output", "copy_tokenizer_files", "TOKENIZER_FILES", "AUX_SKIP"]
 
 # Files of a reference checkpoint that are NOT copied: weights (we write our own), the old card.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
@@ -175,12 +175,34 @@ def update_config(folder: Union[str, Path], dtype: torch.dtype, changes: Optiona
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:
+    """Replace ``dst``'s tokenizer files by ``src``'s (a mergekit ``tokenizer_source``)."""
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES:
+        if (dst / name).exists():
+            (dst / name).unlink()
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
                   extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
-                  config_changes: Optional[Mapping[str, object]] = None) -> List[str]:
+                  config_changes: Optional[Mapping[str, object]] = None,
+                  tokenizer_from: Union[str, Path, None] = None) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
     generation files (``files_from``), config.json's dtype, then ``extra_files``. Returns the names written."""
     aux = copy_aux_files(files_from, folder)
+    if tokenizer_from is not None:
+        aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | set(copy_tokenizer_files(tokenizer_from, folder)))
     update_config(folder, dtype, config_changes)
     write_files(folder, extra_files or {})
     return aux + list(extra_files or {})

@@ -39,7 +39,7 @@ _TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", 
 _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
-_OUTPUT = {"dtype", "max_shard_size"}
+_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 

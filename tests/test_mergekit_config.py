@@ -131,7 +131,8 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
     cases = [
         ({**good, "modules": {}}, "modules: mergekit's per-module merges"),
         ({**good, "slices": []}, "slices: give either models or slices"),
-        ({**good, "tokenizer_source": "union"}, "tokenizer_source: mergekit's tokenizer merging"),
+        ({**good, "tokenizer_source": "union"}, "tokenizer_source: 'union' .* is not supported yet"),
+        ({**good, "chat_template": "chatml"}, "chat_template: mergekit's chat templates"),
         ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
         ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: not a parameter of 'ties'"),
@@ -225,3 +226,48 @@ def test_slices_forms(fam, tmp_path):
         load_recipe(write(tmp_path, "two", two))
     with pytest.raises(RecipeError, match="exactly one source per slice"):
         load_recipe(write(tmp_path, "pt2", {**full, "merge_method": "passthrough"}))
+
+
+def test_passthrough_from_one_model_repeats_layers(tmp_path):
+    a = make_family("llama", tmp_path / "a", 1, seed=3, num_hidden_layers=4)[0]
+    cfg = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+                      {"sources": [{"model": str(a), "layer_range": [1, 4]}]}], "merge_method": "passthrough"}
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, "self", cfg), tmp_path / "o")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    sa = read_state(a)
+    assert torch.equal(got["model.layers.3.self_attn.q_proj.weight"], sa["model.layers.1.self_attn.q_proj.weight"])
+
+
+def _save_tokenizer(folder, vocab):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+
+
+def test_tokenizer_source(fam, tmp_path):
+    """tokenizer_source: base copies the base's tokenizer files when every model shares its
+    vocabulary; a model with another vocabulary (rows would mean other tokens) or union is refused."""
+    import shutil
+
+    base, fts = fam
+    root = tmp_path / "m"
+    paths = []
+    for p in [base, *fts]:
+        shutil.copytree(p, root / p.name)
+        paths.append(root / p.name)
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    for p in paths:
+        _save_tokenizer(p, vocab)
+    (paths[0] / "tokenizer_config.json").write_text('{"model_max_length": 77}')  # the base's own file
+    cfg = {"merge_method": "ties", "base_model": str(paths[0]), "tokenizer_source": "base",
+           "parameters": {"density": 0.5}, "models": [{"model": str(p)} for p in paths[1:]]}
+    ours(write(tmp_path, "tok", cfg), tmp_path / "o")
+    assert (tmp_path / "o" / "tokenizer_config.json").read_text() == '{"model_max_length": 77}'
+    assert (tmp_path / "o" / "config.json").exists()
+    _save_tokenizer(paths[2], {"[UNK]": 0, "world": 1, "hello": 2})
+    with pytest.raises(Exception, match="maps 4 token/id pairs differently"):
+        AMEMerger.from_recipe(write(tmp_path, "tok2", cfg), device_map="cpu")
+    with pytest.raises(RecipeError, match="'union'"):
+        load_recipe(write(tmp_path, "tok3", {**cfg, "tokenizer_source": "union"}))
