@@ -4,15 +4,16 @@ The merge is an optimizer run in weight space: (merge - ingredient) differences 
 pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for the definition.
 
 Public API: :class:`AMEMerger` (``from_pretrained`` / ``from_recipe`` -> ``plan`` / ``merge``),
-:class:`MergeResult`, :class:`AMEConfig`, recipes, the optimizer registry, the lower-level
-folder-to-folder :func:`merge_checkpoints` / :func:`plan_merge`, the pure tensor functions
+:class:`MergeResult`, :class:`AMEConfig`, recipes (mergekit configs too), the optimizer and merge-method
+registries, the lower-level folder-to-folder :func:`merge_checkpoints` / :func:`plan_merge` /
+:func:`stack_checkpoints`, the pure tensor functions
 :func:`ame_merge` / :func:`soup`, and the errors (all derive from :class:`HFAMEError`).
 """
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
 from .algorithm import ame_merge, ame_merge_many, soup
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
-from .engine import merge_checkpoints, plan_merge
+from .engine import merge_checkpoints, plan_merge, stack_checkpoints
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -31,6 +32,7 @@ from .errors import (
 from .executor import MergeReport
 from .hub import Ingredient
 from .merger import AMEMerger, MergeResult
+from .methods import get_method, list_methods, register_method
 from .optimizers import build_optimizer, get_optimizer, list_optimizers, register_optimizer
 from .plan import MergePlan, TensorPlan
 from .recipe import Recipe, load_recipe
@@ -49,6 +51,7 @@ __all__ = [
     "load_recipe",
     "merge_checkpoints",
     "plan_merge",
+    "stack_checkpoints",
     "ame_merge",
     "ame_merge_many",
     "soup",
@@ -58,6 +61,9 @@ __all__ = [
     "get_optimizer",
     "list_optimizers",
     "register_optimizer",
+    "register_method",
+    "get_method",
+    "list_methods",
     "amplification",
     "learning_rate",
     "HFAMEError",
