@@ -16,7 +16,7 @@ from hf_ame.testing import make_family
 
 from conftest import read_state
 
-mergekit_merge = pytest.importorskip("mergekit.merge")  # in the test extra: the reference implementation
+import mergekit.merge as mergekit_merge  # noqa: E402 - in the test extra: the reference implementation
 from mergekit.config import MergeConfiguration  # noqa: E402
 
 
