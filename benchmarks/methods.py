@@ -3,6 +3,7 @@
     bash scripts/setup.sh      # mergekit is in the test extra
     .venv/bin/python benchmarks/methods.py quality [--seeds 0 1 2] [--models 6]
     .venv/bin/python benchmarks/methods.py speed [--reps 2]
+    .venv/bin/python benchmarks/methods.py robust [--outliers 1]
 
 quality: for each seed, 6 ViT fine-tunes of one pretrained model that each never see half of the
 classes (examples/digits.py), with that pretrained model (and the head init) as base. Each method
@@ -83,6 +84,43 @@ def quality(seeds, n_models: int) -> dict:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"[quality] seed {seed} done", flush=True)
+    return rows
+
+
+def robust(seeds, n_models: int, outliers: int) -> dict:
+    """Soup vs AMEConfig.robust() on the digits fine-tunes, clean and with ``outliers`` extra
+    ingredients whose weights are a fine-tune's times 10 (a diverged or corrupt upload)."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from digits import DigitsSetup, accuracy, build_digits_ingredients, load_digits_splits
+    from hf_ame import AMEConfig, merge_checkpoints
+
+    warnings.simplefilter("ignore")
+    rows: dict = {}
+    for seed in seeds:
+        paths = build_digits_ingredients(HERE / ".data" / "digits", DigitsSetup(n_models=n_models, seed=seed), verbose=False)
+        test = lambda p: accuracy(p, *load_digits_splits(seed)["test"])  # noqa: E731
+        work = Path(tempfile.mkdtemp(prefix="hf_ame-robust-"))
+        try:
+            bad = []
+            for k in range(outliers):  # ingredient k's weights x 10
+                d = work / f"outlier-{k}"
+                shutil.copytree(paths[k], d)
+                state = load_file(d / "model.safetensors")
+                save_file({n: (t * 10 if t.is_floating_point() else t) for n, t in state.items()}, d / "model.safetensors",
+                          metadata={"format": "pt"})
+                bad.append(d)
+            for label, ings in (("clean", paths), (f"+{outliers} outliers x10", paths + bad)):
+                for name, cfg in (("uniform soup", AMEConfig.soup()), ("AMEConfig.robust()", AMEConfig.robust())):
+                    out = work / f"{label}-{name}".replace(" ", "_")
+                    merge_checkpoints(ings, out, cfg, progress=False)
+                    rows.setdefault(f"{name}, {label}", []).append({"seed": seed, "test": test(out)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"[robust] seed {seed} done", flush=True)
     return rows
 
 
@@ -178,12 +216,16 @@ def print_speed(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["quality", "speed"])
+    ap.add_argument("part", choices=["quality", "speed", "robust"])
+    ap.add_argument("--outliers", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
-    if a.part == "quality":
+    if a.part == "robust":
+        rows = robust(a.seeds, a.models, a.outliers)
+        print_quality(rows)
+    elif a.part == "quality":
         rows = quality(a.seeds, a.models)
         print_quality(rows)
         (HERE / ".data").mkdir(exist_ok=True)

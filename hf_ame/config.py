@@ -108,6 +108,15 @@ class AMEConfig:
                    method_kwargs=_lambda_name(params)).validate()
 
     @classmethod
+    def robust(cls, epochs: int = 20) -> "AMEConfig":
+        """A merge that needs no evaluation data and stays good when a few ingredients are far off
+        (diverged, rescaled, corrupt): the per-tensor geometric median by ``epochs`` Weiszfeld
+        iterations (method ``geometric_median``, SGD lr 1 constant, every ingredient in each step,
+        adaptive pivot from the soup). On identical or symmetric ingredients it is the soup."""
+        return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=epochs, batch_size=None, shuffle=False,
+                   pivot="soup", adaptive_pivot=True, amplification=1.0, method="geometric_median").validate()
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> "AMEConfig":
         """Build from a plain dict (as :meth:`to_dict` writes it); unknown keys are errors."""
         if not isinstance(data, Mapping):

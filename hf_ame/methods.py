@@ -188,6 +188,7 @@ def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") ->
 
 
 _RANGES = {  # name: (test, what it must be)
+    "eps": (lambda v: v > 0, "a positive number"),
     "density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "gamma": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "epsilon": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -414,6 +415,25 @@ def _linear(ctx: MethodContext) -> torch.Tensor:
     return g.neg_()
 
 
+def _geometric_median(ctx: MethodContext) -> torch.Tensor:
+    """One Weiszfeld step toward the geometric median of the batch, tensor by tensor: each
+    pseudogradient normalised by its own norm, g = sum_j (p - x_j) / |p - x_j| / sum_j 1 / |p - x_j|
+    (norms clamped at ``eps``). With SGD, lr 1 and the adaptive pivot, epochs are Weiszfeld iterations."""
+    p = ctx.pivot
+    acc = torch.zeros_like(p)
+    total = 0.0
+    eps = float(ctx.param("eps"))
+    for i in range(ctx.n):
+        d = ctx.get(i).sub_(p)
+        inv = 1.0 / max(float(torch.linalg.vector_norm(d)), eps)
+        acc.add_(d, alpha=inv)
+        total += inv
+    return acc.div_(total).neg_()
+
+
+register_method("geometric_median", _geometric_median, defaults={"eps": 1e-8}, needs_base=False,
+                description="Weiszfeld steps toward the geometric median (robust to a few far-off models)",
+                reference="https://en.wikipedia.org/wiki/Geometric_median")
 register_method("linear", _linear, defaults={"weight": 1.0, "normalize": True}, needs_base=False,
                 description="weighted average of the models (Wortsman et al. 2022's soup, with weights)",
                 reference="https://arxiv.org/abs/2203.05482")

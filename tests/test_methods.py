@@ -226,3 +226,30 @@ def test_top_k_mask_equals_argsort_with_ties():
             want[torch.argsort(a, descending=True)[:k]] = True
             got = top_k_mask(a, k)
             assert int(got.sum()) == k and torch.equal(got, want), (n, levels, k)
+
+
+def test_robust_preset_resists_a_far_off_ingredient(tmp_path):
+    """AMEConfig.robust() (per-tensor geometric median by Weiszfeld steps): with one ingredient's
+    weights x 10 among 5, it stays near the clean soup where the soup is pulled away; on the clean
+    set it is close to the soup."""
+    from safetensors.torch import load_file, save_file
+
+    paths = make_family("llama", tmp_path / "f", 5, seed=9)
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(paths[0], bad)
+    save_file({k: v * 10 for k, v in load_file(bad / "model.safetensors").items()}, bad / "model.safetensors",
+              metadata={"format": "pt"})
+    soup_clean = read_state(merge_checkpoints(paths, tmp_path / "sc", AMEConfig.soup(), progress=False).output_dir)
+    soup_bad = read_state(merge_checkpoints(paths + [bad], tmp_path / "sb", AMEConfig.soup(), progress=False).output_dir)
+    robust_bad = read_state(merge_checkpoints(paths + [bad], tmp_path / "rb", AMEConfig.robust(), progress=False).output_dir)
+    robust_clean = read_state(merge_checkpoints(paths, tmp_path / "rc", AMEConfig.robust(), progress=False).output_dir)
+
+    def dist(a, b):
+        return sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+
+    spread = dist(read_state(paths[0]), soup_clean)  # how far one fine-tune is from the clean soup
+    assert dist(soup_bad, soup_clean) > 5 * spread  # the outlier drags the soup far away
+    assert dist(robust_bad, soup_clean) < 0.5 * spread  # the robust merge stays among the clean ones
+    assert dist(robust_clean, soup_clean) < 0.1 * spread
