@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+
+from methods import run_timed  # benchmarks/methods.py: one process, wall time and peak RSS
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,16 +164,6 @@ def names_in(cfg) -> set:
     return set()
 
 
-def run(cmd) -> tuple:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()[-1500:]
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed:\n{err}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
-
-
 def read(folder) -> dict:
     from safetensors.torch import load_file
 
@@ -202,7 +192,7 @@ def main() -> None:
                     cmd = ([str(bin_dir / "mergekit-yaml"), str(path), str(out), "--no-copy-tokenizer", "--quiet"]
                            if who == "mergekit" else
                            [str(bin_dir / "hf-ame"), "merge", str(path), "--out", str(out), "--no-progress", "--device", "cpu"])
-                    times[who].append(run(cmd))
+                    times[who].append(run_timed(cmd))
             mk, ours = read(Path(tmp) / f"{name}-mergekit-0"), read(Path(tmp) / f"{name}-hf_ame-0")
             same_names = set(mk) == set(ours)
             diff = max((mk[k].float() - ours[k].float()).abs().max().item() for k in mk if k in ours)

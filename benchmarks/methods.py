@@ -163,7 +163,8 @@ def build_llama() -> list:
     return paths
 
 
-def _run(cmd: list) -> tuple:
+def run_timed(cmd: list) -> tuple:
+    """Run ``cmd`` in its own process: (wall seconds, peak RSS in MiB from wait4); raises with its stderr on failure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -200,7 +201,7 @@ def speed(reps: int) -> dict:
                 Path(f"{tmp}/mk.yml").write_text(yaml.safe_dump(cfg))
                 mk = [str(bin_dir / "mergekit-yaml"), f"{tmp}/mk.yml", f"{tmp}/mk", "--no-copy-tokenizer", "--quiet"]
                 for who, cmd in (("hf_ame", args), ("mergekit", mk)):
-                    sec, rss = _run(cmd)
+                    sec, rss = run_timed(cmd)
                     res.setdefault(method, {}).setdefault(who, []).append((sec, rss))
                     print(f"  rep {rep + 1} {method:<16} {who:<9} {sec:6.2f}s  peak RSS {rss:6.0f} MiB", flush=True)
     return res
