@@ -134,6 +134,10 @@ class AdapterCheckpoint(Checkpoint):
     def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         return self._expanded(name).to(device, copy=True)
 
+    def rekey(self, names):  # type: ignore[override]
+        raise CheckpointError(f"{self.name}: a LoRA adapter's tensors cannot be renamed (base_model_prefix alignment, "
+                              "heads='drop'); merge its base's layout or the adapter merged into its base")
+
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         return self._expanded(name).reshape(-1)[start:end].clone()
 

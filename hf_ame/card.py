@@ -47,8 +47,9 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 dataset: Optional[Dict[str, Any]] = None, greedy: Optional[str] = None,
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
                 seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None,
-                mergekit_config: Optional[str] = None):
-    """Returns (huggingface_hub.ModelCard, svg text or None)."""
+                mergekit_config: Optional[str] = None, alignment: Sequence[str] = ()):
+    """Returns (huggingface_hub.ModelCard, svg text or None). ``alignment``: notes on rows matched
+    by token or label and on config choices (:class:`~hf_ame.rows.RowAlignment`)."""
     # huggingface_hub's card classes pull its HTTP stack (~8 MiB, 190 modules): imported when a card is made
     from huggingface_hub import ModelCard
     archs = model_config.get("architectures") or []
@@ -88,6 +89,7 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         reproduce=reproduce or "hf-ame merge ame_recipe.yaml --out merged",
         recipe_yaml=recipe_yaml,
         mergekit_config=mergekit_config,
+        alignment=list(alignment),
     )
     return card, svg
 

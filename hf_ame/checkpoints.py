@@ -5,6 +5,7 @@ safetensors' ``safe_open`` (memory-mapped, never a whole file).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -61,6 +62,12 @@ class TensorInfo:
     shape: Tuple[int, ...]
     file: str
     offset: int = field(default=-1, compare=False)
+    stored_name: Optional[str] = field(default=None, compare=False)  # its name in the file, when keyed otherwise
+
+    @property
+    def file_name(self) -> str:
+        """The tensor's name in its file (``name`` may be the merge's name for it: see ``Checkpoint.rekey``)."""
+        return self.stored_name or self.name
 
     @property
     def numel(self) -> int:
@@ -281,6 +288,14 @@ class Checkpoint:
             self._bin_state[f] = sd
         return self._bin_state[f]
 
+    def rekey(self, names: Mapping[str, str]) -> "Checkpoint":
+        """Key tensors by other names (``names``: name in the file -> name in the merge; tensors not
+        listed are left out), as transformers aligns a headless body with a headed model by its
+        ``base_model_prefix``. Reads still use each tensor's name in its file. Returns self."""
+        self.tensors = {names[k]: dataclasses.replace(info, name=names[k], stored_name=info.file_name)
+                        for k, info in self.tensors.items() if k in names}
+        return self
+
     # ---------------------------------------------------------------- reading
     @property
     def model_type(self) -> Optional[str]:
@@ -296,14 +311,14 @@ class Checkpoint:
         if info is None:
             raise CheckpointError(f"{self.name}: has no tensor {name!r}")
         if self.format == "bin":
-            t = self._load_bin(info.file)[name].to(device, copy=True)
+            t = self._load_bin(info.file)[info.file_name].to(device, copy=True)
         else:
             # A fresh handle per read: safetensors maps the file, and pages touched through a
             # handle kept open stay resident (counted in RSS) until it closes. Per-read handles
             # tie that memory to the returned tensor's lifetime instead. Opening costs one header parse.
             try:
                 with safe_open(str(self.path / info.file), framework="pt", device="cpu") as handle:
-                    t = handle.get_tensor(name)
+                    t = handle.get_tensor(info.file_name)
             except Exception as exc:  # noqa: BLE001 - safetensors' own error type is not an OSError/ValueError
                 raise CheckpointError(f"{self.name}/{info.file}: cannot read tensor {name!r}: {exc}") from None
             if str(device) != "cpu":
@@ -322,7 +337,7 @@ class Checkpoint:
         if not 0 <= start <= end <= info.numel:
             raise ValueError(f"{self.name}: range [{start}, {end}) is outside tensor {name!r} of {info.numel} elements")
         if self.format == "bin" or info.offset < 0:
-            out = self._load_bin(info.file)[name].reshape(-1)[start:end].clone()
+            out = self._load_bin(info.file)[info.file_name].reshape(-1)[start:end].clone()
         else:
             esize = torch.empty((), dtype=info.dtype).element_size()
             raw = torch.empty((end - start) * esize, dtype=torch.uint8)

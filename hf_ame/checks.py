@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -26,9 +26,10 @@ def _fmt_shape(s) -> str:
 
 
 def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLike] = None, *,
-                     min_ingredients: int = 2) -> None:
+                     min_ingredients: int = 2, varying_rows: Collection[str] = ()) -> None:
     """Raise :class:`IncompatibleCheckpointsError` unless all ingredients (and the base) share
-    model_type, architectures, tensor names, shapes and dtypes. The first ingredient is the reference."""
+    model_type, architectures, tensor names, shapes and dtypes. The first ingredient is the reference.
+    Tensors in ``varying_rows`` (rows matched by token or label) may differ in their first dimension."""
     if len(ingredients) < min_ingredients:
         raise IncompatibleCheckpointsError(
             f"a merge needs at least {min_ingredients} ingredients, got {len(ingredients)}"
@@ -48,14 +49,15 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
     others = list(ingredients[1:]) + ([base] if base is not None else [])
     for other in others:
         role = "base model" if other is base else "model"
-        for key in ("model_type", "architectures"):
+        for key in ("model_type", "architectures") if other is not base else ("model_type",):  # a base may be headless
             a, b = ref.config.get(key), other.config.get(key)
             if a is not None and b is not None and a != b:
                 raise IncompatibleCheckpointsError(
                     f"{role} {other.name!r} has {key} {b!r} but {ref.name!r} has {a!r}: "
                     "only checkpoints of one architecture can be merged"
                 )
-        missing = [k for k in ref.tensors if k not in other.tensors]
+        # a base may lack row-matched tensors (a headless body lacks the head): those merge without it
+        missing = [k for k in ref.tensors if k not in other.tensors and not (other is base and k in varying_rows)]
         extra = [k for k in other.tensors if k not in ref.tensors]
         if missing or extra:
             parts = []
@@ -65,12 +67,15 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
                 parts.append(f"has {len(extra)} tensor(s) that {ref.name!r} lacks, e.g. {extra[0]!r}")
             raise IncompatibleCheckpointsError(f"{role} {other.name!r} " + " and ".join(parts))
         for k, info in ref.tensors.items():
+            if k not in other.tensors:
+                continue
             o = other.tensors[k]
-            if tuple(o.shape) != tuple(info.shape):
+            same = tuple(o.shape[1:]) == tuple(info.shape[1:]) and len(o.shape) == len(info.shape) if k in varying_rows \
+                else tuple(o.shape) == tuple(info.shape)
+            if not same:
                 raise IncompatibleCheckpointsError(
                     f"tensor {k!r} has shape {_fmt_shape(o.shape)} in {role} {other.name!r} "
-                    f"but {_fmt_shape(info.shape)} in {ref.name!r}"
-                )
+                    f"but {_fmt_shape(info.shape)} in {ref.name!r}" + _rows_hint(k, o.shape, info.shape, other, ref))
             # floating dtypes may differ (bf16 and fp32 uploads of one model): the merge runs in the
             # compute dtype and writes the first ingredient's dtype (or dtype=)
             if o.dtype != info.dtype and not (o.is_floating and info.is_floating):
@@ -78,6 +83,20 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
                     f"tensor {k!r} has dtype {str(o.dtype).replace('torch.', '')} in {role} {other.name!r} "
                     f"but {str(info.dtype).replace('torch.', '')} in {ref.name!r}"
                 )
+
+
+def _rows_hint(name: str, a: Sequence[int], b: Sequence[int], ca: HeaderLike, cb: HeaderLike) -> str:
+    """Why two shapes may differ only in rows: vocabularies (tokenizer_source) or label sets."""
+    if len(a) != len(b) or tuple(a[1:]) != tuple(b[1:]) or not a:
+        return ""
+
+    def vocab(c: HeaderLike) -> Any:
+        return c.config.get("vocab_size") or (c.config.get("text_config") or {}).get("vocab_size")
+
+    if (vocab(ca), vocab(cb)) == (a[0], b[0]):
+        return (f"; the vocabularies differ ({a[0]} and {b[0]} embedding rows): pass tokenizer_source='union', 'first', "
+                "'base' or an ingredient's id to match the rows by token")
+    return ""
 
 
 def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:

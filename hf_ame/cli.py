@@ -75,6 +75,17 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                    "optimizer option given) it is mergekit's one-shot merge of that name")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
+    m.add_argument("--tokenizer-source", default=None, metavar="SOURCE",
+                   help="ingredients with different vocabularies (added tokens): the output's vocabulary, first | base "
+                        "| union | an ingredient; embedding rows are matched by token")
+    m.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                   help="with --tokenizer-source: round the embedding rows up to a multiple of N")
+    m.add_argument("--heads", default=None, metavar="CHOICE",
+                   help="classifiers with different label sets: union | drop | an ingredient (its head as it is); "
+                        "the same labels in another order are always aligned by name")
+    m.add_argument("--config-source", default=None, metavar="SOURCE",
+                   help="configs that differ in what the weights compute (rope_theta, ...): take first | base | an "
+                        "ingredient's; default: refuse")
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
     m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
@@ -157,6 +168,9 @@ def _is_recipe(models: List[str]) -> bool:
 def _cmd_merge(args: argparse.Namespace) -> int:
     if _is_recipe(args.models):
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
+        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
         if args.trust_remote_code:
             kwargs["trust_remote_code"] = True
         merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
@@ -185,7 +199,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method}: measures task vectors from a base model: give it with --base-model"
                          if args.method else "--pivot base: give the base checkpoint with --base-model")
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
-                                       trust_remote_code=args.trust_remote_code, base_model=args.base_model)
+                                       trust_remote_code=args.trust_remote_code, base_model=args.base_model,
+                                       tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
+                                       heads=args.heads, config_source=args.config_source)
     if args.dry_run:
         return _print_plan(merger.plan(config, output_dir=args.out, overwrite=args.overwrite,
                                        max_shard_size=args.max_shard_size, stream=args.stream,

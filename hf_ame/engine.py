@@ -32,6 +32,7 @@ from .executor import MergeReport, Ranks, run_plan
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
 from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan
+from .rows import RowAlignment
 from .stacking import LayerSlice, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
@@ -52,6 +53,7 @@ class _Opened:
     config: AMEConfig
     out_dtype: Optional[torch.dtype]
     inputs: List[Path]
+    rows: Optional[RowAlignment] = None
 
 
 def _validate_args(stream: str, block_size: Optional[int], max_shard_size: Union[int, str]) -> None:
@@ -63,7 +65,23 @@ def _validate_args(stream: str, block_size: Optional[int], max_shard_size: Union
                          f"got {block_size!r}")
 
 
-def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference) -> _Opened:
+def _check_rows(rows: RowAlignment, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint]) -> None:
+    """Every source of a row-matched tensor is in its map, and the map stays inside its rows (a base
+    may lack the tensor: a headless body has no head; those rows merge without it)."""
+    for name, axis in rows.tensors.items():
+        m = rows.maps[axis]
+        for c in list(ckpts) + ([base] if base is not None and name in base.tensors else []):
+            idx = m.sources.get(c.name)
+            if idx is None:
+                raise IncompatibleCheckpointsError(f"model {c.name!r} is not in the {axis} row map of tensor {name!r}")
+            have = c.tensors[name].shape[0]
+            if max(idx, default=-1) >= have:
+                raise IncompatibleCheckpointsError(
+                    f"tensor {name!r} has {have} rows in model {c.name!r}, but its {axis} puts "
+                    f"{m.keys[idx.index(max(idx))]!r} at row {max(idx)}")
+
+
+def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows=None) -> _Opened:
     """Open and check everything a merge reads, from headers only; refuse a bad output folder first."""
     config = (config or AMEConfig()).validate()
     out_dtype = parse_dtype(dtype, "dtype")
@@ -84,10 +102,12 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
     if config.method is not None:  # a method's model count and base (slerp: one model and the base)
         check_counts(config.method, config.method_arguments(), len(ckpts), base_ckpt is not None)
         min_ingredients = min(min_ingredients, get_method(config.method).models[0])
-    check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients)
+    check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients, varying_rows=rows.tensors if rows else ())
+    if rows is not None:
+        _check_rows(rows, ckpts, base_ckpt)
     if not 0 <= reference < len(ckpts):
         raise ValueError(f"reference: index {reference} out of range for {len(ckpts)} ingredients")
-    return _Opened(ckpts, base_ckpt, config, out_dtype, inputs)
+    return _Opened(ckpts, base_ckpt, config, out_dtype, inputs, rows)
 
 
 def _plan(o: _Opened, output_dir, *, device_map, ranks: Optional[Ranks], max_shard_size, stream, memory_budget,
@@ -101,7 +121,7 @@ def _plan(o: _Opened, output_dir, *, device_map, ranks: Optional[Ranks], max_sha
                       max_shard_size=max_shard_size, where=where, stream=stream, memory_budget=memory_budget,
                       block_size=block_size, prefetch=prefetch, reference=reference,
                       rank=ranks.rank if ranks is not None else 0, world_size=ranks.world if ranks is not None else 1,
-                      extra_files=list(extra_files or {}))
+                      extra_files=list(extra_files or {}), rows=o.rows)
 
 
 def plan_merge(
@@ -120,12 +140,13 @@ def plan_merge(
     stream: str = "auto",
     memory_budget: Optional[int] = None,
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
+    rows: Optional[RowAlignment] = None,
 ) -> MergePlan:
     """The :class:`~hf_ame.plan.MergePlan` that :func:`merge_checkpoints` would run with the same
     arguments, from configs and headers alone: no tensor byte is read and nothing is written
     (the output folder is checked as the merge would check it)."""
     _validate_args(stream, block_size, max_shard_size)
-    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference)
+    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
     try:
         return _plan(o, output_dir, device_map=device_map, ranks=None, max_shard_size=max_shard_size, stream=stream,
                      memory_budget=memory_budget, block_size=block_size, prefetch=prefetch, reference=reference,
@@ -155,6 +176,7 @@ def merge_checkpoints(
     distributed: Optional[bool] = None,
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
     tokenizer_from: Union[str, Path, None] = None,
+    rows: Optional[RowAlignment] = None,
 ) -> MergeReport:
     """Merge checkpoint folders with AME into ``output_dir`` (sharded safetensors + index).
 
@@ -183,10 +205,13 @@ def merge_checkpoints(
             are bit-identical to ``None`` (whole tensors). Default 2**18 elements.
         tokenizer_from: the folder whose tokenizer files are copied (a mergekit ``tokenizer_source``;
             its vocabulary must be the ingredients'); default the ``reference`` ingredient's.
+        rows: tensors whose rows are matched by token or label across ingredients (vocabularies
+            of different sizes, label sets in other orders; :mod:`hf_ame.rows`): the output takes
+            its row keys, config fields and tokenizer.
     """
     t0 = time.perf_counter()
     _validate_args(stream, block_size, max_shard_size)
-    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference)
+    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
     sources = o.ckpts + ([o.base] if o.base is not None else [])
     read_before = sum(c.bytes_read for c in sources)
     try:
@@ -198,8 +223,7 @@ def merge_checkpoints(
         files: List[str] = []
 
         def finalize(tmp: Path) -> None:
-            files.extend(finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files,
-                                       tokenizer_from=tokenizer_from))
+            files.extend(_finish(tmp, o, reference, plan, extra_files, tokenizer_from))
 
         report = run_plan(plan, o.ckpts, o.base, ranks, lambda: staged_output(output_dir, overwrite, o.inputs), finalize,
                           progress=progress)
@@ -212,6 +236,14 @@ def merge_checkpoints(
     report.plan_seconds = plan_seconds
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _finish(tmp: Path, o: _Opened, reference: int, plan: MergePlan, extra_files: Optional[Mapping[str, Union[str, bytes]]],
+            tokenizer_from: Union[str, Path, None]) -> List[str]:
+    """Config, tokenizer and extra files of a merge (the rows' config fields and tokenizer, if any)."""
+    r = o.rows or RowAlignment()
+    return finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files, r.config_changes,
+                         tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer)
 
 
 def stack_checkpoints(

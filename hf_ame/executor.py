@@ -19,11 +19,12 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from .algorithm import NonFiniteError, block_bounds, merge_in_blocks, merge_tensor
+from .algorithm import NonFiniteError, block_bounds, is_exact_soup, merge_in_blocks, merge_tensor, plan_steps
 from .checkpoints import Checkpoint
 from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
+from .rows import RowGroup, row_groups, subset_config, subset_pivot
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
@@ -140,6 +141,29 @@ class IngredientRow:
         self._next = self._last = None
 
 
+class GatheredRows:
+    """Some rows of one tensor from each of a few checkpoints (a :class:`~hf_ame.rows.RowGroup`),
+    read when indexed, one checkpoint at a time (the last one kept for the next step)."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], name: str, rows: Sequence[torch.Tensor], device: torch.device):
+        self.ckpts, self.name, self.rows, self.device = list(ckpts), name, list(rows), device
+        self._last: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self.ckpts)
+
+    @property
+    def element_sizes(self) -> List[int]:
+        return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if self._last is None or self._last[0] != j:
+            whole = self.ckpts[j].get_tensor(self.name)
+            self._last = (j, whole.index_select(0, self.rows[j]).to(self.device))
+            del whole
+        return self._last[1]
+
+
 class Ranks:
     """This process's place in a multi-process merge (torch.distributed, as set up by
     ``accelerate launch`` or ``torchrun``); world size 1 otherwise."""
@@ -225,9 +249,48 @@ class _Runner:
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps, p.pivot,
                                out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
+    def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype) -> torch.Tensor:
+        """One group of rows, merged over the ingredients that hold them (and the base, if it does)."""
+        p, dev = self.plan, torch.device(tp.device)
+        copies = GatheredRows([self.ckpts[j] for j in g.members], tp.name, g.rows, dev)
+        base_x = None
+        if g.base_rows is not None and self.base is not None:
+            base_x = self.base.get_tensor(tp.name).index_select(0, g.base_rows).to(dev)
+        if len(g.members) == 1 and base_x is None:  # rows only one ingredient has: its own (mergekit's donor rule)
+            if not bool(torch.isfinite(copies[0]).all()):
+                raise NonFiniteError([g.members[0]])
+            return copies[0].to(out_dtype)
+        cfg = subset_config(p.config, g.members)
+        exact = is_exact_soup(cfg, len(g.members))
+        steps = [] if exact else plan_steps(len(g.members), cfg)
+        pivot = subset_pivot(p.pivot, g.members, base_x is not None)
+        try:
+            return merge_tensor(copies, cfg, steps, pivot, base=base_x, device=dev, out_dtype=out_dtype, exact_soup=exact,
+                                block_size=None, key=tp.name, position=tp.position)
+        except NonFiniteError as exc:
+            raise NonFiniteError([g.members[c] for c in exc.culprits]) from None
+
+    def merge_gathered(self, tp: TensorPlan) -> torch.Tensor:
+        """A tensor whose rows are matched by key (:mod:`hf_ame.rows`): group by group; rows that no
+        ingredient holds (new padding) take the mean of the merged rows."""
+        p, dev = self.plan, torch.device(tp.device)
+        base = self.base.name if (self.base is not None and p.pivot[0] == "base") else None
+        groups = row_groups(p.rows.map_for(tp.name), [c.name for c in self.ckpts], base)
+        out = torch.empty(tp.shape, dtype=getattr(torch, tp.dtype), device=dev)
+        filled = [g.out for g in groups if g.members]
+        for g in groups:
+            if g.members:
+                out[g.out.to(dev)] = self.merge_group(tp, g, out.dtype)
+        for g in groups:
+            if not g.members:
+                out[g.out.to(dev)] = out[torch.cat(filled).to(dev)].float().mean(0).to(out.dtype)
+        return out
+
     def merge_floating(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
         p, dev, n = self.plan, torch.device(tp.device), len(self.ckpts)
         self.devices.add(str(dev))
+        if tp.reader == "gather":
+            return self.merge_gathered(tp)
         if tp.reader == "blocks":
             return self.merge_blocks(tp)
         if tp.reader == "rows":

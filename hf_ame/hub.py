@@ -6,6 +6,7 @@ weight file is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -83,6 +84,12 @@ class RemoteHeader:
     files: List[str] = field(default_factory=list)
     safetensors: bool = True
 
+    def rekey(self, names: Dict[str, str]) -> "RemoteHeader":
+        """As :meth:`hf_ame.checkpoints.Checkpoint.rekey`: tensors keyed by other names."""
+        self.tensors = {names[k]: dataclasses.replace(info, name=names[k], stored_name=info.file_name)
+                        for k, info in self.tensors.items() if k in names}
+        return self
+
 
 def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
     from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
@@ -145,14 +152,12 @@ def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, end
     return RemoteHeader(ing.id, config, tensors, sha, files, is_safetensors)
 
 
-def allow_patterns(files: List[str], trust_remote_code: bool = False) -> List[str]:
-    """Only what a merge needs: safetensors (never .bin when safetensors exist), JSON configs and
-    indexes, tokenizer / processor / generation / chat-template files."""
+def allow_patterns(files: List[str], trust_remote_code: bool = False, weights: bool = True) -> List[str]:
+    """Only what a merge needs: safetensors (never .bin when safetensors exist; none without
+    ``weights``), JSON configs and indexes, tokenizer / processor / generation / chat-template files."""
     pats = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.spm"]
-    if any(f.endswith(".safetensors") for f in files):
-        pats.append("*.safetensors")
-    else:
-        pats.append("pytorch_model*.bin")
+    if weights:
+        pats.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin")
     if trust_remote_code:
         pats.append("*.py")
     return pats
@@ -160,14 +165,15 @@ def allow_patterns(files: List[str], trust_remote_code: bool = False) -> List[st
 
 def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: Union[str, Path, None] = None,
              token: Union[bool, str, None] = None, local_files_only: bool = False, trust_remote_code: bool = False,
-             endpoint: Optional[str] = None) -> Tuple[Path, str]:
-    """snapshot_download the files a merge needs at ``ing.sha`` (or ``ing.revision``); returns (folder, sha)."""
+             endpoint: Optional[str] = None, weights: bool = True) -> Tuple[Path, str]:
+    """snapshot_download the files a merge needs at ``ing.sha`` (or ``ing.revision``); returns (folder, sha).
+    ``weights=False``: only the small files (configs, tokenizer), to check them before any weight."""
     from huggingface_hub import snapshot_download
 
     # Ask for the revision as given (so the cache records refs/<branch> and local_files_only works
     # later), then check it is still the commit whose headers were checked.
     revision = ing.revision
-    pats = allow_patterns(files or ["model.safetensors"], trust_remote_code) if files is not None else None
+    pats = allow_patterns(files or ["model.safetensors"], trust_remote_code, weights) if (files is not None or not weights) else None
     try:
         folder = Path(snapshot_download(ing.id, revision=revision, cache_dir=cache_dir, token=token,
                                         local_files_only=local_files_only, allow_patterns=pats, endpoint=endpoint,

@@ -25,12 +25,12 @@ __all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
 
 MERGEKIT_FILE = "mergekit_config.yml"
 _SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name",
-                   "tokenizer_source"}
+                   "tokenizer_source", "tokenizer"}
 _NOT_YET = {
     "modules": "per-module merges",
-    "tokenizer": "tokenizer merging (the first model's tokenizer files are copied)",
     "chat_template": "chat templates (the first model's are copied)",
 }
+_TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 _AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "adaptive_pivot",
              "amplification", "optimizer_kwargs", "compute_dtype"}
 
@@ -208,11 +208,27 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
         recipe["base_model"] = base
     if out_dtype is not None:
         recipe["output"] = {"dtype": str(out_dtype)}
-    source = data.get("tokenizer_source")
-    if source is not None:
-        if source == "union":
-            raise _fail("tokenizer_source", "'union' (a merged vocabulary, embedding rows remapped) is not supported "
-                                            "yet; 'base' or a model whose vocabulary the others share is")
-        ref = "base" if source == "base" else _reference(source, "tokenizer_source")["id"]
-        recipe.setdefault("output", {})["tokenizer_source"] = ref
+    recipe.setdefault("output", {}).update(_tokenizer(data))
+    if not recipe["output"]:
+        del recipe["output"]
     return recipe
+
+
+def _tokenizer(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}`` as the recipe's output
+    fields (mergekit's default source under ``tokenizer:`` is "union")."""
+    tok = data.get("tokenizer")
+    if tok is not None and data.get("tokenizer_source") is not None:
+        raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
+    if tok is not None and (not isinstance(tok, Mapping) or not set(tok) <= _TOKENIZER_KEYS):
+        bad = sorted(set(tok) - _TOKENIZER_KEYS) if isinstance(tok, Mapping) else [tok]
+        raise _fail(f"tokenizer.{bad[0]}", "not supported yet (per-token embedding sources); supported: "
+                    + ", ".join(sorted(_TOKENIZER_KEYS)))
+    source = (tok or {}).get("source", "union") if tok is not None else data.get("tokenizer_source")
+    out: Dict[str, Any] = {}
+    if source is not None:
+        where = "tokenizer.source" if tok is not None else "tokenizer_source"
+        out["tokenizer_source"] = source if source in ("base", "union") else _reference(source, where)["id"]
+    if (tok or {}).get("pad_to_multiple_of") is not None:
+        out["pad_to_multiple_of"] = tok["pad_to_multiple_of"]
+    return out

@@ -17,24 +17,29 @@ from huggingface_hub import constants as hf_constants
 from tqdm.auto import tqdm
 
 from .algorithm import resolve_pivot
+from .architecture import base_model_prefix, headless_class
 from .card import CHART_FILE, render_card
 from .checkpoints import Checkpoint
-from .checks import check_compatible, check_same_vocab, model_dtype, storage_dtype
+from .checks import check_compatible, model_dtype, storage_dtype
 from .config import AMEConfig, parse_dtype
+from .config_diff import choose_config
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
 from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError, RecipeError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
+from .labels import align_labels, drop_renames, prefix_renames
 from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
-from .output import check_output_dir, staged_output
+from .output import TOKENIZER_FILES, check_output_dir, staged_output
 from .placement import load_model, resolve_device_map, tensor_device_lookup
 from .plan import MergePlan
 from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
+from .rows import RowAlignment
 from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
 from .version import __version__
+from .vocab import align_vocab
 from .writer import ShardedWriter, plan_shards
 
 __all__ = ["AMEMerger", "MergeResult"]
@@ -79,6 +84,8 @@ class MergeResult:
     base_id: Optional[str] = None
     mergekit_config: Optional[str] = None  # the mergekit config this merge was read from (shown in the card)
     slices: Optional[List[Dict[str, Any]]] = None  # a layer stacking's slices (recorded in the recipe)
+    alignment: List[str] = field(default_factory=list)  # notes: rows matched by token / label, config choices
+    choices: Dict[str, Any] = field(default_factory=dict)  # tokenizer_source, ... (recorded in the recipe)
     _model: Any = field(default=None, repr=False)
     _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
 
@@ -174,7 +181,8 @@ class MergeResult:
                             "what was kept and does not re-run the greedy pass")
         return Recipe(models=models, merge=self.config, slices=self.slices,
                       base_model={"id": self.base_id, "revision": None} if getattr(self, "base_id", None) else None,
-                      ordering=ordering, output={"dtype": self.report.dtype, "max_shard_size": self.max_shard_size},
+                      ordering=ordering, output={"dtype": self.report.dtype, "max_shard_size": self.max_shard_size,
+                                                 **{k: v for k, v in self.choices.items() if v is not None}},
                       hub={"repo_id": repo_id} if repo_id else {}, provenance=prov)
 
     def write_card(self, repo_id: Optional[str] = None) -> List[str]:
@@ -188,7 +196,8 @@ class MergeResult:
                                 model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores, metric=self.metric,
                                 dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
                                 dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
-                                repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config)
+                                repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config,
+                                alignment=self.alignment)
         (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
         card.save(self.output_dir / "README.md")
         written = ["README.md", RECIPE_FILE]
@@ -232,15 +241,18 @@ class AMEMerger:
 
     def __init__(self, ingredients: List[Ingredient], device_map: Dict[str, str], *, dtype: Optional[torch.dtype] = None,
                  trust_remote_code: bool = False, timings: Optional[Dict[str, float]] = None,
-                 base: Optional[Ingredient] = None):
+                 base: Optional[Ingredient] = None, rows: Optional[RowAlignment] = None,
+                 choices: Optional[Dict[str, Any]] = None):
         self.ingredients = ingredients
+        self.rows = rows  # rows matched by token (tokenizer_source) / label, checked before any weight was read
+        self.renames: Dict[str, Dict[str, str]] = {}  # model id -> {name in its files: name in the merge}
+        self.choices = dict(choices or {})
         self.device_map = device_map
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.timings = dict(timings or {})
         self.base = base
         self.recipe = None  # set by from_recipe
-        self.tokenizer_from: Optional[str] = None  # a recipe's tokenizer_source (checked: same vocabulary)
 
     @classmethod
     def from_recipe(cls, path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None,
@@ -257,10 +269,12 @@ class AMEMerger:
             load.setdefault("dtype", recipe.output["dtype"])
         if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
             load.setdefault("min_models", 1)
+        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source"):
+            if recipe.output.get(key) is not None:
+                load.setdefault(key, recipe.output[key])
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
                                      base_model=recipe.base_model, **load)
         merger.recipe = recipe
-        merger.tokenizer_from = merger._tokenizer_source(recipe.output.get("tokenizer_source"))
         layers = (recipe.provenance or {}).get("num_hidden_layers")
         for ing in merger.ingredients if layers is not None else []:  # a mergekit slice over [0, layers]
             found = Checkpoint(ing.path).config.get("num_hidden_layers")
@@ -285,6 +299,10 @@ class AMEMerger:
         base_model: Optional[ModelEntry] = None,
         endpoint: Optional[str] = None,
         min_models: Optional[int] = None,
+        tokenizer_source: Union[str, int, None] = None,
+        pad_to_multiple_of: Optional[int] = None,
+        heads: Union[str, int, None] = None,
+        config_source: Union[str, int, None] = None,
     ) -> "AMEMerger":
         """Resolve, check and fetch the ingredients (transformers' argument names and meanings).
 
@@ -301,42 +319,39 @@ class AMEMerger:
             endpoint: a Hub endpoint other than the default (``HF_ENDPOINT``).
             min_models: the fewest ingredients accepted; default 2, or 1 with a ``base_model``
                 (slerp); a layer-stacking recipe may take layers of a single model.
+            tokenizer_source: for ingredients whose vocabularies differ (added tokens): the output's
+                vocabulary, ``"first"``, ``"base"``, ``"union"`` (the first tokenizer plus every
+                added token of the others, in order) or an ingredient's id or index. Embedding and
+                lm_head rows are matched by token string; each row is merged from the ingredients
+                that have its token. Default None: vocabularies must agree (row counts that differ
+                are refused, naming this argument).
+            pad_to_multiple_of: round the output's embedding rows up to a multiple of this
+                (mergekit's ``tokenizer.pad_to_multiple_of``); new rows take the mean embedding.
+            heads: classifiers trained on different label sets (``id2label``): ``"union"`` (every
+                label, each head row merged from the ingredients that have it), an ingredient's id
+                or index (its head and labels as they are), ``"drop"`` (the merged body saved
+                headless). Default None: label sets must be equal; the same labels in another
+                order are always aligned to the first ingredient's order (head rows by label name).
+            config_source: when config fields that change the computation differ (``rope_theta``,
+                ``max_position_embeddings``, ...): the output's, ``"first"``, ``"base"`` or an
+                ingredient's id or index. Default None: such differences are refused, listed.
 
-        Compatibility (architecture, tensor names, shapes, dtypes) is checked from config.json and
-        the safetensors headers alone, before any weight file is downloaded.
+        Compatibility (architecture, tensor names, shapes, dtypes, labels, config fields,
+        vocabularies) is checked from config.json, tokenizer files and the safetensors headers
+        alone, before any weight file is downloaded. Names that differ only by the architecture's
+        ``base_model_prefix`` (a headless base beside headed fine-tunes) are aligned.
         """
         t0 = time.perf_counter()
-        if isinstance(models, (str, os.PathLike, Mapping)):
-            raise IngredientError("models: expected a list of ingredients (repo ids or folders), got a single one")
         out_dtype = parse_dtype(dtype, "dtype")
-        ings = [parse_ingredient(m, revision, f"models[{i}]") for i, m in enumerate(models)]
-        base = parse_ingredient(base_model, revision, "base_model") if base_model is not None else None
-        least = min_models if min_models is not None else (1 if base is not None else 2)
-        if len(ings) < least:  # one model and a base: slerp
-            raise IncompatibleCheckpointsError(f"a merge needs at least {least} ingredients, got {len(ings)}"
-                                               + (" (one is enough with a base_model, for slerp)" if least == 2 else ""))
+        ings, base, least = _parse_models(models, base_model, revision, min_models)
         everyone = ings + ([base] if base is not None else [])
 
-        # 1. Headers only (see _read_headers), checked before any weight is downloaded
-        headers, remote_files = _read_headers(everyone, cache_dir=cache_dir, token=token,
-                                              local_files_only=local_files_only, endpoint=endpoint)
-        checkable = [h for h in headers[: len(ings)] if h is not None]
-        base_h = headers[len(ings)] if base is not None else None
-        if len(checkable) == len(ings):
-            check_compatible(checkable, base_h, min_ingredients=least)
-        t1 = time.perf_counter()
-
-        # 2. Download what the merge needs (safetensors, configs, tokenizer/processor files).
-        for k, ing in enumerate(everyone):
-            if not ing.local and ing.path is None:
-                ing.path, ing.sha = download(ing, files=remote_files.get(k, []), cache_dir=cache_dir, token=token,
-                                             trust_remote_code=trust_remote_code, endpoint=endpoint)
-        if len(checkable) != len(ings):  # .bin-only repos: check now, from the downloaded files
-            headers = [Checkpoint(i.path, name=i.id) for i in everyone]
-            check_compatible(headers[:len(ings)], headers[len(ings)] if base is not None else None,
-                             min_ingredients=least)
-        for ing, h in zip(everyone, headers):
-            ing.dtype = storage_dtype(h.tensors) if h is not None else storage_dtype(Checkpoint(ing.path).tensors)
+        # 1. headers, tokenizers and configs checked before any weight is downloaded; 2. downloads
+        choices = {"tokenizer_source": tokenizer_source, "pad_to_multiple_of": pad_to_multiple_of, "heads": heads,
+                   "config_source": config_source}
+        access = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, token=token, endpoint=endpoint)
+        check = _Checks(everyone, len(ings), least, choices, access)
+        t1 = _check_and_download(check, local_files_only=local_files_only)
         t2 = time.perf_counter()
 
         # 3. Placement from the reference ingredient's config (no weights materialised).
@@ -345,7 +360,10 @@ class AMEMerger:
         dm = resolve_device_map(device_map, str(config_dir), max_memory=max_memory, dtype=out_dtype,
                                 trust_remote_code=trust_remote_code)
         timings = {"resolve": t1 - t0, "download": t2 - t1, "placement": time.perf_counter() - t2}
-        return cls(ings, dm, dtype=out_dtype, trust_remote_code=trust_remote_code, timings=timings, base=base)
+        merger = cls(ings, dm, dtype=out_dtype, trust_remote_code=trust_remote_code, timings=timings, base=base,
+                     rows=check.rows, choices=choices)
+        merger.renames = check.renames
+        return merger
 
     def __repr__(self) -> str:
         return f"AMEMerger({[i.id for i in self.ingredients]!r}, device_map={self.device_map!r})"
@@ -504,7 +522,7 @@ class AMEMerger:
                             {k: v for k, v in merge_kwargs.items() if k in _MERGE_ARGS})
         target = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "hf_ame-<temporary>" / "merged"
         if self.recipe is not None and self.recipe.slices:
-            return stack_checkpoints([Checkpoint(i.path, name=i.id) for i in self.ingredients], self._slices(), target,
+            return stack_checkpoints([self._open(i) for i in self.ingredients], self._slices(), target,
                                      dtype=self.dtype, max_shard_size=req.max_shard_size,
                                      overwrite=overwrite if output_dir is not None else True, dry_run=True)
         ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
@@ -514,7 +532,7 @@ class AMEMerger:
         plan = plan_merge(ckpts, target, cfg, base=base, dtype=self.dtype, max_shard_size=req.max_shard_size,
                           overwrite=overwrite if output_dir is not None else True, device_map=device,
                           stream=req.stream if req.greedy is None else "auto", memory_budget=req.memory_budget,
-                          min_ingredients=1 if req.greedy else 2)
+                          min_ingredients=1 if req.greedy else 2, rows=self.rows)
         if req.order_by is not None:
             plan.notes.append(f"ingredients are scored by {_metric_name(req.order_by)} first; "
                               + ("the greedy pass then keeps some of them, in memory; " if req.greedy else "")
@@ -540,6 +558,9 @@ class AMEMerger:
         cfg.validate()
         if req.greedy not in GREEDY_MODES:
             raise ConfigError(f"greedy: expected one of None, 'soup', 'ame', got {req.greedy!r}")
+        if req.greedy is not None and self.rows is not None and self.rows.tensors:
+            raise ConfigError(f"greedy: greedy modes hold candidates as same-shaped tensors; these ingredients' rows "
+                              f"differ ({', '.join(sorted(set(self.rows.tensors.values())))}): merge without greedy")
         if (req.greedy is not None or req.top_k is not None or req.order not in ("best", "given")) and req.order_by is None:
             raise ConfigError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
         if cfg.method is not None and get_method(cfg.method).needs_base and cfg.pivot == "soup" and self.base is not None:
@@ -555,23 +576,10 @@ class AMEMerger:
         req.cfg = cfg
         return req
 
-    def _tokenizer_source(self, source: Optional[str]) -> Optional[str]:
-        """The folder of a recipe's ``tokenizer_source`` ("base" or a model's id), after checking that
-        every ingredient shares its vocabulary (before any weight is read)."""
-        if source is None:
-            return None
-        everyone = self.ingredients + ([self.base] if self.base is not None else [])
-        if source == "base":
-            if self.base is None:
-                raise RecipeError("output.tokenizer_source: 'base' needs a base_model")
-            chosen = self.base
-        else:
-            chosen = next((i for i in everyone if i.id == source), None)
-            if chosen is None:
-                raise RecipeError(f"output.tokenizer_source: {source!r} is neither 'base' nor one of the models")
-        check_same_vocab(Checkpoint(chosen.path).files_path, chosen.id,
-                         [(i.id, Checkpoint(i.path).files_path) for i in everyone if i is not chosen])
-        return str(Checkpoint(chosen.path).files_path)
+    def _open(self, ing: Ingredient) -> Checkpoint:
+        """The ingredient's checkpoint, its tensors keyed as the merge names them (see ``renames``)."""
+        ckpt = Checkpoint(ing.path, name=ing.id)
+        return ckpt.rekey(self.renames[ing.id]) if ing.id in self.renames else ckpt
 
     def _slices(self) -> List[LayerSlice]:
         return [LayerSlice(s["model"], *s["layer_range"]) for s in self.recipe.slices]
@@ -579,7 +587,7 @@ class AMEMerger:
     def _stack_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
         """A recipe's layer stacking: tensors copied and renamed, no merge arithmetic."""
         t0 = time.perf_counter()
-        report = stack_checkpoints([Checkpoint(i.path, name=i.id) for i in self.ingredients], self._slices(), target,
+        report = stack_checkpoints([self._open(i) for i in self.ingredients], self._slices(), target,
                                    dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
                                    progress=progress)
         timings = dict(self.timings, merge=time.perf_counter() - t0)
@@ -614,8 +622,8 @@ class AMEMerger:
     def _merge_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
         timings = dict(self.timings)
         ings, chosen, metric, run = self._choose(req, timings, progress)
-        ckpts = [Checkpoint(i.path, name=i.id) for i in chosen]
-        base = Checkpoint(self.base.path, name=self.base.id) if self.base is not None else None
+        ckpts = [self._open(i) for i in chosen]
+        base = self._open(self.base) if self.base is not None else None
         device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
         t1 = time.perf_counter()
         cfg, greedy_log = req.cfg, None
@@ -623,8 +631,7 @@ class AMEMerger:
                   device_map=device)
         if req.greedy is None:
             report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
-                                       stream=req.stream, memory_budget=req.memory_budget,
-                                       tokenizer_from=self.tokenizer_from, **kw)
+                                       stream=req.stream, memory_budget=req.memory_budget, rows=self.rows, **kw)
         else:
             cfg, report, greedy_log = self._merge_greedy(req, ckpts, chosen, base, run, metric, target, kw)
         timings["merge"] = time.perf_counter() - t1
@@ -636,6 +643,8 @@ class AMEMerger:
         result.base_id = self.base.id if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
         result.mergekit_config = ((self.recipe.provenance or {}).get("mergekit_config")
                                   if self.recipe is not None else None)
+        result.alignment = list(self.rows.notes) if self.rows is not None else []
+        result.choices = dict(self.choices)
         if metric is not None:
             self._score_result(result, req, metric, run, chosen, device, ings)
             result.ordering = req.ordering_record()
@@ -681,8 +690,8 @@ class AMEMerger:
         if req.compare_soup:
             soup_root = Path(tempfile.mkdtemp(prefix="hf_ame-soup-"))
             try:
-                merge_checkpoints([Checkpoint(i.path, name=i.id) for i in chosen], soup_root / "soup", AMEConfig.soup(),
-                                  dtype=self.dtype, progress=False, device_map=device, min_ingredients=1)
+                merge_checkpoints([self._open(i) for i in chosen], soup_root / "soup", AMEConfig.soup(),
+                                  dtype=self.dtype, progress=False, device_map=device, min_ingredients=1, rows=self.rows)
                 soup_model = load_model(soup_root / "soup", self.device_map, trust_remote_code=self.trust_remote_code)
                 scores["soup"] = run(soup_model, chosen[0].path)
                 del soup_model
@@ -778,6 +787,99 @@ def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Unio
             remote_files[k] = h.files
             headers.append(h if h.safetensors else None)
     return headers, remote_files
+
+
+def _parse_models(models: Any, base_model: Any, revision: Optional[str],
+                  min_models: Optional[int]) -> Tuple[List[Ingredient], Optional[Ingredient], int]:
+    """(the ingredients, the base, the fewest ingredients accepted), refused when too few."""
+    if isinstance(models, (str, os.PathLike, Mapping)):
+        raise IngredientError("models: expected a list of ingredients (repo ids or folders), got a single one")
+    ings = [parse_ingredient(m, revision, f"models[{i}]") for i, m in enumerate(models)]
+    base = parse_ingredient(base_model, revision, "base_model") if base_model is not None else None
+    least = min_models if min_models is not None else (1 if base is not None else 2)
+    if len(ings) < least:  # one model and a base: slerp
+        raise IncompatibleCheckpointsError(f"a merge needs at least {least} ingredients, got {len(ings)}"
+                                           + (" (one is enough with a base_model, for slerp)" if least == 2 else ""))
+    return ings, base, least
+
+
+def _check_and_download(check: "_Checks", *, local_files_only: bool) -> float:
+    """Read the headers (see :func:`_read_headers`), run the checks, then download what the merge
+    needs (safetensors, configs, tokenizer/processor files); .bin-only Hub repos are checked after
+    their download. Returns the time the checks ended (``time.perf_counter``)."""
+    everyone, a = check.everyone, check.access
+    headers, remote_files = _read_headers(everyone, cache_dir=a["cache_dir"], token=a["token"],
+                                          local_files_only=local_files_only, endpoint=a["endpoint"])
+    ready = all(h is not None for h in headers)
+    if ready:
+        check.run(headers)
+    t1 = time.perf_counter()
+    for k, ing in enumerate(everyone):
+        if not ing.local and ing.path is None:
+            ing.path, ing.sha = download(ing, files=remote_files.get(k, []), cache_dir=a["cache_dir"], token=a["token"],
+                                         trust_remote_code=a["trust_remote_code"], endpoint=a["endpoint"])
+    if not ready:
+        headers = [Checkpoint(i.path, name=i.id) for i in everyone]
+        check.run(headers)
+    for ing, h in zip(everyone, headers):
+        ing.dtype = storage_dtype(h.tensors)
+    return t1
+
+
+class _Checks:
+    """Everything checked before any weight is read: names aligned by ``base_model_prefix`` (or the
+    head dropped), vocabulary rows (``tokenizer_source``), label rows (``heads``), config fields
+    (``config_source``), then tensor names, shapes and dtypes. Fills ``rows`` and ``renames``."""
+
+    def __init__(self, everyone: Sequence[Ingredient], n: int, least: int, choices: Mapping[str, Any],
+                 access: Mapping[str, Any]):
+        self.everyone, self.n, self.least, self.choices, self.access = list(everyone), n, least, dict(choices), access
+        self.rows: Optional[RowAlignment] = None
+        self.renames: Dict[str, Dict[str, str]] = {}
+
+    def run(self, headers: Sequence[Any]) -> None:
+        ings, base = list(headers[:self.n]), (headers[self.n] if len(headers) > self.n else None)
+        rows, c = RowAlignment(), self.choices
+        prefix = base_model_prefix(_ConfigView(ings[0].config)) if ings[0].config else ""
+        self.renames, notes = (drop_renames(headers, prefix), []) if c["heads"] == "drop" else prefix_renames(headers, prefix)
+        for h in headers:
+            if h.name in self.renames:
+                h.rekey(self.renames[h.name])
+        rows.notes.extend(notes)
+        if c["tokenizer_source"] is not None:
+            folders = [_files_folder(i, **self.access) for i in self.everyone]
+            rows.update(align_vocab(headers, folders, c["tokenizer_source"], has_base=base is not None,
+                                    pad_to_multiple_of=c["pad_to_multiple_of"],
+                                    trust_remote_code=self.access["trust_remote_code"]))
+        labels, _ = align_labels(ings, c["heads"], prefix=prefix, base=base)
+        rows.update(labels)
+        if c["heads"] == "drop":
+            rows.config_changes["architectures"] = [headless_class(_ConfigView(ings[0].config)).__name__]
+            rows.notes.append(f"heads: dropped; the merged body is saved as {rows.config_changes['architectures'][0]}")
+        check_compatible(ings, base, min_ingredients=self.least, varying_rows=rows.tensors)
+        changes, notes = choose_config(headers, c["config_source"], has_base=base is not None,
+                                       skip_vocab=c["tokenizer_source"] is not None)
+        rows.config_changes = {**changes, **rows.config_changes}
+        rows.notes.extend(notes)
+        self.rows = rows
+
+
+class _ConfigView:
+    """A config.json dict seen as a config object (``.architectures``) by transformers' class lookup."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.architectures = config.get("architectures")
+        self.model_type = config.get("model_type")
+
+
+def _files_folder(ing: Ingredient, *, cache_dir: Any, token: Any, endpoint: Optional[str], **_: Any) -> Path:
+    """A folder with the ingredient's config and tokenizer files: its own folder (an adapter without
+    tokenizer files: its base's), or, for a Hub repo not downloaded yet, its small files only."""
+    if ing.path is None:
+        folder, _ = download(ing, cache_dir=cache_dir, token=token, endpoint=endpoint, weights=False)
+        return folder
+    own = Path(ing.path)
+    return own if any((own / f).is_file() for f in TOKENIZER_FILES) else Checkpoint(own).files_path
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from .checkpoints import Checkpoint
 from .config import AMEConfig, ConfigError
 from .engine import save_state
 from .executor import IngredientRow
-from .placement import file_to_model_renamer
+from .architecture import file_to_model_renamer
 
 __all__ = ["ORDERS", "GREEDY_MODES", "rank", "ModelSlot", "greedy_soup", "greedy_ame", "GreedyLog"]
 

@@ -15,7 +15,7 @@ import uuid
 import warnings
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Union
 
 try:
     import fcntl
@@ -47,8 +47,6 @@ def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Un
         raise OutputExistsError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -103,6 +101,7 @@ def staged_output(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union
     into ``out`` are removed first, with a warning naming them."""
     inputs = list(inputs)
     out = check_output_dir(out, overwrite, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)  # only when writing: a dry run creates nothing
     with target_lock(out):
         # again, now that no other writer of ``out`` runs: one that finished while we waited for the
         # lock may have written it (refused now, before any work, unless overwrite)
@@ -197,12 +196,19 @@ def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[s
 def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
                   extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
                   config_changes: Optional[Mapping[str, object]] = None,
-                  tokenizer_from: Union[str, Path, None] = None) -> List[str]:
+                  tokenizer_from: Union[str, Path, None] = None, tokenizer: Any = None) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
-    generation files (``files_from``), config.json's dtype, then ``extra_files``. Returns the names written."""
+    generation files (``files_from``), config.json's dtype, then ``extra_files``. The tokenizer
+    files come from ``tokenizer_from`` (a folder) or ``tokenizer`` (a transformers tokenizer,
+    saved with ``save_pretrained``) when given. Returns the names written."""
     aux = copy_aux_files(files_from, folder)
     if tokenizer_from is not None:
         aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | set(copy_tokenizer_files(tokenizer_from, folder)))
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            (folder / name).unlink(missing_ok=True)
+        saved = {Path(f).name for f in tokenizer.save_pretrained(str(folder))}
+        aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | saved)
     update_config(folder, dtype, config_changes)
     write_files(folder, extra_files or {})
     return aux + list(extra_files or {})

@@ -1,43 +1,17 @@
 """Where each tensor is merged: Accelerate device maps over an empty-weight skeleton."""
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from .architecture import empty_model, file_to_model_renamer, model_class_for
 from .devices import as_device, check_device, device_lookup
 from .errors import DevicePlacementError
 
-__all__ = ["resolve_device_map", "model_class_for", "tensor_device_lookup", "file_to_model_renamer", "load_model"]
+__all__ = ["resolve_device_map", "tensor_device_lookup", "load_model"]
 
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def model_class_for(config: Any, trust_remote_code: bool = False):
-    """The transformers class named by ``config.architectures[0]``, else the Auto class that fits."""
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    for arch in archs:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
-def _empty_model(config: Any, trust_remote_code: bool):
-    from accelerate import init_empty_weights
-    import transformers
-
-    cls = model_class_for(config, trust_remote_code)
-    with init_empty_weights():
-        if cls is transformers.AutoModel or trust_remote_code:
-            model = transformers.AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            model = cls._from_config(config)
-    model.tie_weights()  # so tied parameters land on one device
-    return model
 
 
 def resolve_device_map(
@@ -77,7 +51,7 @@ def resolve_device_map(
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code)
-        model = _empty_model(config, trust_remote_code)
+        model = empty_model(config, trust_remote_code)
         no_split = list(getattr(model, "_no_split_modules", None) or [])
         mm = dict(max_memory) if max_memory is not None else None
         if mm is not None:
@@ -91,32 +65,6 @@ def resolve_device_map(
     return {"": check_device(device_map, "device_map")}
 
 
-def file_to_model_renamer(model) -> Any:
-    """name-in-file -> name-in-memory, from transformers' checkpoint conversion renames (e.g. ViT's
-    ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``). Only plain
-    renames are applied; identity when transformers offers none."""
-    pairs = []
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        for c in get_model_conversion_mapping(model):
-            if isinstance(c, WeightRenaming) and len(c.target_patterns) == 1:
-                prefix = getattr(c, "scope_prefix", None) or ""
-                for s in c.source_patterns:
-                    pairs.append((prefix, re.compile(s), c.target_patterns[0]))
-    except Exception:  # noqa: BLE001 - older/newer transformers: no renames known
-        pairs = []
-
-    def rename(name: str) -> str:
-        for prefix, pat, target in pairs:
-            if not prefix or name.startswith(prefix):
-                name = pat.sub(target, name)
-        return name
-
-    return rename
-
-
 def tensor_device_lookup(device_map: Mapping[str, str], config_path: Optional[str] = None,
                          trust_remote_code: bool = False):
     """name-in-file -> device for the engine: the longest module prefix of the in-memory name."""
@@ -127,7 +75,7 @@ def tensor_device_lookup(device_map: Mapping[str, str], config_path: Optional[st
     if config_path is not None:
         from transformers import AutoConfig
 
-        model = _empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code), trust_remote_code)
+        model = empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code), trust_remote_code)
         rename = file_to_model_renamer(model)
     lookup = device_lookup(dict(device_map))
     return lambda name: lookup(rename(name))

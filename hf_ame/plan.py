@@ -22,6 +22,7 @@ from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
 from .methods import get_method, layer_position
 from .optimizers import build_optimizer
+from .rows import RowAlignment
 from .writer import ShardPlan, plan_shards
 
 __all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
@@ -35,6 +36,8 @@ TRANSFORMS = {"soup": "the exact uniform average, one pass", "ame": "AME optimiz
               "copy": "one source tensor copied, renamed by layer (layer stacking, mergekit's passthrough)"}
 # how its copies are read
 READERS = {"blocks": "one cache block of every copy at a time (os.preadv), all steps per block",
+           "gather": "rows matched by key (tokens, labels): each group of rows held by the same ingredients, "
+                     "gathered one ingredient at a time and merged over those ingredients",
            "tensors": "the N copies of the tensor in memory (memory-mapped on CPU)",
            "rows": "one ingredient's copy at a time, the next one prefetched"}
 
@@ -102,6 +105,7 @@ class MergePlan:
     world_size: int = 1
     extra_files: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # what the plan cannot know yet (e.g. scores)
+    rows: Optional[RowAlignment] = None  # rows matched by token / label ("gather" tensors)
 
     def mine(self) -> List[TensorPlan]:
         """The tensors this process merges and writes."""
@@ -282,9 +286,33 @@ class _Context:
     out_dtype: Optional[torch.dtype]
     transform: str
     num_layers: Optional[int]
+    rows: Optional[RowAlignment] = None
+
+
+def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
+    """The output shape of a tensor: a row-matched one has the output's rows."""
+    m = rows.map_for(info.name) if rows is not None else None
+    return (m.rows, *info.shape[1:]) if m is not None else tuple(info.shape)
+
+
+def _plan_gather(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
+    """A tensor whose rows are matched by key: each copy is read whole, one at a time."""
+    srcs = [c for c in (ctx.srcs if not ctx.exact_soup else ctx.srcs[:ctx.n]) if info.name in c.tensors]
+    sources = [Source(c.name, c.tensors[info.name].file, c.tensors[info.name].offset, _name(c.tensors[info.name].dtype),
+                      c.tensors[info.name].nbytes) for c in srcs]
+    shape = _out_shape(info, ctx.rows)
+    dtype = ctx.out_dtype if ctx.out_dtype is not None else info.dtype
+    numel = math.prod(shape)
+    write = numel * _esize(dtype)
+    # two copies' rows (one read ahead) and the float32 merge state of the largest group, then the output
+    peak = 2 * max(s.nbytes for s in sources) + numel * 4 * (3 + ctx.slots) + write
+    return TensorPlan(info.name, shape, _name(dtype), ctx.transform, "gather", str(ctx.where(info.name)), shard, rank,
+                      sources, sum(s.nbytes for s in sources), write, peak, 0, layer_position(info.name, ctx.num_layers))
 
 
 def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
+    if ctx.rows is not None and info.name in ctx.rows.tensors:
+        return _plan_gather(info, ctx, shard, rank)
     n, block = ctx.n, 0
     copies = [c.tensors[info.name] for c in ctx.srcs] if info.is_floating else [c.tensors[info.name] for c in ctx.srcs[:n]]
     srcs = ctx.srcs if info.is_floating else ctx.srcs[:n]
@@ -342,14 +370,16 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
                max_shard_size: Any = "5GB", where: Callable[[str], torch.device], stream: str = "auto",
                memory_budget: Optional[int] = None, block_size: Optional[int] = None, prefetch: bool = True,
                reference: int = 0, rank: int = 0, world_size: int = 1,
-               extra_files: Sequence[str] = ()) -> MergePlan:
+               extra_files: Sequence[str] = (), rows: Optional[RowAlignment] = None) -> MergePlan:
     """Plan a merge of ``ckpts`` (already checked compatible) from their headers; reads no weight.
 
-    ``where`` maps a file tensor name to its device; the rest are :func:`~hf_ame.engine.merge_checkpoints`'s
-    arguments, already validated."""
+    ``where`` maps a file tensor name to its device; ``rows`` says which tensors' rows are matched
+    by key (:mod:`hf_ame.rows`); the rest are :func:`~hf_ame.engine.merge_checkpoints`'s arguments,
+    already validated."""
     ref = ckpts[reference]
     infos: List[TensorInfo] = list(ref.tensors.values())
-    shards = plan_shards([(i.name, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape)
+    rows = rows if (rows is not None and rows.tensors) else None
+    shards = plan_shards([(i.name, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, _out_shape(i, rows))
                           for i in infos], max_shard_size)
     steps = plan_steps(len(ckpts), config)
     exact = is_exact_soup(config, len(ckpts))
@@ -374,9 +404,11 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     transform = "soup" if exact else (config.method or "ame")
     layers = ref.config.get("num_hidden_layers") or (ref.config.get("text_config") or {}).get("num_hidden_layers")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype, transform, layers if isinstance(layers, int) else None)
+                   where, out_dtype, transform, layers if isinstance(layers, int) else None, rows)
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
-    return MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
+    plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
                      steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors, sequence,
-                     owner, reference, rank, world_size, list(extra_files))
+                     owner, reference, rank, world_size, list(extra_files), rows=rows)
+    plan.notes.extend(rows.notes if rows is not None else [])
+    return plan

@@ -39,7 +39,7 @@ _TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", 
 _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
-_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source"}
+_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "heads", "config_source"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
@@ -130,6 +130,15 @@ class Recipe:
                 parse_dtype(output["dtype"], "output.dtype")
             except ConfigError as exc:
                 raise RecipeError(str(exc)) from None
+        if output.get("pad_to_multiple_of") is not None:
+            v = output["pad_to_multiple_of"]
+            _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, "output.pad_to_multiple_of",
+                    "a positive integer", v)
+        for key, what in (("tokenizer_source", "'first', 'base', 'union'"), ("heads", "'union', 'drop'"),
+                          ("config_source", "'first', 'base'")):
+            v = output.get(key)
+            _expect(v is None or (isinstance(v, (str, int)) and not isinstance(v, bool)), f"output.{key}",
+                    f"{what}, an ingredient's id or index", v)
         if output.get("max_shard_size") is not None:
             try:
                 parse_size(output["max_shard_size"])

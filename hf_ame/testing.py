@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["tiny_config", "build_model", "make_family", "KINDS"]
+__all__ = ["tiny_config", "build_model", "make_family", "KINDS", "save_word_tokenizer", "add_tokens"]
 
 KINDS = ("llama", "vit", "bert")
 
@@ -82,3 +82,35 @@ def make_family(
         model.save_pretrained(out, **kw)
         paths.append(out)
     return paths
+
+
+def save_word_tokenizer(folder: Union[str, Path], vocab_size: int) -> None:
+    """Save a word-level fast tokenizer of ``vocab_size`` tokens ("[UNK]", "w1", "w2", ...) into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(folder))
+
+
+def add_tokens(folder: Union[str, Path], tokens: List[str], *, special: bool = False, seed: int = 0) -> None:
+    """Add ``tokens`` to the tokenizer of the causal LM in ``folder`` and grow its embeddings to
+    match, as a chat fine-tune does (the new rows random, seeded); saved in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    old = model.get_input_embeddings().weight.shape[0]
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": tokens})
+    else:
+        tok.add_tokens(tokens)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old:] = torch.randn(emb[old:].shape, generator=gen) * 0.02
+    tok.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))

@@ -4,6 +4,7 @@ section composes with AME; `hf-ame convert`; what is not supported is refused by
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from hf_ame import AMEConfig, AMEMerger, RecipeError, load_recipe, merge_checkpoints
 from hf_ame.cli import main
@@ -131,7 +132,8 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
     cases = [
         ({**good, "modules": {}}, "modules: mergekit's per-module merges"),
         ({**good, "slices": []}, "slices: give either models or slices"),
-        ({**good, "tokenizer_source": "union"}, "tokenizer_source: 'union' .* is not supported yet"),
+        ({**good, "tokenizer": {"tokens": {"<x>": {"source": "zero"}}}}, r"tokenizer.tokens: not supported yet"),
+        ({**good, "tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source or tokenizer.source"),
         ({**good, "chat_template": "chatml"}, "chat_template: mergekit's chat templates"),
         ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
@@ -248,7 +250,8 @@ def _save_tokenizer(folder, vocab):
 
 def test_tokenizer_source(fam, tmp_path):
     """tokenizer_source: base copies the base's tokenizer files when every model shares its
-    vocabulary; a model with another vocabulary (rows would mean other tokens) or union is refused."""
+    vocabulary; a model whose tokenizer orders the tokens otherwise has its rows matched by token:
+    the same merge as with its embedding rows swapped back."""
     import shutil
 
     base, fts = fam
@@ -267,7 +270,12 @@ def test_tokenizer_source(fam, tmp_path):
     assert (tmp_path / "o" / "tokenizer_config.json").read_text() == '{"model_max_length": 77}'
     assert (tmp_path / "o" / "config.json").exists()
     _save_tokenizer(paths[2], {"[UNK]": 0, "world": 1, "hello": 2})
-    with pytest.raises(Exception, match="maps 4 token/id pairs differently"):
-        AMEMerger.from_recipe(write(tmp_path, "tok2", cfg), device_map="cpu")
-    with pytest.raises(RecipeError, match="'union'"):
-        load_recipe(write(tmp_path, "tok3", {**cfg, "tokenizer_source": "union"}))
+    ours(write(tmp_path, "tok2", cfg), tmp_path / "permuted")
+    state = read_state(paths[2])
+    emb = [k for k in state if "embed_tokens" in k][0]
+    state[emb][[1, 2]] = state[emb][[2, 1]]
+    save_file(state, paths[2] / "model.safetensors", metadata={"format": "pt"})
+    _save_tokenizer(paths[2], vocab)
+    ours(write(tmp_path, "tok3", cfg), tmp_path / "swapped")
+    a, b = read_state(tmp_path / "permuted"), read_state(tmp_path / "swapped")
+    assert all(torch.equal(a[k], b[k]) for k in b)

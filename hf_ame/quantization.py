@@ -1,0 +1,132 @@
+"""Quantized ingredients: FP8 dequantized while streaming, every other scheme refused by name.
+
+Large community models ship FP8 weights: transformers' ``fp8`` (float8 weights with block-wise
+``weight_scale_inv``, ``weight_block_size`` in ``quantization_config``) and compressed-tensors'
+float8 (``weight_scale`` per tensor, channel or group). An :class:`FP8Checkpoint` shows each such
+weight as the float32 tensor it stands for (``weight * scale``, one tensor at a time, as it is
+read) and hides the scales; the merge then runs as for any checkpoint and the output is written in
+``dtype=`` (default bfloat16) with no scales and no ``quantization_config``. GPTQ, AWQ,
+bitsandbytes and the rest are refused before anything is read: merge their unquantized originals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+
+from .checkpoints import Checkpoint, TensorInfo, register_checkpoint_kind
+from .errors import CheckpointError, IncompatibleCheckpointsError
+
+__all__ = ["FP8Checkpoint", "quant_method", "check_quantization", "is_fp8", "dequantized_infos", "dequantize"]
+
+_FP8 = ("fp8", "compressed-tensors")
+_SCALES = ("weight_scale_inv", "weight_scale")
+_DROPPED = ("input_scale", "activation_scale", "k_scale", "v_scale")  # activation scales: nothing to merge
+
+
+def quant_method(config: Mapping[str, Any]) -> Optional[str]:
+    """The quantization scheme a config.json declares (``quantization_config.quant_method``), or None."""
+    q = config.get("quantization_config")
+    if isinstance(q, Mapping):
+        return str(q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown"))
+    return None
+
+
+def is_fp8(config: Mapping[str, Any]) -> bool:
+    return quant_method(config) in _FP8
+
+
+def check_quantization(name: str, config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """Refuse a quantized model hf_ame cannot dequantize, naming its scheme (before anything is read)."""
+    method = quant_method(config)
+    if method is None:
+        return
+    fp8_weights = any(str(i.dtype).startswith("torch.float8") for i in tensors.values())
+    if method in _FP8 and (fp8_weights or method == "fp8"):
+        return
+    raise IncompatibleCheckpointsError(
+        f"model {name!r} is quantized ({method}): hf_ame merges full-precision weights and dequantizes only FP8 "
+        "(transformers' fp8, compressed-tensors float8); merge its unquantized original instead")
+
+
+def dequantized_infos(tensors: Mapping[str, TensorInfo]) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    """The tensors as the merge sees them: float8 weights with a scale as float32, scales and
+    activation scales left out; and {weight: its scale's name}."""
+    scales: Dict[str, str] = {}
+    for n, info in tensors.items():
+        if str(info.dtype).startswith("torch.float8"):
+            scale = next((f"{n}{s[len('weight'):]}" for s in _SCALES if n.endswith(".weight")
+                          and f"{n}{s[len('weight'):]}" in tensors), None)
+            if scale is None:
+                raise CheckpointError(f"tensor {n!r} is float8 but has no {n}_scale_inv / {n}_scale beside it")
+            scales[n] = scale
+    hidden = set(scales.values()) | {n for n in tensors if n.rsplit(".", 1)[-1] in _DROPPED}
+    out = {n: (dataclasses.replace(i, dtype=torch.float32, offset=-1) if n in scales else i)
+           for n, i in tensors.items() if n not in hidden}
+    return out, scales
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: Optional[List[int]] = None) -> torch.Tensor:
+    """``weight * scale`` in float32: a scale per tensor (one element), per row (rows x 1), per
+    group along the columns (rows x groups), or per block (a grid of ``block`` = [rows, cols] tiles,
+    the last ones possibly partial), as transformers' FP8 dequantization computes it."""
+    w, s = weight.to(torch.float32), scale.to(torch.float32)
+    if s.numel() == 1:
+        return w * s.reshape(())
+    if w.dim() != 2 or s.dim() != 2:
+        raise CheckpointError(f"cannot apply a scale of shape {tuple(s.shape)} to a weight of shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if s.shape[0] == rows:  # per row, or per row and column group
+        return w * s.repeat_interleave(-(-cols // s.shape[1]), dim=1)[:, :cols]
+    if rows % s.shape[0] == 0 and cols % s.shape[1] == 0:  # transformers derives the tile from the grid
+        br, bc = rows // s.shape[0], cols // s.shape[1]
+    else:  # partial last tiles: the config's block size
+        br = block[0] if block else -(-rows // s.shape[0])
+        bc = block[1] if block else -(-cols // s.shape[1])
+    return w * s.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
+
+
+class FP8Checkpoint(Checkpoint):
+    """A checkpoint of FP8 weights, read as the float32 weights they stand for (see the module
+    docstring). Never streamed in blocks: each weight is dequantized whole, one at a time."""
+
+    dequantized = True
+
+    def __init__(self, path: Union[str, Path], name: Optional[str] = None):
+        super().__init__(path, name)
+        self.raw_tensors = self.tensors
+        self.tensors, self.scales = dequantized_infos(self.raw_tensors)
+        q = self.config.get("quantization_config") or {}
+        self.block = q.get("weight_block_size")
+        self.format = "fp8"  # not plain safetensors: no byte-range block reads
+
+    def _read_raw(self, name: str) -> torch.Tensor:
+        info = self.raw_tensors[name]
+        with safe_open(str(self.path / info.file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+
+    def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None or info.file_name not in self.scales:
+            return super().get_tensor(name, device)
+        raw = info.file_name
+        self.bytes_read += self.raw_tensors[raw].nbytes + self.raw_tensors[self.scales[raw]].nbytes
+        return dequantize(self._read_raw(raw), self._read_raw(self.scales[raw]), self.block).to(device)
+
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        return self.get_tensor(name).reshape(-1)[start:end].clone()
+
+
+def _detect(path: Path) -> bool:
+    cfg = path / "config.json"
+    try:
+        return cfg.is_file() and is_fp8(json.loads(cfg.read_text()))
+    except ValueError:
+        return False
+
+
+register_checkpoint_kind(_detect, FP8Checkpoint)

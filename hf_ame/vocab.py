@@ -1,0 +1,148 @@
+"""Vocabularies that differ (``tokenizer_source``): embedding and lm_head rows matched by token.
+
+Chat and tool fine-tunes add tokens, so their embedding and lm_head have more rows than their
+siblings'. Each source's tokenizer is read as transformers reads it (``AutoTokenizer`` on its
+files, before any weight is downloaded); the output vocabulary is one source's (``"first"``,
+``"base"``, an ingredient) or ``"union"`` (the first tokenizer plus every added token of the others,
+in order); rows are matched by token string (:mod:`hf_ame.rows`). mergekit's names:
+``tokenizer_source: base | union | <model>``, ``tokenizer: {pad_to_multiple_of: ...}``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .architecture import embedding_tensors
+from .errors import IncompatibleCheckpointsError
+from .rows import RowAlignment, match_rows
+
+__all__ = ["TOKENIZER_SOURCES", "read_tokenizer", "union_tokenizer", "align_vocab", "resolve_tokenizer_source"]
+
+TOKENIZER_SOURCES = ("first", "base", "union")  # or an ingredient's id or index
+
+
+def resolve_tokenizer_source(source: Union[str, int], names: Sequence[str], has_base: bool) -> Union[str, int]:
+    """"union", or the index (in ``names``, the base last) of the source whose vocabulary the output takes."""
+    if source == "union":
+        return "union"
+    if source == "first":
+        return 0
+    if source == "base":
+        if not has_base:
+            raise IncompatibleCheckpointsError("tokenizer_source: 'base' needs a base_model")
+        return len(names) - 1
+    n = len(names) - (1 if has_base else 0)
+    if isinstance(source, int) and not isinstance(source, bool):
+        if not 0 <= source < n:
+            raise IncompatibleCheckpointsError(f"tokenizer_source: ingredient index {source} is out of range for {n} ingredients")
+        return source
+    if isinstance(source, str) and source in names:
+        return list(names).index(source)
+    raise IncompatibleCheckpointsError(
+        f"tokenizer_source: expected one of {', '.join(TOKENIZER_SOURCES)}, an ingredient's id or index; got {source!r} "
+        f"(ingredients: {', '.join(names[:n])})")
+
+
+def read_tokenizer(folder: Union[str, Path], name: str, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(folder)``; an error names the model when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise IncompatibleCheckpointsError(
+            f"tokenizer_source: cannot read the tokenizer of {name!r} ({type(exc).__name__}: {exc}); its embedding "
+            "rows cannot be matched by token") from None
+
+
+def union_tokenizer(first: Any, others: Sequence[Any]) -> Tuple[Any, List[str]]:
+    """The first tokenizer plus every added token of the others that it lacks, in order (special
+    tokens stay special). Returns (tokenizer, the tokens added)."""
+    tok = first
+    have = set(tok.get_vocab())
+    added: List[str] = []
+    for other in others:
+        specials = set(other.all_special_tokens)
+        for _, token in sorted(other.added_tokens_decoder.items()):
+            if token.content in have:
+                continue
+            if token.content in specials:  # listed as a special token there: listed here too
+                tok.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+            else:
+                tok.add_tokens([token], special_tokens=bool(token.special))
+            have.add(token.content)
+            added.append(token.content)
+    return tok, added
+
+
+def _vocab_key(config: Dict[str, Any]) -> Tuple[Optional[str], Any]:
+    """Where the config keeps vocab_size: (sub-config key or None, value)."""
+    if "vocab_size" in config:
+        return None, config["vocab_size"]
+    text = config.get("text_config")
+    if isinstance(text, dict) and "vocab_size" in text:
+        return "text_config", text["vocab_size"]
+    return None, None
+
+
+def _rows_of(header: Any, names: Sequence[str]) -> int:
+    rows = {header.tensors[t].shape[0] for t in names}
+    if len(rows) != 1:
+        raise IncompatibleCheckpointsError(
+            f"model {header.name!r}: its embedding tensors ({', '.join(names)}) have different row counts {sorted(rows)}")
+    return rows.pop()
+
+
+def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], source: Union[str, int], *,
+                has_base: bool, pad_to_multiple_of: Optional[int] = None,
+                trust_remote_code: bool = False) -> RowAlignment:
+    """The :class:`RowAlignment` of the vocabulary: ``headers`` (name, config, tensors) and
+    ``folders`` (with config and tokenizer files) of the ingredients, then the base when
+    ``has_base``. Reads tokenizers only; no weight."""
+    names = [h.name for h in headers]
+    chosen = resolve_tokenizer_source(source, names, has_base)
+    emb = embedding_tensors(str(folders[0]), list(headers[0].tensors), trust_remote_code)
+    if not emb:
+        raise IncompatibleCheckpointsError(f"tokenizer_source: found no embedding tensor in {names[0]!r}")
+    for h in headers:
+        lacking = [t for t in emb if t not in h.tensors]
+        if lacking:
+            raise IncompatibleCheckpointsError(f"model {h.name!r} lacks the embedding tensor {lacking[0]!r}")
+    rows = {h.name: _rows_of(h, emb) for h in headers}
+    toks = [read_tokenizer(f, n, trust_remote_code) for f, n in zip(folders, names)]
+    vocabs = {n: t.get_vocab() for n, t in zip(names, toks)}
+    out = RowAlignment(tensors={t: "vocab" for t in emb})
+    if chosen == "union":
+        tok, added = union_tokenizer(toks[0], toks[1:])
+        out_vocab = tok.get_vocab()
+        n_tok = max(out_vocab.values()) + 1
+        out_rows = max(n_tok, rows[names[0]] if not added else 0)
+        m = pad_to_multiple_of or 1
+        out_rows = -(-out_rows // m) * m
+        out.tokenizer = tok
+        out.notes.append(f"vocabulary: the union of {len(names)} tokenizers ({len(out_vocab)} tokens"
+                         + (f", {len(added)} added: {', '.join(map(repr, added[:8]))}" + (" ..." if len(added) > 8 else "")
+                            if added else "") + f"); {out_rows} embedding rows")
+    else:
+        out_vocab, out_rows = vocabs[names[chosen]], rows[names[chosen]]
+        if pad_to_multiple_of and out_rows % pad_to_multiple_of:
+            out_rows = -(-out_rows // pad_to_multiple_of) * pad_to_multiple_of
+        out.tokenizer_dir = str(folders[chosen])
+        out.notes.append(f"vocabulary: {names[chosen]!r}'s ({len(out_vocab)} tokens, {out_rows} embedding rows)")
+    out.maps["vocab"] = match_rows("vocab", out_vocab, out_rows, vocabs, rows)
+    if out.maps["vocab"].is_identity(names):  # one vocabulary: the rows merge as they are
+        out.tensors = {}
+    ref_config = headers[chosen if chosen != "union" else 0].config
+    where, old = _vocab_key(dict(headers[0].config))
+    if old is not None and old != out_rows:
+        out.config_changes.update({"vocab_size": out_rows} if where is None else
+                                  {where: dict(headers[0].config[where], vocab_size=out_rows)})
+    for key, value in ref_config.items():  # token ids follow the tokenizer's source
+        if key.endswith("_token_id") and headers[0].config.get(key) != value:
+            out.config_changes[key] = value
+    kept = {k for k, i in out_vocab.items() if i < out_rows}
+    for n in names:
+        lost = sum(1 for k, i in vocabs[n].items() if i < rows[n] and k not in kept)
+        if lost:
+            out.notes.append(f"{lost} token(s) of {n!r} are not in the output vocabulary: their rows are left out")
+    return out
