@@ -10,6 +10,7 @@ registries, the lower-level folder-to-folder :func:`merge_checkpoints` / :func:`
 :func:`ame_merge` / :func:`soup`, and the errors (all derive from :class:`HFAMEError`).
 """
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
+from . import quantization  # noqa: F401 - registers FP8 checkpoints (dequantized as read) as a checkpoint kind
 from .algorithm import ame_merge, ame_merge_many, soup
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig

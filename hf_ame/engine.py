@@ -32,6 +32,7 @@ from .executor import MergeReport, Ranks, run_plan
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
 from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan
+from .quantization import FP8Checkpoint, check_quantization
 from .rows import RowAlignment
 from .stacking import LayerSlice, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
@@ -86,6 +87,10 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
     config = (config or AMEConfig()).validate()
     out_dtype = parse_dtype(dtype, "dtype")
     ckpts = open_checkpoints(ingredients)
+    for c in ckpts:
+        check_quantization(c.name, c.config, getattr(c, "raw_tensors", c.tensors))
+    if out_dtype is None and any(isinstance(c, FP8Checkpoint) for c in ckpts):
+        out_dtype = torch.bfloat16  # dequantized FP8: written in bfloat16 unless dtype= says otherwise
     inputs = [c.path for c in ckpts] + ([Path(base.path if isinstance(base, Checkpoint) else base)] if base else [])
     check_output_dir(output_dir, overwrite, inputs)  # before reading anything big
     names = [c.name for c in ckpts]
@@ -242,8 +247,10 @@ def _finish(tmp: Path, o: _Opened, reference: int, plan: MergePlan, extra_files:
             tokenizer_from: Union[str, Path, None]) -> List[str]:
     """Config, tokenizer and extra files of a merge (the rows' config fields and tokenizer, if any)."""
     r = o.rows or RowAlignment()
+    quantized = any(isinstance(c, FP8Checkpoint) for c in o.ckpts)  # written dequantized: no quantization_config
     return finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files, r.config_changes,
-                         tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer)
+                         tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer,
+                         config_drop=("quantization_config",) if quantized else ())
 
 
 def stack_checkpoints(

@@ -32,6 +32,7 @@ from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_sou
 from .output import TOKENIZER_FILES, check_output_dir, staged_output
 from .placement import load_model, resolve_device_map, tensor_device_lookup
 from .plan import MergePlan
+from .quantization import check_quantization, dequantized_infos, is_fp8
 from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
 from .rows import RowAlignment
@@ -822,7 +823,7 @@ def _check_and_download(check: "_Checks", *, local_files_only: bool) -> float:
         headers = [Checkpoint(i.path, name=i.id) for i in everyone]
         check.run(headers)
     for ing, h in zip(everyone, headers):
-        ing.dtype = storage_dtype(h.tensors)
+        ing.dtype = storage_dtype(getattr(h, "raw_tensors", h.tensors))
     return t1
 
 
@@ -840,6 +841,10 @@ class _Checks:
     def run(self, headers: Sequence[Any]) -> None:
         ings, base = list(headers[:self.n]), (headers[self.n] if len(headers) > self.n else None)
         rows, c = RowAlignment(), self.choices
+        for h in headers:  # quantized: FP8 read as the weights it stands for; any other scheme refused by name
+            check_quantization(h.name, h.config, getattr(h, "raw_tensors", h.tensors))
+            if is_fp8(h.config) and not hasattr(h, "raw_tensors"):  # a Hub header: the same view as FP8Checkpoint's
+                h.tensors = dequantized_infos(h.tensors)[0]
         prefix = base_model_prefix(_ConfigView(ings[0].config)) if ings[0].config else ""
         self.renames, notes = (drop_renames(headers, prefix), []) if c["heads"] == "drop" else prefix_renames(headers, prefix)
         for h in headers:

@@ -157,14 +157,17 @@ def copy_aux_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:
     return copied
 
 
-def update_config(folder: Union[str, Path], dtype: torch.dtype, changes: Optional[Mapping[str, object]] = None) -> None:
+def update_config(folder: Union[str, Path], dtype: torch.dtype, changes: Optional[Mapping[str, object]] = None,
+                  drop: Iterable[str] = ()) -> None:
     """Record the merged dtype and the transformers version in config.json, as save_pretrained does
-    (and ``changes``: e.g. the layer count of a stacking)."""
+    (and ``changes``: e.g. the layer count of a stacking; ``drop``: fields removed)."""
     path = Path(folder) / "config.json"
     if not path.exists():
         return
     cfg = json.loads(path.read_text())
     cfg.update(changes or {})
+    for key in drop:
+        cfg.pop(key, None)
     cfg.pop("torch_dtype", None)  # deprecated name; transformers 5 writes "dtype"
     cfg["dtype"] = str(dtype).replace("torch.", "")
     try:  # metadata, not an import: importing transformers costs seconds
@@ -196,7 +199,8 @@ def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[s
 def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
                   extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
                   config_changes: Optional[Mapping[str, object]] = None,
-                  tokenizer_from: Union[str, Path, None] = None, tokenizer: Any = None) -> List[str]:
+                  tokenizer_from: Union[str, Path, None] = None, tokenizer: Any = None,
+                  config_drop: Iterable[str] = ()) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
     generation files (``files_from``), config.json's dtype, then ``extra_files``. The tokenizer
     files come from ``tokenizer_from`` (a folder) or ``tokenizer`` (a transformers tokenizer,
@@ -209,6 +213,6 @@ def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype
             (folder / name).unlink(missing_ok=True)
         saved = {Path(f).name for f in tokenizer.save_pretrained(str(folder))}
         aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | saved)
-    update_config(folder, dtype, config_changes)
+    update_config(folder, dtype, config_changes, config_drop)
     write_files(folder, extra_files or {})
     return aux + list(extra_files or {})
