@@ -82,6 +82,10 @@ def _check_rows(rows: RowAlignment, ckpts: Sequence[Checkpoint], base: Optional[
                     f"{m.keys[idx.index(max(idx))]!r} at row {max(idx)}")
 
 
+def _name_of(ckpt: Union[Checkpoint, str, Path]) -> str:
+    return ckpt.name if isinstance(ckpt, Checkpoint) else str(ckpt)
+
+
 def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows=None) -> _Opened:
     """Open and check everything a merge reads, from headers only; refuse a bad output folder first."""
     config = (config or AMEConfig()).validate()
@@ -104,8 +108,11 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
                 )
             base = config.pivot  # type: ignore[assignment]
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
+    elif base is not None and rows is not None and any(_name_of(base) in m.sources for m in rows.maps.values()):
+        base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))  # rows taken from it
     if config.method is not None:  # a method's model count and base (slerp: one model and the base)
-        check_counts(config.method, config.method_arguments(), len(ckpts), base_ckpt is not None)
+        pivot_base = resolve_pivot(config.pivot, len(ckpts), names)[0] == "base"
+        check_counts(config.method, config.method_arguments(), len(ckpts), pivot_base and base_ckpt is not None)
         min_ingredients = min(min_ingredients, get_method(config.method).models[0])
     check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients, varying_rows=rows.tensors if rows else ())
     if rows is not None:

@@ -207,7 +207,9 @@ class _Runner:
 
     def __init__(self, plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint], report: MergeReport):
         self.plan, self.ckpts, self.base, self.report = plan, list(ckpts), base, report
-        self.srcs = self.ckpts + ([base] if base is not None else [])
+        # the base as the pivot of every tensor; else only as a source of rows ("gather" tensors)
+        self.pivot_base = base if (base is not None and plan.pivot[0] == "base") else None
+        self.srcs = self.ckpts + ([base] if self.pivot_base is not None else [])
         self.uploader = DeviceUploader()
         streams_rows = any(t.reader in ("rows", "blocks") for t in plan.tensors)
         self.row_pool = (cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-row")
@@ -256,6 +258,8 @@ class _Runner:
         base_x = None
         if g.base_rows is not None and self.base is not None:
             base_x = self.base.get_tensor(tp.name).index_select(0, g.base_rows).to(dev)
+        if not g.members:  # rows only the base has (heads="base")
+            return base_x.to(out_dtype)
         if len(g.members) == 1 and base_x is None:  # rows only one ingredient has: its own (mergekit's donor rule)
             if not bool(torch.isfinite(copies[0]).all()):
                 raise NonFiniteError([g.members[0]])
@@ -274,15 +278,15 @@ class _Runner:
         """A tensor whose rows are matched by key (:mod:`hf_ame.rows`): group by group; rows that no
         ingredient holds (new padding) take the mean of the merged rows."""
         p, dev = self.plan, torch.device(tp.device)
-        base = self.base.name if (self.base is not None and p.pivot[0] == "base") else None
+        base = self.base.name if self.base is not None else None
         groups = row_groups(p.rows.map_for(tp.name), [c.name for c in self.ckpts], base)
         out = torch.empty(tp.shape, dtype=getattr(torch, tp.dtype), device=dev)
-        filled = [g.out for g in groups if g.members]
+        filled = [g.out for g in groups if g.members or g.base_rows is not None]
         for g in groups:
-            if g.members:
+            if g.members or g.base_rows is not None:
                 out[g.out.to(dev)] = self.merge_group(tp, g, out.dtype)
         for g in groups:
-            if not g.members:
+            if not g.members and g.base_rows is None:
                 out[g.out.to(dev)] = out[torch.cat(filled).to(dev)].float().mean(0).to(out.dtype)
         return out
 
@@ -295,10 +299,10 @@ class _Runner:
             return self.merge_blocks(tp)
         if tp.reader == "rows":
             ing: Sequence[torch.Tensor] = IngredientRow(self.ckpts, tp.name, dev, p.sequence, self.row_pool)
-            base_x = self.base.get_tensor(tp.name, device=dev) if self.base is not None else None
+            base_x = self.pivot_base.get_tensor(tp.name, device=dev) if self.pivot_base is not None else None
         else:
             ing = xs[:n] if dev.type == "cpu" else [x.to(dev, non_blocking=True) for x in xs[:n]]
-            base_x = xs[n] if self.base is not None else None
+            base_x = xs[n] if self.pivot_base is not None else None
         try:
             # a streamed row is read whole per ingredient, so it is never split into blocks
             return merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),

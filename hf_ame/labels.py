@@ -10,6 +10,7 @@ first ingredient's order; other label sets need a choice:
 - ``"union"``: the first ingredient's labels, then the others' new ones in order, each row merged
   from the ingredients that have its label;
 - an ingredient (id or index): its head tensors and labels as they are; the body merged from all;
+- ``"base"``: the base model's head and labels, where it has one;
 - ``"drop"``: no head; the merged body is saved as the headless model (``AutoModel`` loads it).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .rows import RowAlignment, match_rows
 
 __all__ = ["HEAD_CHOICES", "labels_of", "head_tensors", "align_labels", "prefix_renames", "drop_renames"]
 
-HEAD_CHOICES = ("union", "drop")  # or None, or an ingredient's id or index
+HEAD_CHOICES = ("union", "base", "drop")  # or None, or an ingredient's id or index
 
 
 def labels_of(config: Dict[str, Any]) -> Optional[List[str]]:
@@ -50,15 +51,16 @@ def _choice(heads: Union[str, int, None], names: Sequence[str]) -> Union[str, in
     if isinstance(heads, str) and heads in names:
         return list(names).index(heads)
     raise IncompatibleCheckpointsError(
-        f"heads: expected None, 'union', 'drop', an ingredient's id or index; got {heads!r} (ingredients: {', '.join(names)})")
+        f"heads: expected None, 'union', 'base', 'drop', an ingredient's id or index; got {heads!r} "
+        f"(ingredients: {', '.join(names)})")
 
 
 def _refusal(names: Sequence[str], labels: Sequence[Sequence[str]]) -> IncompatibleCheckpointsError:
     listing = "; ".join(f"{n!r}: {', '.join(map(str, lab))}" for n, lab in zip(names, labels))
     return IncompatibleCheckpointsError(
         f"the ingredients' heads are trained on different label sets ({listing}); choose heads='union' (every label, "
-        "each row merged from the ingredients that have it), heads=<an ingredient> (its head as it is) or "
-        "heads='drop' (the merged body, headless)")
+        "each row merged from the ingredients that have it), heads=<an ingredient> (its head as it is), "
+        "heads='base' (the base model's head) or heads='drop' (the merged body, headless)")
 
 
 def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix: str,
@@ -82,17 +84,17 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
         return out, []
     if choice is None and len({frozenset(lab) for lab in labels}) > 1:
         raise _refusal(names, labels)
-    if isinstance(choice, int):
+    if choice == "base":
+        donor = _base_head(base, head)
+        out_labels, keys = labels_of(donor.config) or [], {n: {} for n in names}
+        keys[donor.name], rows[donor.name] = {x: i for i, x in enumerate(out_labels)}, len(out_labels)
+        _take_head(out, donor, [h.name for h in headers] + [donor.name], [t for t in head if t not in labelled])
+        out.notes.append(f"heads: the base model {donor.name!r}'s head and labels ({', '.join(out_labels)})")
+    elif isinstance(choice, int):
         out_labels = labels[choice]
         keys = {n: (by_label[k] if k == choice else {}) for k, n in enumerate(names)}
         out.notes.append(f"heads: {names[choice]!r}'s head and labels ({', '.join(out_labels)}), as they are")
-        for t in head:
-            if t not in labelled:  # a head tensor without a label dimension: also the chosen one's
-                n_rows = headers[choice].tensors[t].shape[0]
-                out.maps[f"head:{t}"] = match_rows(f"head:{t}", {str(i): i for i in range(n_rows)}, n_rows,
-                                                   {n: ({str(i): i for i in range(n_rows)} if k == choice else {})
-                                                    for k, n in enumerate(names)}, {n: n_rows for n in names})
-                out.tensors[t] = f"head:{t}"
+        _take_head(out, headers[choice], names, [t for t in head if t not in labelled])
     else:
         out_labels = list(labels[0])
         for lab in labels[1:]:
@@ -103,7 +105,7 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
             out.notes.append("labels: " + (f"rows of {', '.join(map(repr, moved))} aligned to {names[0]!r}'s label order; "
                                            if moved else "") + (f"the union of the label sets ({', '.join(out_labels)})"
                                                                 if choice == "union" else f"labels {', '.join(out_labels)}"))
-    if base is not None and labels_of(base.config) is not None and all(t in base.tensors for t in labelled):
+    if choice != "base" and base is not None and labels_of(base.config) is not None and all(t in base.tensors for t in labelled):
         keys[base.name] = {name: i for i, name in enumerate(labels_of(base.config) or [])}
         rows[base.name] = len(labels_of(base.config) or [])
     lmap = match_rows("labels", {x: i for i, x in enumerate(out_labels)}, len(out_labels), keys, rows)
@@ -114,6 +116,27 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
     out.config_changes.update(id2label={str(i): x for i, x in enumerate(out_labels)},
                               label2id={x: i for i, x in enumerate(out_labels)})
     return out, []
+
+
+def _base_head(base: Any, head: Sequence[str]) -> Any:
+    """The base model, checked to have a head with labels (heads="base")."""
+    if base is None:
+        raise IncompatibleCheckpointsError("heads: 'base' needs a base_model")
+    lacking = [t for t in head if t not in base.tensors]
+    if lacking or labels_of(base.config) is None:
+        raise IncompatibleCheckpointsError(f"heads='base': the base model {base.name!r} has no head to take (it lacks "
+                                           f"{lacking[0] if lacking else 'id2label'!r}); choose another heads= value")
+    return base
+
+
+def _take_head(out: RowAlignment, donor: Any, names: Sequence[str], tensors: Sequence[str]) -> None:
+    """Head tensors without a label dimension, taken whole from ``donor`` (its rows by position)."""
+    for t in tensors:
+        n_rows = donor.tensors[t].shape[0]
+        ident = {str(i): i for i in range(n_rows)}
+        out.maps[f"head:{t}"] = match_rows(f"head:{t}", ident, n_rows, {n: (ident if n == donor.name else {}) for n in names},
+                                           {n: n_rows for n in names})
+        out.tensors[t] = f"head:{t}"
 
 
 def _prefixed_share(names: Sequence[str], prefix: str) -> float:

@@ -528,7 +528,7 @@ class AMEMerger:
                                      overwrite=overwrite if output_dir is not None else True, dry_run=True)
         ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
         cfg = AMEConfig.soup() if req.greedy == "soup" else req.cfg
-        base = Checkpoint(self.base.path, name=self.base.id) if (self.base is not None and _pivot_is_base(cfg, ckpts)) else None
+        base = self._open(self.base) if self._uses_base(cfg, ckpts) else None
         device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
         plan = plan_merge(ckpts, target, cfg, base=base, dtype=self.dtype, max_shard_size=req.max_shard_size,
                           overwrite=overwrite if output_dir is not None else True, device_map=device,
@@ -576,6 +576,13 @@ class AMEMerger:
             check_counts(cfg.method, cfg.method_arguments(), req.top_k or len(self.ingredients), base_pivot)
         req.cfg = cfg
         return req
+
+    def _uses_base(self, cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:
+        """The base is read: as the pivot, or as the source of some rows (heads="base")."""
+        if self.base is None:
+            return False
+        rows = self.rows.maps.values() if self.rows is not None else ()
+        return _pivot_is_base(cfg, ckpts) or any(self.base.id in m.sources for m in rows)
 
     def _open(self, ing: Ingredient) -> Checkpoint:
         """The ingredient's checkpoint, its tensors keyed as the merge names them (see ``renames``)."""
@@ -631,7 +638,7 @@ class AMEMerger:
         kw = dict(dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite, progress=progress,
                   device_map=device)
         if req.greedy is None:
-            report = merge_checkpoints(ckpts, target, cfg, base=base if _pivot_is_base(cfg, ckpts) else None,
+            report = merge_checkpoints(ckpts, target, cfg, base=base if self._uses_base(cfg, ckpts) else None,
                                        stream=req.stream, memory_budget=req.memory_budget, rows=self.rows, **kw)
         else:
             cfg, report, greedy_log = self._merge_greedy(req, ckpts, chosen, base, run, metric, target, kw)

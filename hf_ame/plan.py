@@ -287,6 +287,7 @@ class _Context:
     transform: str
     num_layers: Optional[int]
     rows: Optional[RowAlignment] = None
+    base: Optional[Checkpoint] = None
 
 
 def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
@@ -297,7 +298,9 @@ def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...
 
 def _plan_gather(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
     """A tensor whose rows are matched by key: each copy is read whole, one at a time."""
-    srcs = [c for c in (ctx.srcs if not ctx.exact_soup else ctx.srcs[:ctx.n]) if info.name in c.tensors]
+    everyone = ctx.srcs[:ctx.n] + ([ctx.base] if ctx.base is not None else [])
+    m = ctx.rows.map_for(info.name) if ctx.rows is not None else None
+    srcs = [c for c in everyone if info.name in c.tensors and (c in ctx.srcs[:ctx.n] or (m is not None and c.name in m.sources))]
     sources = [Source(c.name, c.tensors[info.name].file, c.tensors[info.name].offset, _name(c.tensors[info.name].dtype),
                       c.tensors[info.name].nbytes) for c in srcs]
     shape = _out_shape(info, ctx.rows)
@@ -383,7 +386,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
                           for i in infos], max_shard_size)
     steps = plan_steps(len(ckpts), config)
     exact = is_exact_soup(config, len(ckpts))
-    srcs = list(ckpts) + ([base] if base is not None else [])
+    # the base is read for every tensor only as the pivot; otherwise only where rows come from it (heads="base")
+    srcs = list(ckpts) + ([base] if base is not None and pivot[0] == "base" else [])
     floating = [i for i in infos if i.is_floating]
     largest = max((i.nbytes for i in floating), default=0)
     mode = choose_stream(stream, len(ckpts), largest, memory_budget)
@@ -404,7 +408,7 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     transform = "soup" if exact else (config.method or "ame")
     layers = ref.config.get("num_hidden_layers") or (ref.config.get("text_config") or {}).get("num_hidden_layers")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype, transform, layers if isinstance(layers, int) else None, rows)
+                   where, out_dtype, transform, layers if isinstance(layers, int) else None, rows, base)
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,

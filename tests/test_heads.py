@@ -77,7 +77,7 @@ def test_different_label_sets_are_refused_listing_them(overlap):
     with pytest.raises(IncompatibleCheckpointsError, match=r"different label sets \(.*ft-0': a, b, c; .*ft-1': b, c, d; "
                                                           r".*ft-2': c, a, e\); choose heads='union'"):
         AMEMerger.from_pretrained(overlap)
-    with pytest.raises(IncompatibleCheckpointsError, match="heads: expected None, 'union', 'drop'"):
+    with pytest.raises(IncompatibleCheckpointsError, match="heads: expected None, 'union', 'base', 'drop'"):
         AMEMerger.from_pretrained(overlap, heads="every")
 
 
@@ -160,3 +160,22 @@ def test_vit_labels_union_under_the_vit_prefix(tmp_path):
                                rtol=0, atol=1e-7)
     assert torch.equal(s["classifier.weight"][3], x[1]["classifier.weight"][1])
     assert json.loads((tmp_path / "v" / "config.json").read_text())["id2label"]["3"] == "owl"
+
+
+def test_heads_from_the_base(overlap, tmp_path):
+    """heads="base": a base with its own head (labels x, y) gives the head; the body is the soup."""
+    base = tmp_path / "base"
+    shutil.copytree(overlap[0], base)
+    relabel(base, ["x", "y", "z"])
+    b, x = read_state(base), [read_state(p) for p in overlap]
+    AMEMerger.from_pretrained(overlap, base_model=str(base), heads="base").merge(
+        AMEConfig.soup(), output_dir=tmp_path / "hb", progress=False)
+    s = read_state(tmp_path / "hb")
+    assert all(torch.equal(s[k], b[k]) for k in HEAD)
+    k = "bert.encoder.layer.0.output.dense.weight"
+    torch.testing.assert_close(s[k], sum(t[k] for t in x) / 3, rtol=0, atol=1e-7)
+    assert json.loads((tmp_path / "hb" / "config.json").read_text())["id2label"] == {"0": "x", "1": "y", "2": "z"}
+    body = tmp_path / "headless"
+    build_model("bert", seed=7).bert.save_pretrained(body)
+    with pytest.raises(IncompatibleCheckpointsError, match="heads='base': the base model .* has no head"):
+        AMEMerger.from_pretrained(overlap, base_model=str(body), heads="base")
