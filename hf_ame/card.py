@@ -47,7 +47,8 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 dataset: Optional[Dict[str, Any]] = None, greedy: Optional[str] = None,
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
                 seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None,
-                mergekit_config: Optional[str] = None, alignment: Sequence[str] = ()):
+                mergekit_config: Optional[str] = None, alignment: Sequence[str] = (),
+                search: Optional[Dict[str, Any]] = None):
     """Returns (huggingface_hub.ModelCard, svg text or None). ``alignment``: notes on rows matched
     by token or label and on config choices (:class:`~hf_ame.rows.RowAlignment`)."""
     # huggingface_hub's card classes pull its HTTP stack (~8 MiB, 190 modules): imported when a card is made
@@ -90,8 +91,21 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         recipe_yaml=recipe_yaml,
         mergekit_config=mergekit_config,
         alignment=list(alignment),
+        search_rows=_search_rows(search),
+        metric_label=metric_name or "score",
     )
     return card, svg
+
+
+def _search_rows(search: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
+    """(trial, settings, score) rows of a validation search, the kept one in bold."""
+    rows = []
+    for t in (search or {}).get("trials", []):
+        params = t["params"] if isinstance(t["params"], str) else ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        mark = "**" if t["trial"] == search["chosen"] else ""  # type: ignore[index]
+        score = "-" if t["score"] is None else f"{t['score']:.4f}"
+        rows.append((f"{mark}{t['trial']}{mark}", params, f"{mark}{score}{mark}"))
+    return rows
 
 
 def _method_text(config: Dict[str, Any]) -> Optional[str]:

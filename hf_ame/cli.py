@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
+
 from .config import AMEConfig
 from .errors import HFAMEError, OutputExistsError
 from .merger import AMEMerger
 from .optimizers import list_optimizers
 from .publish import push_folder
 from .recipe import load_recipe
+from .search import split_space
 
 EXAMPLES = """examples:
   hf-ame merge recipes/adamw_ame.yaml --out merged                 # everything from a recipe file
@@ -86,6 +89,10 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--config-source", default=None, metavar="SOURCE",
                    help="configs that differ in what the weights compute (rope_theta, ...): take first | base | an "
                         "ingredient's; default: refuse")
+    m.add_argument("--search", default=None, metavar="SPACE.yaml",
+                   help="a validation search: a YAML file {space: {lr: [1e-4, 1e-3], epochs: [1, 3]}, n_trials: null, "
+                        "metric: accuracy, dataset: {path: ..., split: validation}} (metric and dataset: else the "
+                        "recipe's ordering); trial 0 is the uniform soup, the best-scoring trial is kept")
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
     m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
@@ -165,6 +172,25 @@ def _is_recipe(models: List[str]) -> bool:
     return p.suffix in (".yaml", ".yml") or p.is_file() or (not p.exists() and models[0].count("/") == 1)
 
 
+def _search_args(path: Optional[str]) -> Dict[str, Any]:
+    """merge()'s search arguments from a --search YAML file ({} without one)."""
+    if path is None:
+        return {}
+    spec = yaml.safe_load(Path(path).read_text())
+    if not isinstance(spec, dict):
+        raise ValueError(f"--search {path}: expected a YAML mapping, got {type(spec).__name__}")
+    extra = set(spec) - {"space", "n_trials", "metric", "dataset"}
+    if extra and "space" in spec:
+        raise ValueError(f"--search {path}: unknown key(s) {', '.join(sorted(extra))} (space, n_trials, metric, dataset)")
+    space, n_trials = split_space({k: v for k, v in spec.items() if k not in ("metric", "dataset")})
+    out: Dict[str, Any] = {"search": space, "n_trials": n_trials}
+    if spec.get("metric") is not None:
+        out["order_by"] = spec["metric"]
+    if spec.get("dataset") is not None:
+        out["eval_dataset"] = spec["dataset"]
+    return out
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     if _is_recipe(args.models):
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
@@ -178,7 +204,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, stream=args.stream,
                                            memory_budget=args.memory_budget), args.json)
         result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                              stream=args.stream, memory_budget=args.memory_budget)
+                              stream=args.stream, memory_budget=args.memory_budget, **_search_args(args.search))
         print(result.report.summary())
         if result.scores:
             print(f"scores ({result.metric['name']}): " + ", ".join(
@@ -207,7 +233,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                                        max_shard_size=args.max_shard_size, stream=args.stream,
                                        memory_budget=args.memory_budget), args.json)
     result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                          max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget)
+                          max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget,
+                          **_search_args(args.search))
     if result.report.rank == 0:
         print(result.report.summary())
     if args.push and result.report.rank == 0:

@@ -39,6 +39,7 @@ from .rows import RowAlignment
 from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
+from .search import Search, check_space
 from .version import __version__
 from .vocab import align_vocab
 from .writer import ShardedWriter, plan_shards
@@ -87,6 +88,7 @@ class MergeResult:
     slices: Optional[List[Dict[str, Any]]] = None  # a layer stacking's slices (recorded in the recipe)
     alignment: List[str] = field(default_factory=list)  # notes: rows matched by token / label, config choices
     choices: Dict[str, Any] = field(default_factory=dict)  # tokenizer_source, ... (recorded in the recipe)
+    search: Optional[Dict[str, Any]] = None  # merge(search=...): the space, every trial and its score, the chosen one
     _model: Any = field(default=None, repr=False)
     _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
 
@@ -174,6 +176,8 @@ class MergeResult:
             prov["scores"] = self.scores
         if self.mergekit_config:
             prov["mergekit_config"] = self.mergekit_config
+        if self.search:
+            prov["search"] = self.search  # the merge section pins the chosen trial's config
         if o:
             prov["ordering"] = {k: (v if not hasattr(v, "_fingerprint") else f"in-memory dataset {v._fingerprint}")
                                 for k, v in o.items() if v is not None}
@@ -198,7 +202,7 @@ class MergeResult:
                                 dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
                                 dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
                                 repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config,
-                                alignment=self.alignment)
+                                alignment=self.alignment, search=self.search)
         (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
         card.save(self.output_dir / "README.md")
         written = ["README.md", RECIPE_FILE]
@@ -456,6 +460,8 @@ class AMEMerger:
         write_card: bool = True,
         stream: str = "auto",
         memory_budget: Optional[int] = None,
+        search: Optional[Mapping[str, Any]] = None,
+        n_trials: Optional[int] = None,
         **overrides: Any,
     ) -> MergeResult:
         """Run AME over the ingredients and return a :class:`MergeResult`.
@@ -482,6 +488,13 @@ class AMEMerger:
                 copies of one tensor in memory) or "auto" (default: "ingredient" where blocks
                 stream, else "ingredient" only when 2 x N copies of the largest tensor exceed
                 ``memory_budget`` bytes, by default half the available memory).
+            search: a validation search (:mod:`hf_ame.search`): {AMEConfig field: list of values}
+                (a grid) or, with ``n_trials``, {field: list or {low, high, log}} sampled by Optuna;
+                needs ``order_by`` and ``eval_dataset``. Trial 0 is the exact soup; every trial is
+                merged (streamed, one folder at a time) and scored; the best is kept (the soup on
+                a tie), so the result never scores below the soup on that split.
+                ``result.search`` lists every trial.
+            n_trials: the number of Optuna trials besides the soup (None: the grid).
 
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
@@ -491,12 +504,16 @@ class AMEMerger:
             greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
             input_column=input_column, label_column=label_column, score_batch_size=score_batch_size,
             score_cache=score_cache, compare_soup=compare_soup, max_shard_size=max_shard_size, stream=stream,
-            memory_budget=memory_budget))
+            memory_budget=memory_budget, search=search, n_trials=n_trials))
+        return self._write(req, output_dir, overwrite=overwrite, progress=progress, write_card=write_card)
+
+    def _write(self, req: "_Request", output_dir: Union[str, os.PathLike, None], *, overwrite: bool, progress: bool,
+               write_card: bool) -> MergeResult:
+        """Weights, config, card, chart and recipe, all written in one staging folder moved into place
+        in one rename at the end (the old folder, with overwrite, deleted only after that)."""
         inputs = [i.path for i in self.ingredients] + ([self.base.path] if self.base is not None else [])
         if output_dir is not None:
             check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
-        # weights, config, card, chart and recipe are all written in one staging folder, moved into
-        # place in one rename at the end (the old folder, with overwrite, deleted only after that)
         temp_root = None
         if output_dir is None:  # owned by the result: removed with it unless saved (save_pretrained moves it)
             temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
@@ -562,8 +579,13 @@ class AMEMerger:
         if req.greedy is not None and self.rows is not None and self.rows.tensors:
             raise ConfigError(f"greedy: greedy modes hold candidates as same-shaped tensors; these ingredients' rows "
                               f"differ ({', '.join(sorted(set(self.rows.tensors.values())))}): merge without greedy")
-        if (req.greedy is not None or req.top_k is not None or req.order not in ("best", "given")) and req.order_by is None:
-            raise ConfigError("order_by: greedy modes, top_k and ordering need a metric (order_by=) and eval_dataset=")
+        if (req.greedy is not None or req.top_k is not None or req.order not in ("best", "given")
+                or req.search is not None) and req.order_by is None:
+            raise ConfigError("order_by: greedy modes, top_k, ordering and search need a metric (order_by=) and eval_dataset=")
+        if req.search is not None:
+            check_space(req.search, req.n_trials)
+            if req.greedy is not None:
+                raise ConfigError("search: a search keeps its best trial; it does not combine with greedy modes")
         if cfg.method is not None and get_method(cfg.method).needs_base and cfg.pivot == "soup" and self.base is not None:
             cfg = cfg.replace(pivot="base")  # task vectors are measured from the base model given
         if cfg.pivot == "base":  # "the base_model given to from_pretrained"
@@ -637,13 +659,18 @@ class AMEMerger:
         cfg, greedy_log = req.cfg, None
         kw = dict(dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite, progress=progress,
                   device_map=device)
-        if req.greedy is None:
+        search = None
+        if req.search is not None:
+            search = Search(req.cfg, req.search, req.n_trials, greater_is_better=metric.greater_is_better)
+            cfg, report = self._merge_search(search, req, ckpts, base, lambda path: run(self._load(path), path), target, kw)
+        elif req.greedy is None:
             report = merge_checkpoints(ckpts, target, cfg, base=base if self._uses_base(cfg, ckpts) else None,
                                        stream=req.stream, memory_budget=req.memory_budget, rows=self.rows, **kw)
         else:
             cfg, report, greedy_log = self._merge_greedy(req, ckpts, chosen, base, run, metric, target, kw)
         timings["merge"] = time.perf_counter() - t1
         result = MergeResult(target, cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)
+        result.search = search.record() if search is not None else None
         result.greedy = req.greedy
         result.greedy_log = greedy_log.entries if greedy_log else None
         result.candidates = [i.id for i in chosen]
@@ -657,6 +684,38 @@ class AMEMerger:
             self._score_result(result, req, metric, run, chosen, device, ings)
             result.ordering = req.ordering_record()
         return result
+
+    def _load(self, path: Path) -> Any:
+        return load_model(path, self.device_map, trust_remote_code=self.trust_remote_code)
+
+    def _merge_search(self, search: Search, req: "_Request", ckpts: List[Checkpoint], base: Optional[Checkpoint],
+                      score: Any, target: Path, kw: Dict[str, Any]) -> Tuple[AMEConfig, MergeReport]:
+        """Each trial merged (streamed) into a folder of its own and scored; the best one's files
+        are moved into ``target``, the others removed as soon as they lose."""
+        root = Path(tempfile.mkdtemp(prefix="hf_ame-search-"))
+        best: Optional[Tuple[float, Path, MergeReport]] = None
+        try:
+            for trial in search:
+                out = root / f"trial-{trial.number}"
+                report = merge_checkpoints(ckpts, out, trial.config, base=base if self._uses_base(trial.config, ckpts)
+                                           else None, stream=req.stream, memory_budget=req.memory_budget, rows=self.rows,
+                                           **{**kw, "progress": False, "overwrite": False})
+                value = score(out)
+                release_memory()
+                search.tell(value)
+                if best is None or search.better(value, best[0]):
+                    if best is not None:
+                        shutil.rmtree(best[1], ignore_errors=True)
+                    best = (value, out, report)
+                else:
+                    shutil.rmtree(out, ignore_errors=True)
+            for p in best[1].iterdir():  # type: ignore[index]
+                shutil.move(str(p), str(target / p.name))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        report = best[2]  # type: ignore[index]
+        report.output_dir = target
+        return search.best.config, report
 
     def _merge_greedy(self, req: "_Request", ckpts: List[Checkpoint], chosen: List[Ingredient], base: Optional[Checkpoint],
                       run: Any, metric: Any, target: Path, kw: Dict[str, Any]):
@@ -713,7 +772,7 @@ class AMEMerger:
 
 _MERGE_ARGS = ("order_by", "eval_dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
                "input_column", "label_column", "score_batch_size", "score_cache", "compare_soup", "max_shard_size",
-               "stream", "memory_budget", "progress", "write_card")
+               "stream", "memory_budget", "progress", "write_card", "search", "n_trials")
 
 
 def _starting_config(overrides: Mapping[str, Any]) -> AMEConfig:
@@ -755,6 +814,8 @@ class _Request:
     memory_budget: Optional[int] = None
     progress: bool = True
     write_card: bool = True
+    search: Optional[Mapping[str, Any]] = None
+    n_trials: Optional[int] = None
     cfg: Optional[AMEConfig] = None
 
     def from_recipe_ordering(self, o: Mapping[str, Any]) -> None:

@@ -112,7 +112,8 @@ def layer_position(tensor: str, num_layers: Optional[int]) -> float:
     m = _LAYER.search(tensor)
     if m is None or not num_layers:
         return 0.0
-    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+    index = int(m.group(1) or m.group(2))  # ".layers.N." or GPT-2 / Falcon / Bloom's ".h.N."
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.")

@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["tiny_config", "build_model", "make_family", "KINDS", "save_word_tokenizer", "add_tokens"]
+__all__ = ["tiny_config", "build_model", "make_family", "KINDS", "save_word_tokenizer", "add_tokens", "shrink_config",
+           "tiny_model"]
 
 KINDS = ("llama", "vit", "bert")
 
@@ -114,3 +115,64 @@ def add_tokens(folder: Union[str, Path], tokens: List[str], *, special: bool = F
         emb[old:] = torch.randn(emb[old:].shape, generator=gen) * 0.02
     tok.save_pretrained(str(folder))
     model.save_pretrained(str(folder))
+
+
+# Size fields of transformers configs, shrunk for tests (set only where a config has the field with a
+# value of the same kind: a list stays a list).
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+             vocab_size=128, max_position_embeddings=64, d_model=32, encoder_layers=2, decoder_layers=2,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, d_ff=64,
+             d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+             image_size=32, patch_size=8, num_channels=3, embed_dim=16, hidden_sizes=[16, 32], depths=[1, 1],
+             num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8,
+             expand=2, state_size=8, conv_kernel=4, time_step_rank=4, n_routed_experts=4,
+             shared_expert_intermediate_size=32, projection_dim=16, kv_lora_rank=16, q_lora_rank=16,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, num_mel_bins=16,
+             max_source_positions=32, max_target_positions=32, n_group=1, topk_group=1, ssm_state_size=8,
+             mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, conv_dim=[16, 16], conv_stride=[2, 2],
+             conv_kernel_size=[3, 3], num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, sliding_window=32,
+             embedding_size=32, embedding_dim=32, num_labels=3)
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    return isinstance(old, list) == isinstance(new, list) and not isinstance(old, bool)
+
+
+def shrink_config(cfg: Any) -> Any:
+    """A transformers config made tiny in place (sizes above; token ids kept inside the vocabulary;
+    sub-configs of multimodal models too). Returns it."""
+    for k, v in _TINY.items():
+        old = getattr(cfg, k, None)
+        if old is not None and _same_kind(old, v):
+            try:
+                setattr(cfg, k, list(v) if isinstance(v, list) else v)
+            except (AttributeError, ValueError, TypeError):
+                pass
+    if all(isinstance(getattr(cfg, k, None), int) for k in ("expand", "head_dim", "num_heads", "hidden_size")):
+        cfg.num_heads = cfg.hidden_size * cfg.expand // cfg.head_dim  # Mamba-2: heads x head_dim = the inner size
+    vocab = getattr(cfg, "vocab_size", None)
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id"):
+        if isinstance(vocab, int) and isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) >= vocab:
+            setattr(cfg, k, 1)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    try:
+        kinds = list(getattr(cfg, "layer_types", None) or [])
+        if kinds and isinstance(layers, int):
+            cfg.layer_types = (kinds * layers)[:layers]
+    except (AttributeError, ValueError, TypeError):
+        pass
+    for sub in ("text_config", "vision_config", "audio_config", "encoder", "decoder"):
+        c = getattr(cfg, sub, None)
+        if c is not None and hasattr(c, "to_dict"):
+            shrink_config(c)
+    return cfg
+
+
+def tiny_model(architecture: str, model_type: str, seed: int = 0):
+    """A tiny randomly initialised ``architecture`` (a transformers class name) of ``model_type``."""
+    import transformers
+
+    cfg = shrink_config(transformers.AutoConfig.for_model(model_type))
+    cfg.architectures = [architecture]
+    torch.manual_seed(seed)
+    return getattr(transformers, architecture)(cfg).eval()

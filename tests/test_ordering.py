@@ -251,7 +251,7 @@ def test_callable_metric_and_errors(families, tmp_path):
     r = merger.merge(AMEConfig.soup(), order_by=mean_first_weight, eval_dataset=ds, top_k=3, output_dir=tmp_path / "o",
                      score_cache=tmp_path / "c.json", progress=False)
     assert len(calls) == 5 and sum(i.kept for i in r.ingredients) == 3  # 4 ingredients + the merged model
-    with pytest.raises(ValueError, match="order_by: greedy modes, top_k and ordering need a metric"):
+    with pytest.raises(ValueError, match="order_by: greedy modes, top_k, ordering and search need a metric"):
         merger.merge(top_k=2, output_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="greedy: expected one of None, 'soup', 'ame'"):
         merger.merge(order_by=mean_first_weight, eval_dataset=ds, greedy="best", output_dir=tmp_path / "x")
