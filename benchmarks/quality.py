@@ -161,9 +161,8 @@ def text_exclusion(seed, n_models, unseen, cache, epochs=4):
         return float((torch.cat(pred) == test_y).float().mean())
 
     val = Dataset.from_dict({"text": [texts[j] for j in split["val"]], "label": [labels[j] for j in split["val"]]})
-    sweep = [AMEConfig(optimizer="adamw", lr=lr, epochs=ep, batch_size=2, optimizer_kwargs={"weight_decay": 0.0})
-             for lr in (1e-6, 1e-5, 1e-4) for ep in (1, 5)]
-    return compare_merges(paths, val, test_accuracy, sweep=sweep)
+    ame = AMEConfig(optimizer="adamw", batch_size=2, optimizer_kwargs={"weight_decay": 0.0})
+    return compare_merges(paths, val, test_accuracy, ame=ame, space={"lr": [1e-6, 1e-5, 1e-4], "epochs": [1, 5]})
 
 
 def fmt(xs):

@@ -28,19 +28,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 __all__ = ["class_exclusion", "compare_merges", "default_sweep", "main"]
 
 
-def default_sweep():
-    """AdamW-AME settings tried on the validation split (the paper's knobs: lr, epochs)."""
-
-    return [AMEConfig(optimizer="adamw", lr=lr, lr_schedule="harmonic", epochs=ep, batch_size=2, shuffle=True,
-                      pivot="soup", adaptive_pivot=True, optimizer_kwargs={"weight_decay": 0.0})
-            for lr in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3) for ep in (1, 5)]
+def default_ame() -> AMEConfig:
+    """The AdamW-AME settings the search starts from (the paper's knobs, lr and epochs, are searched)."""
+    return AMEConfig(optimizer="adamw", lr_schedule="harmonic", batch_size=2, shuffle=True, pivot="soup",
+                     adaptive_pivot=True, optimizer_kwargs={"weight_decay": 0.0})
 
 
-def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[str] = None,
-                   sweep: Optional[Sequence[Any]] = None, progress: bool = False, score_cache: Any = True) -> Dict[str, Any]:
+def default_space() -> Dict[str, List[Any]]:
+    """The grid searched on the validation split (trial 0, the uniform soup, comes first)."""
+    return {"lr": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "epochs": [1, 5]}
+
+
+def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[str] = None, ame: Optional[AMEConfig] = None,
+                   space: Optional[Dict[str, List[Any]]] = None, progress: bool = False,
+                   score_cache: Any = True) -> Dict[str, Any]:
     """Rank ``paths`` by evaluate accuracy on ``val`` (a datasets.Dataset), merge them (uniform soup,
-    greedy soup, AME for every config of ``sweep``, the best chosen on ``val``) and report
-    ``test_accuracy(folder)`` of each. With ``out``, the chosen AME merge is written there with its card."""
+    greedy soup, and ``merge(search=space)`` over ``ame``: the soup and every AME setting scored on
+    ``val``, the best kept) and report ``test_accuracy(folder)`` of each. With ``out``, the kept
+    merge is written there with its card (the search table in it)."""
 
     t0 = time.perf_counter()
     merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="auto")
@@ -51,15 +56,11 @@ def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[st
             warnings.simplefilter("ignore")  # the offline-metric notice, once per merge
             soup = merger.merge(AMEConfig.soup(), output_dir=work / "soup", write_card=False, **common)
             greedy = merger.merge(greedy="soup", output_dir=work / "greedy", write_card=False, **common)
-            trials = []
             t1 = time.perf_counter()
-            for i, cfg in enumerate(sweep if sweep is not None else default_sweep()):
-                r = merger.merge(cfg, output_dir=work / f"ame{i}", write_card=False, **common)
-                trials.append((r.scores["merged"], -i, cfg, r))
+            best = merger.merge(ame or default_ame(), search=space or default_space(), output_dir=out or work / "ame",
+                                overwrite=True, write_card=out is not None, **common)
             t_sweep = time.perf_counter() - t1
-            best_val, _, best_cfg, best = max(trials, key=lambda t: (t[0], t[1]))
-            if out is not None:
-                best = merger.merge(best_cfg, output_dir=out, overwrite=True, compare_soup=True, **common)
+        trials = best.search["trials"]
         ingredients = [(Path(p).name, test_accuracy(p)) for p in paths]
         return {
             "ingredients": ingredients,
@@ -69,10 +70,11 @@ def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[st
             "greedy_soup": test_accuracy(greedy.output_dir),
             "greedy_kept": sum(1 for e in greedy.greedy_log if e["accepted"]),
             "ame": test_accuracy(best.output_dir),
-            "ame_config": best_cfg,
-            "ame_val": best_val,
-            "soup_val": soup.scores["merged"],
-            "sweep": [(c.lr, c.epochs, s) for s, _, c, _ in trials],
+            "ame_config": best.config,
+            "ame_val": trials[best.search["chosen"]]["score"],
+            "kept_soup": best.search["chosen"] == 0,
+            "soup_val": trials[0]["score"],
+            "sweep": [(t["params"], t["score"]) for t in trials[1:]],
             "output": str(best.output_dir) if out is not None else None,
             "sweep_seconds": t_sweep,
             "merge_seconds": time.perf_counter() - t0,
@@ -81,10 +83,11 @@ def compare_merges(paths: Sequence[Any], val, test_accuracy, *, out: Optional[st
         shutil.rmtree(work, ignore_errors=True)
 
 
-def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Optional[Sequence[Any]] = None,
-                    progress: bool = False, verbose: bool = True, score_cache: Any = True) -> Dict[str, Any]:
+def class_exclusion(setup, cache: str, *, out: Optional[str] = None, space: Optional[Dict[str, List[Any]]] = None,
+                    ame: Optional[AMEConfig] = None, progress: bool = False, verbose: bool = True,
+                    score_cache: Any = True) -> Dict[str, Any]:
     """The digits class-exclusion experiment for ``setup`` (see :mod:`digits` (beside this file)). Every choice
-    (ranking, greedy soup, the AME sweep) uses the validation split only; test accuracy is reported."""
+    (ranking, greedy soup, the AME search) uses the validation split only; test accuracy is reported."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -93,7 +96,7 @@ def class_exclusion(setup, cache: str, *, out: Optional[str] = None, sweep: Opti
     t_build = time.perf_counter() - t0
     x, y = load_digits_splits(setup.seed)["test"]
     r = compare_merges(paths, digits_dataset("validation", setup.seed), lambda p: accuracy(p, x, y), out=out,
-                       sweep=sweep, progress=progress, score_cache=score_cache)
+                       ame=ame, space=space, progress=progress, score_cache=score_cache)
     r["build_seconds"] = t_build
     r["seconds"] = time.perf_counter() - t0
     return r
@@ -126,9 +129,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{'best single ingredient':<34} {max(r['val_scores']):>8.4f} {r['best_ingredient']:>9.4f}")
     print(f"{'uniform soup':<34} {r['soup_val']:>8.4f} {r['soup']:>9.4f}")
     print(f"{'greedy soup (' + str(r['greedy_kept']) + ' kept)':<34} {'':>8} {r['greedy_soup']:>9.4f}")
-    print(f"{'AdamW-AME (lr ' + format(cfg.lr, 'g') + ', ' + str(cfg.epochs) + ' ep)':<34} {r['ame_val']:>8.4f} {r['ame']:>9.4f}")
+    label = "search kept the soup" if r["kept_soup"] else f"AdamW-AME (lr {cfg.lr:g}, {cfg.epochs} ep)"
+    print(f"{label:<34} {r['ame_val']:>8.4f} {r['ame']:>9.4f}")
     print()
-    print(f"AME settings chosen on the validation split among {len(r['sweep'])} (lr, epochs) pairs in {r['sweep_seconds']:.1f}s.")
+    print(f"merge(search=...): the uniform soup and {len(r['sweep'])} AdamW-AME (lr, epochs) settings scored on the "
+          f"validation split in {r['sweep_seconds']:.1f}s;")
+    helped = [p for p, s in r["sweep"] if s > r["soup_val"]]
+    print(f"  {len(helped)} of {len(r['sweep'])} AME settings beat the soup on validation"
+          + (f" (best +{r['ame_val'] - r['soup_val']:.4f}); on test the kept merge is {r['ame'] - r['soup']:+.4f} "
+             "against the soup" if helped else "; the soup was kept"))
+    worse = [f"lr {p['lr']:g} x {p['epochs']} ep" for p, s in r["sweep"] if s < r["soup_val"]]
+    print(f"  AME scores below the soup on validation at: {', '.join(worse) or 'none'}")
     print(f"The AME model, its model card and recipe: {r['output']}/ (README.md, ame_recipe.yaml, ame_scores.svg)")
     print(f"Total wall time {r['seconds']:.1f}s.")
     return 0
