@@ -83,6 +83,7 @@ class RemoteHeader:
     sha: str
     files: List[str] = field(default_factory=list)
     safetensors: bool = True
+    adapter: bool = False  # a LoRA adapter repo (adapter_config.json): read after downloading it
 
     def rekey(self, names: Dict[str, str]) -> "RemoteHeader":
         """As :meth:`hf_ame.checkpoints.Checkpoint.rekey`: tensors keyed by other names."""
@@ -128,6 +129,8 @@ def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, end
                                                      endpoint=endpoint)).read_text())
         except Exception as exc:  # noqa: BLE001
             raise _wrap(ing, exc, "read config.json") from exc
+    if "adapter_config.json" in files and not any(f.startswith(("model.", "model-", "pytorch_model")) for f in files):
+        return RemoteHeader(ing.id, config, {}, sha, files, False, adapter=True)  # a LoRA adapter repo
     tensors: Dict[str, TensorInfo] = {}
     is_safetensors = any(f.endswith(".safetensors") for f in files)
     if is_safetensors:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .algorithm import resolve_pivot
 from .architecture import base_model_prefix, headless_class
 from .card import CHART_FILE, render_card
+from .adapters import is_adapter
 from .checkpoints import Checkpoint
 from .checks import check_compatible, model_dtype, storage_dtype
 from .config import AMEConfig, parse_dtype
@@ -361,7 +362,7 @@ class AMEMerger:
 
         # 3. Placement from the reference ingredient's config (no weights materialised).
         # (an adapter's config is its base's: place by the folder that holds config.json)
-        config_dir = Checkpoint(ings[0].path).files_path
+        config_dir = open_ingredient(ings[0], Path(base.path) if base is not None else None).files_path
         dm = resolve_device_map(device_map, str(config_dir), max_memory=max_memory, dtype=out_dtype,
                                 trust_remote_code=trust_remote_code)
         timings = {"resolve": t1 - t0, "download": t2 - t1, "placement": time.perf_counter() - t2}
@@ -608,7 +609,7 @@ class AMEMerger:
 
     def _open(self, ing: Ingredient) -> Checkpoint:
         """The ingredient's checkpoint, its tensors keyed as the merge names them (see ``renames``)."""
-        ckpt = Checkpoint(ing.path, name=ing.id)
+        ckpt = open_ingredient(ing, Path(self.base.path) if (self.base is not None and ing is not self.base) else None)
         return ckpt.rekey(self.renames[ing.id]) if ing.id in self.renames else ckpt
 
     def _slices(self) -> List[LayerSlice]:
@@ -836,7 +837,8 @@ class _Request:
 
 
 def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Union[bool, str, None],
-                  local_files_only: bool, endpoint: Optional[str]) -> Tuple[List[Any], Dict[int, List[str]]]:
+                  local_files_only: bool, endpoint: Optional[str],
+                  adapter_base: Optional[Path] = None) -> Tuple[List[Any], Dict[int, List[str]]]:
     """Each ingredient's header (None for a .bin-only Hub repo) and each Hub repo's file list: local
     folders read their safetensors headers; Hub repos answer with config.json and HTTP range reads
     of the headers; cached-only mode resolves the snapshot. HF_HUB_OFFLINE=1 means the cache, as
@@ -846,16 +848,28 @@ def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Unio
     remote_files: Dict[int, List[str]] = {}
     for k, ing in enumerate(everyone):
         if ing.local:
-            headers.append(Checkpoint(ing.path, name=ing.id))
+            headers.append(open_ingredient(ing, adapter_base))
         elif local_files_only:
             ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True, endpoint=endpoint)
-            headers.append(Checkpoint(ing.path, name=ing.id))
+            headers.append(open_ingredient(ing, adapter_base))
         else:
             h: RemoteHeader = inspect_remote(ing, token=token, endpoint=endpoint)
             ing.sha = h.sha
             remote_files[k] = h.files
-            headers.append(h if h.safetensors else None)
+            if h.adapter:  # a LoRA adapter repo: small; read as its base plus the adapter
+                ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, endpoint=endpoint)
+                headers.append(open_ingredient(ing, adapter_base))
+            else:
+                headers.append(h if h.safetensors else None)
     return headers, remote_files
+
+
+def open_ingredient(ing: Ingredient, adapter_base: Optional[Path] = None) -> Checkpoint:
+    """The ingredient's checkpoint; a LoRA adapter over ``adapter_base`` when one is given
+    (``from_pretrained(base_model=...)``), else over its own ``base_model_name_or_path``."""
+    if adapter_base is not None and is_adapter(ing.path):
+        return Checkpoint(ing.path, name=ing.id, base=adapter_base)
+    return Checkpoint(ing.path, name=ing.id)
 
 
 def _parse_models(models: Any, base_model: Any, revision: Optional[str],
@@ -877,8 +891,10 @@ def _check_and_download(check: "_Checks", *, local_files_only: bool) -> float:
     needs (safetensors, configs, tokenizer/processor files); .bin-only Hub repos are checked after
     their download. Returns the time the checks ended (``time.perf_counter``)."""
     everyone, a = check.everyone, check.access
+    base = everyone[check.n] if len(everyone) > check.n else None  # a local base is every adapter's base
     headers, remote_files = _read_headers(everyone, cache_dir=a["cache_dir"], token=a["token"],
-                                          local_files_only=local_files_only, endpoint=a["endpoint"])
+                                          local_files_only=local_files_only, endpoint=a["endpoint"],
+                                          adapter_base=Path(base.path) if base is not None and base.local else None)
     ready = all(h is not None for h in headers)
     if ready:
         check.run(headers)
@@ -888,7 +904,7 @@ def _check_and_download(check: "_Checks", *, local_files_only: bool) -> float:
             ing.path, ing.sha = download(ing, files=remote_files.get(k, []), cache_dir=a["cache_dir"], token=a["token"],
                                          trust_remote_code=a["trust_remote_code"], endpoint=a["endpoint"])
     if not ready:
-        headers = [Checkpoint(i.path, name=i.id) for i in everyone]
+        headers = [open_ingredient(i, Path(base.path) if base is not None else None) for i in everyone]
         check.run(headers)
     for ing, h in zip(everyone, headers):
         ing.dtype = storage_dtype(getattr(h, "raw_tensors", h.tensors))
@@ -920,7 +936,7 @@ class _Checks:
                 h.rekey(self.renames[h.name])
         rows.notes.extend(notes)
         if c["tokenizer_source"] is not None:
-            folders = [_files_folder(i, **self.access) for i in self.everyone]
+            folders = [_files_folder(i, h, **self.access) for i, h in zip(self.everyone, headers)]
             rows.update(align_vocab(headers, folders, c["tokenizer_source"], has_base=base is not None,
                                     pad_to_multiple_of=c["pad_to_multiple_of"],
                                     trust_remote_code=self.access["trust_remote_code"]))
@@ -945,14 +961,15 @@ class _ConfigView:
         self.model_type = config.get("model_type")
 
 
-def _files_folder(ing: Ingredient, *, cache_dir: Any, token: Any, endpoint: Optional[str], **_: Any) -> Path:
+def _files_folder(ing: Ingredient, header: Any, *, cache_dir: Any, token: Any, endpoint: Optional[str],
+                  **_: Any) -> Path:
     """A folder with the ingredient's config and tokenizer files: its own folder (an adapter without
     tokenizer files: its base's), or, for a Hub repo not downloaded yet, its small files only."""
     if ing.path is None:
         folder, _ = download(ing, cache_dir=cache_dir, token=token, endpoint=endpoint, weights=False)
         return folder
     own = Path(ing.path)
-    return own if any((own / f).is_file() for f in TOKENIZER_FILES) else Checkpoint(own).files_path
+    return own if any((own / f).is_file() for f in TOKENIZER_FILES) else Path(header.files_path)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch
 from .algorithm import AMEStepper, initial_merge, plan_steps, resolve_pivot
 from .checkpoints import Checkpoint
 from .config import AMEConfig, ConfigError
+from .errors import NonFiniteWeightsError
 from .engine import save_state
 from .executor import IngredientRow
 from .architecture import file_to_model_renamer
@@ -136,6 +137,19 @@ class _Lazy:
         return IngredientRow(self.ckpts, self.names[k], torch.device("cpu"))
 
 
+def _check_finite(weights: Sequence[torch.Tensor], names: Sequence[str], lazy: "_Lazy", batch: Sequence[int],
+                  ckpts: Sequence[Checkpoint], config: AMEConfig) -> None:
+    """Stop greedy AME at the first NaN or Inf in the merge, naming the tensor and the ingredients
+    of the step whose copy holds one (none: the step itself overflowed). One sum per tensor."""
+    for k, w in enumerate(weights):
+        if not bool(torch.isfinite(w.sum())):
+            if bool(torch.isfinite(w).all()):
+                continue  # the sum overflowed, not the values
+            row = lazy[k]
+            bad = [ckpts[j].name for j in batch if not bool(torch.isfinite(row[j]).all())]
+            raise NonFiniteWeightsError(names[k], bad, config.optimizer)
+
+
 def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, *, base: Optional[Checkpoint] = None,
                greater_is_better: bool = True, log: Optional[GreedyLog] = None) -> Tuple[Dict[str, torch.Tensor], float]:
     """Greedy AME (spec): after each step keep it only if the held-out metric improved, else restore
@@ -149,11 +163,13 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
             for k, n in enumerate(names)]
     stepper = AMEStepper(init, config, names)
     del init
+    _check_finite(stepper.weights, names, lazy, range(len(ckpts)), ckpts, config)
     best = slot.score(dict(zip(names, stepper.weights)))
     log.add(step=0, score=best, accepted=True)
     for step in plan_steps(len(ckpts), config):
         snapshot = stepper.state_dict()
         stepper.step(step, lazy)
+        _check_finite(stepper.weights, names, lazy, step.batch, ckpts, config)
         s = slot.score(dict(zip(names, stepper.weights)))
         ok = _better(s, best, greater_is_better)
         log.add(step=step.t, epoch=step.epoch, batch=[ckpts[j].name for j in step.batch], score=s, accepted=ok)

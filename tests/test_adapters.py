@@ -94,3 +94,29 @@ def test_adapter_for_another_model_is_refused(bert, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"adapter tensor '.*' gives shape .* but '.*' of the base has"):
         Checkpoint(adapter)
+
+
+def test_base_model_overrides_the_adapters_base_and_hub_adapter_repos(bert, tmp_path, online):
+    """from_pretrained(base_model=...) is every adapter's base (its own base_model_name_or_path may
+    name a folder that is not there); an adapter repo on the Hub is an ingredient too."""
+    import json
+
+    adapter, expanded = make_adapter(bert[0], tmp_path / "ad")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "not-here")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="not-here"):
+        AMEMerger.from_pretrained([str(adapter), bert[1]], device_map="cpu")
+    merger = AMEMerger.from_pretrained([str(adapter), bert[1]], base_model=bert[0], device_map="cpu")
+    merger.merge(AMEConfig.soup(), output_dir=tmp_path / "o", progress=False)
+    got, other = read_state(tmp_path / "o"), read_state(bert[1])
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (expanded[k] + other[k]) / 2, atol=1e-6, rtol=1e-5)
+    hub = online
+    hub.state.add_folder("org/adapter", adapter)
+    AMEMerger.from_pretrained(["org/adapter", bert[1]], base_model=bert[0], cache_dir=tmp_path / "cache",
+                              endpoint=hub.endpoint, device_map="cpu").merge(AMEConfig.soup(), output_dir=tmp_path / "h",
+                                                                             progress=False)
+    hub_state = read_state(tmp_path / "h")
+    assert all(torch.equal(hub_state[k], got[k]) for k in got)

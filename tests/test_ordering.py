@@ -157,6 +157,27 @@ def test_greedy_ame_restores_weights_and_optimizer_state(families):
     assert any(not torch.equal(state[n], w) for n, w in zip(names, full.weights))
 
 
+def test_greedy_ame_stops_at_non_finite_values(families, tmp_path):
+    """A NaN in one ingredient stops greedy AME naming the model and the tensor (issue 12 item 4)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from conftest import read_state
+    from hf_ame import NonFiniteWeightsError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(families["bert"][1], bad)
+    state = read_state(bad)
+    name = "bert.encoder.layer.0.output.dense.weight"
+    state[name][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    ckpts = [Checkpoint(families["bert"][0]), Checkpoint(bad)]
+    cfg = AMEConfig(optimizer="adam", lr=1e-2, epochs=1, batch_size=1, pivot="first")
+    with pytest.raises(NonFiniteWeightsError, match=f"model '{bad}' has NaN or Inf values in tensor '{name}'"):
+        greedy_ame(ckpts, cfg, _ScriptedSlot([0.5, 0.6, 0.7]))
+
+
 def _text_set(n, seed):
     rng = random.Random(seed)
     texts, labels = [], []
