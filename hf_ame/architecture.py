@@ -4,10 +4,10 @@ and how names in files map to names in memory. No per-architecture tables."""
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Collection, List, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional
 
 __all__ = ["model_class_for", "empty_model", "file_to_model_renamer", "embedding_tensors", "base_model_prefix",
-           "headless_class"]
+           "headless_class", "skeleton_from_config"]
 
 
 def model_class_for(config: Any, trust_remote_code: bool = False):
@@ -100,3 +100,14 @@ def headless_class(config: Any, trust_remote_code: bool = False):
         return transformers.AutoModel._model_mapping[cls.config_class]
     except (KeyError, AttributeError):
         return cls
+
+
+def skeleton_from_config(config: Dict[str, Any], trust_remote_code: bool = False) -> Optional[Any]:
+    """An empty-weight model of a config.json dict (None when transformers does not know it)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+        return empty_model(cfg, trust_remote_code)
+    except Exception:  # noqa: BLE001 - custom or unknown architectures: no layouts to align
+        return None

@@ -17,7 +17,7 @@ from huggingface_hub import constants as hf_constants
 from tqdm.auto import tqdm
 
 from .algorithm import resolve_pivot
-from .architecture import base_model_prefix, headless_class
+from .architecture import base_model_prefix, headless_class, skeleton_from_config
 from .card import CHART_FILE, render_card
 from .adapters import is_adapter
 from .checkpoints import Checkpoint
@@ -28,6 +28,7 @@ from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stac
 from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError, RecipeError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
 from .labels import align_labels, drop_renames, prefix_renames
+from .layouts import ConvertedCheckpoint, original_layout
 from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
 from .output import TOKENIZER_FILES, check_output_dir, staged_output
@@ -252,6 +253,8 @@ class AMEMerger:
         self.ingredients = ingredients
         self.rows = rows  # rows matched by token (tokenizer_source) / label, checked before any weight was read
         self.renames: Dict[str, Dict[str, str]] = {}  # model id -> {name in its files: name in the merge}
+        self.layouts: Dict[str, Any] = {}  # model id -> its original layout (saved in the in-memory one)
+        self.skeleton: Any = None  # the empty-weight model the layouts are converted with
         self.choices = dict(choices or {})
         self.device_map = device_map
         self.dtype = dtype
@@ -368,7 +371,7 @@ class AMEMerger:
         timings = {"resolve": t1 - t0, "download": t2 - t1, "placement": time.perf_counter() - t2}
         merger = cls(ings, dm, dtype=out_dtype, trust_remote_code=trust_remote_code, timings=timings, base=base,
                      rows=check.rows, choices=choices)
-        merger.renames = check.renames
+        merger.renames, merger.layouts, merger.skeleton = check.renames, check.layouts, check.skeleton
         return merger
 
     def __repr__(self) -> str:
@@ -610,6 +613,8 @@ class AMEMerger:
     def _open(self, ing: Ingredient) -> Checkpoint:
         """The ingredient's checkpoint, its tensors keyed as the merge names them (see ``renames``)."""
         ckpt = open_ingredient(ing, Path(self.base.path) if (self.base is not None and ing is not self.base) else None)
+        if ing.id in self.layouts:
+            ckpt = ConvertedCheckpoint(ckpt, self.skeleton, self.layouts[ing.id])
         return ckpt.rekey(self.renames[ing.id]) if ing.id in self.renames else ckpt
 
     def _slices(self) -> List[LayerSlice]:
@@ -921,6 +926,22 @@ class _Checks:
         self.everyone, self.n, self.least, self.choices, self.access = list(everyone), n, least, dict(choices), access
         self.rows: Optional[RowAlignment] = None
         self.renames: Dict[str, Dict[str, str]] = {}
+        self.layouts: Dict[str, Any] = {}  # model id -> its tensors in the original layout (see hf_ame.layouts)
+        self.skeleton: Any = None
+
+    def align_layouts(self, headers: Sequence[Any], notes: List[str]) -> None:
+        """Checkpoints saved in transformers' in-memory layout (fused MoE experts, ...) read in the
+        original one, when the ingredients' tensor names differ."""
+        if len({frozenset(h.tensors) for h in headers}) <= 1 or not headers[0].config.get("model_type"):
+            return
+        self.skeleton = skeleton_from_config(headers[0].config, self.access["trust_remote_code"])
+        for h in headers:
+            layout = original_layout(self.skeleton, h.tensors) if self.skeleton is not None else None
+            if layout:
+                self.layouts[h.name] = layout
+                h.tensors = {k: info for k, (_, info) in layout.items()}
+                notes.append(f"{h.name!r} is saved in transformers' in-memory layout (save_original_format=False): "
+                             "read in the original layout, as transformers converts it")
 
     def run(self, headers: Sequence[Any]) -> None:
         ings, base = list(headers[:self.n]), (headers[self.n] if len(headers) > self.n else None)
@@ -930,7 +951,10 @@ class _Checks:
             if is_fp8(h.config) and not hasattr(h, "raw_tensors"):  # a Hub header: the same view as FP8Checkpoint's
                 h.tensors = dequantized_infos(h.tensors)[0]
         prefix = base_model_prefix(_ConfigView(ings[0].config)) if ings[0].config else ""
+        layout_notes: List[str] = []
+        self.align_layouts(headers, layout_notes)
         self.renames, notes = (drop_renames(headers, prefix), []) if c["heads"] == "drop" else prefix_renames(headers, prefix)
+        notes = layout_notes + notes
         for h in headers:
             if h.name in self.renames:
                 h.rekey(self.renames[h.name])
