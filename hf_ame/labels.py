@@ -108,6 +108,8 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
     if choice != "base" and base is not None and labels_of(base.config) is not None and all(t in base.tensors for t in labelled):
         keys[base.name] = {name: i for i, name in enumerate(labels_of(base.config) or [])}
         rows[base.name] = len(labels_of(base.config) or [])
+    if any(lab != labels[0] for lab in labels[1:]) or choice is not None:
+        out.notes.append("label sets: " + "; ".join(f"{n!r}: {', '.join(lab)}" for n, lab in zip(names, labels)))
     lmap = match_rows("labels", {x: i for i, x in enumerate(out_labels)}, len(out_labels), keys, rows)
     if lmap.is_identity(list(keys)) and (base is None or base.name in keys) and not out.tensors:
         return out, []  # one label set in one order: nothing to align

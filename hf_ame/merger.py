@@ -685,6 +685,10 @@ class AMEMerger:
         result.mergekit_config = ((self.recipe.provenance or {}).get("mergekit_config")
                                   if self.recipe is not None else None)
         result.alignment = list(self.rows.notes) if self.rows is not None else []
+        if report.counters_maxed:  # BatchNorm step counters of fine-tunes of different lengths
+            result.alignment.append(f"num_batches_tracked differs between the models: the maximum was taken for "
+                                    f"{len(report.counters_maxed)} tensor(s) ({', '.join(report.counters_maxed[:3])}"
+                                    + (", ..." if len(report.counters_maxed) > 3 else "") + ")")
         result.choices = dict(self.choices)
         if metric is not None:
             self._score_result(result, req, metric, run, chosen, device, ings)

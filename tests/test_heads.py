@@ -97,6 +97,8 @@ def test_union_of_labels(overlap, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "u")
     assert model.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d", 4: "e"} and model.num_labels == 5
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 5)
+    card = (tmp_path / "u" / "README.md").read_text()
+    assert "label sets: " in card and "ft-1': b, c, d" in card and "the union of the label sets (a, b, c, d, e)" in card
 
 
 def test_heads_from_one_ingredient_and_drop(overlap, tmp_path):

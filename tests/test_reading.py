@@ -42,6 +42,11 @@ def test_batchnorm_counters_take_the_maximum(tmp_path):
     rep = merge_checkpoints(paths, tmp_path / "o", AMEConfig.soup(), progress=False)
     assert read_state(tmp_path / "o")["model.bn.num_batches_tracked"].item() == 30
     assert rep.counters_maxed == ["model.bn.num_batches_tracked"]
+    from hf_ame import AMEMerger
+
+    AMEMerger.from_pretrained([str(p) for p in paths]).merge(AMEConfig.soup(), output_dir=tmp_path / "card", progress=False)
+    assert "num_batches_tracked differs between the models: the maximum was taken for 1 tensor(s)" in \
+        (tmp_path / "card" / "README.md").read_text()
     sd = load_file(Path(paths[2]) / "model.safetensors")
     sd["model.other_counter"] = torch.tensor(6)
     save_file(sd, Path(paths[2]) / "model.safetensors", metadata={"format": "pt"})
