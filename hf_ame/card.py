@@ -61,6 +61,7 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
     gib = (metric or {}).get("greater_is_better", True)
     ds_path = (dataset or {}).get("path")
     table, chart_rows = _score_rows(scores, ingredients, greedy, optimizer)
+    chart_rows += _search_chart(search)
     svg = scores_svg(chart_rows, metric_name, gib) if (metric_name and chart_rows) else None
     ds_text = f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "") if ds_path else "a held-out split"
     card = ModelCard.from_template(
@@ -95,6 +96,18 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         metric_label=metric_name or "score",
     )
     return card, svg
+
+
+def _search_chart(search: Optional[Dict[str, Any]]) -> List[Tuple[str, float]]:
+    """The chart's bars of a validation search: trial 0 (the soup), then every AME trial."""
+    out = []
+    for t in (search or {}).get("trials", []):
+        if t["score"] is None:
+            continue
+        label = ("search trial 0: soup" if isinstance(t["params"], str) else
+                 f"AME trial {t['trial']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items()))
+        out.append((label, float(t["score"])))
+    return out
 
 
 def _search_rows(search: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]:

@@ -28,6 +28,8 @@ def test_grid_search_keeps_the_best_and_never_loses_to_the_soup(digits, tmp_path
         assert r.config.lr == chosen["params"]["lr"] and r.config.epochs == chosen["params"]["epochs"]
     card = (tmp_path / "s" / "README.md").read_text()
     assert "## Validation search" in card and "uniform soup" in card
+    svg = (tmp_path / "s" / "ame_scores.svg").read_text()
+    assert "search trial 0: soup" in svg and "AME trial 4: lr=0.01, epochs=3" in svg
     recipe = yaml.safe_load((tmp_path / "s" / "ame_recipe.yaml").read_text())
     assert recipe["provenance"]["search"]["space"] == {"lr": [1e-4, 1e-2], "epochs": [1, 3]}
     # the written recipe reproduces the kept merge, byte for byte (the pinned config, no new search)
