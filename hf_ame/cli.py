@@ -93,6 +93,9 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                    help="a validation search: a YAML file {space: {lr: [1e-4, 1e-3], epochs: [1, 3]}, n_trials: null, "
                         "metric: accuracy, dataset: {path: ..., split: validation}} (metric and dataset: else the "
                         "recipe's ordering); trial 0 is the uniform soup, the best-scoring trial is kept")
+    m.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
+                        "with mergekit (chatml, llama3, ...)")
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
     m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
     m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
@@ -194,7 +197,7 @@ def _search_args(path: Optional[str]) -> Dict[str, Any]:
 def _cmd_merge(args: argparse.Namespace) -> int:
     if _is_recipe(args.models):
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
-        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source"):
+        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source", "chat_template"):
             if getattr(args, key) is not None:
                 kwargs[key] = getattr(args, key)
         if args.trust_remote_code:
@@ -227,7 +230,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
                                        trust_remote_code=args.trust_remote_code, base_model=args.base_model,
                                        tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
-                                       heads=args.heads, config_source=args.config_source)
+                                       heads=args.heads, config_source=args.config_source,
+                                       chat_template=args.chat_template)
     if args.dry_run:
         return _print_plan(merger.plan(config, output_dir=args.out, overwrite=args.overwrite,
                                        max_shard_size=args.max_shard_size, stream=args.stream,

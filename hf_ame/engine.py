@@ -257,7 +257,7 @@ def _finish(tmp: Path, o: _Opened, reference: int, plan: MergePlan, extra_files:
     quantized = any(isinstance(c, FP8Checkpoint) for c in o.ckpts)  # written dequantized: no quantization_config
     return finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files, r.config_changes,
                          tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer,
-                         config_drop=("quantization_config",) if quantized else ())
+                         config_drop=("quantization_config",) if quantized else (), chat_template=r.chat_template)
 
 
 def stack_checkpoints(

@@ -25,10 +25,9 @@ __all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
 
 MERGEKIT_FILE = "mergekit_config.yml"
 _SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name",
-                   "tokenizer_source", "tokenizer"}
+                   "tokenizer_source", "tokenizer", "chat_template"}
 _NOT_YET = {
     "modules": "per-module merges",
-    "chat_template": "chat templates (the first model's are copied)",
 }
 _TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 _AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "adaptive_pivot",
@@ -215,8 +214,8 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _tokenizer(data: Mapping[str, Any]) -> Dict[str, Any]:
-    """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}`` as the recipe's output
-    fields (mergekit's default source under ``tokenizer:`` is "union")."""
+    """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}``, and ``chat_template``, as the
+    recipe's output fields (mergekit's default source under ``tokenizer:`` is "union")."""
     tok = data.get("tokenizer")
     if tok is not None and data.get("tokenizer_source") is not None:
         raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
@@ -231,4 +230,6 @@ def _tokenizer(data: Mapping[str, Any]) -> Dict[str, Any]:
         out["tokenizer_source"] = source if source in ("base", "union") else _reference(source, where)["id"]
     if (tok or {}).get("pad_to_multiple_of") is not None:
         out["pad_to_multiple_of"] = tok["pad_to_multiple_of"]
+    if data.get("chat_template") is not None:
+        out["chat_template"] = data["chat_template"]
     return out

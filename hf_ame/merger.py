@@ -43,7 +43,7 @@ from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fi
                       resolve_metric, score_model)
 from .search import Search, check_space
 from .version import __version__
-from .vocab import align_vocab
+from .vocab import align_vocab, resolve_chat_template
 from .writer import ShardedWriter, plan_shards
 
 __all__ = ["AMEMerger", "MergeResult"]
@@ -278,7 +278,7 @@ class AMEMerger:
             load.setdefault("dtype", recipe.output["dtype"])
         if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
             load.setdefault("min_models", 1)
-        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source"):
+        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source", "chat_template"):
             if recipe.output.get(key) is not None:
                 load.setdefault(key, recipe.output[key])
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
@@ -312,6 +312,7 @@ class AMEMerger:
         pad_to_multiple_of: Optional[int] = None,
         heads: Union[str, int, None] = None,
         config_source: Union[str, int, None] = None,
+        chat_template: Optional[str] = None,
     ) -> "AMEMerger":
         """Resolve, check and fetch the ingredients (transformers' argument names and meanings).
 
@@ -344,6 +345,9 @@ class AMEMerger:
             config_source: when config fields that change the computation differ (``rope_theta``,
                 ``max_position_embeddings``, ...): the output's, ``"first"``, ``"base"`` or an
                 ingredient's id or index. Default None: such differences are refused, listed.
+            chat_template: the output's chat template, as mergekit's ``chat_template``: ``"auto"``
+                (the one most models have), the Jinja text, or a template bundled with an installed
+                mergekit (``"chatml"``, ...). Default None: the reference's tokenizer files as they are.
 
         Compatibility (architecture, tensor names, shapes, dtypes, labels, config fields,
         vocabularies) is checked from config.json, tokenizer files and the safetensors headers
@@ -357,7 +361,7 @@ class AMEMerger:
 
         # 1. headers, tokenizers and configs checked before any weight is downloaded; 2. downloads
         choices = {"tokenizer_source": tokenizer_source, "pad_to_multiple_of": pad_to_multiple_of, "heads": heads,
-                   "config_source": config_source}
+                   "config_source": config_source, "chat_template": chat_template}
         access = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, token=token, endpoint=endpoint)
         check = _Checks(everyone, len(ings), least, choices, access)
         t1 = _check_and_download(check, local_files_only=local_files_only)
@@ -968,6 +972,11 @@ class _Checks:
             rows.update(align_vocab(headers, folders, c["tokenizer_source"], has_base=base is not None,
                                     pad_to_multiple_of=c["pad_to_multiple_of"],
                                     trust_remote_code=self.access["trust_remote_code"]))
+        if c.get("chat_template") is not None:
+            folders = [_files_folder(i, h, **self.access) for i, h in zip(self.everyone, headers)]
+            rows.chat_template, note = resolve_chat_template(c["chat_template"], folders, [h.name for h in headers],
+                                                             self.access["trust_remote_code"])
+            rows.notes.append(note)
         labels, _ = align_labels(ings, c["heads"], prefix=prefix, base=base)
         rows.update(labels)
         if c["heads"] == "drop":

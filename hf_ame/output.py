@@ -196,11 +196,24 @@ def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[s
     return copied
 
 
+def write_chat_template(folder: Path, template: str) -> List[str]:
+    """``chat_template.jinja`` (as transformers 5 saves it), replacing any template in
+    tokenizer_config.json or chat_template.json so there is one."""
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.pop("chat_template", None) is not None:
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (folder / "chat_template.jinja").write_text(template)
+    return ["chat_template.jinja"]
+
+
 def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype,
                   extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
                   config_changes: Optional[Mapping[str, object]] = None,
                   tokenizer_from: Union[str, Path, None] = None, tokenizer: Any = None,
-                  config_drop: Iterable[str] = ()) -> List[str]:
+                  config_drop: Iterable[str] = (), chat_template: Optional[str] = None) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
     generation files (``files_from``), config.json's dtype, then ``extra_files``. The tokenizer
     files come from ``tokenizer_from`` (a folder) or ``tokenizer`` (a transformers tokenizer,
@@ -213,6 +226,8 @@ def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype
             (folder / name).unlink(missing_ok=True)
         saved = {Path(f).name for f in tokenizer.save_pretrained(str(folder))}
         aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | saved)
+    if chat_template is not None:
+        aux = sorted(set(aux) | set(write_chat_template(folder, chat_template)))
     update_config(folder, dtype, config_changes, config_drop)
     write_files(folder, extra_files or {})
     return aux + list(extra_files or {})

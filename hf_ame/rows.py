@@ -55,6 +55,7 @@ class RowAlignment:
     config_changes: Dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     tokenizer_dir: Optional[str] = None
+    chat_template: Optional[str] = None  # written as chat_template.jinja
     notes: List[str] = field(default_factory=list)
 
     def map_for(self, tensor: str) -> Optional[RowMap]:
@@ -68,6 +69,7 @@ class RowAlignment:
         self.config_changes.update(other.config_changes)
         self.tokenizer = other.tokenizer if other.tokenizer is not None else self.tokenizer
         self.tokenizer_dir = other.tokenizer_dir or self.tokenizer_dir
+        self.chat_template = other.chat_template or self.chat_template
         self.notes.extend(other.notes)
 
 

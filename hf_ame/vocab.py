@@ -16,7 +16,8 @@ from .architecture import embedding_tensors
 from .errors import IncompatibleCheckpointsError
 from .rows import RowAlignment, match_rows
 
-__all__ = ["TOKENIZER_SOURCES", "read_tokenizer", "union_tokenizer", "align_vocab", "resolve_tokenizer_source"]
+__all__ = ["TOKENIZER_SOURCES", "read_tokenizer", "union_tokenizer", "align_vocab", "resolve_tokenizer_source",
+           "resolve_chat_template"]
 
 TOKENIZER_SOURCES = ("first", "base", "union")  # or an ingredient's id or index
 
@@ -146,3 +147,34 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
         if lost:
             out.notes.append(f"{lost} token(s) of {n!r} are not in the output vocabulary: their rows are left out")
     return out
+
+
+def resolve_chat_template(value: str, folders: Sequence[Union[str, Path]], names: Sequence[str],
+                          trust_remote_code: bool = False) -> Tuple[str, str]:
+    """mergekit's ``chat_template``: ``"auto"`` (the template most of the models have), the name of
+    one of mergekit's bundled templates (chatml, llama3, ...: read from an installed mergekit), or the
+    Jinja text itself. Returns (template, a note for the card)."""
+    if value == "auto":
+        found = []
+        for folder, name in zip(folders, names):
+            template = getattr(read_tokenizer(folder, name, trust_remote_code), "chat_template", None)
+            template = template.get("default") if isinstance(template, dict) else template
+            if template:
+                found.append(template.strip())
+        if not found:
+            raise IncompatibleCheckpointsError("chat_template: 'auto' found no chat template in any model's tokenizer")
+        best = max(set(found), key=found.count)
+        return best, f"chat template: the one {found.count(best)} of {len(names)} models have (auto)"
+    if "{" in value and len(value) >= 20:
+        return value, "chat template: given in the merge's configuration"
+    try:
+        from importlib.resources import files
+
+        bundled = files("mergekit._data.chat_templates").joinpath(value + ".jinja")
+        if bundled.is_file():
+            return bundled.read_text(), f"chat template: mergekit's {value!r}"
+    except (ImportError, ModuleNotFoundError):
+        pass
+    raise IncompatibleCheckpointsError(
+        f"chat_template: {value!r} is neither 'auto', a Jinja template, nor a template bundled with an installed "
+        "mergekit (chatml, llama3, alpaca, mistral, exaone)")

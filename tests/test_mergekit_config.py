@@ -134,7 +134,6 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
         ({**good, "slices": []}, "slices: give either models or slices"),
         ({**good, "tokenizer": {"tokens": {"<x>": {"source": "zero"}}}}, r"tokenizer.tokens: not supported yet"),
         ({**good, "tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source or tokenizer.source"),
-        ({**good, "chat_template": "chatml"}, "chat_template: mergekit's chat templates"),
         ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
         ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: not a parameter of 'ties'"),

@@ -170,3 +170,36 @@ def test_hub_vocabularies_are_read_before_any_weight_download(fam, tmp_path, onl
     AMEMerger.from_pretrained(fam, tokenizer_source=fam[2]).merge(AMEConfig.soup(), output_dir=tmp_path / "loc", progress=False)
     a, b = read_state(tmp_path / "hub"), read_state(tmp_path / "loc")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+T1 = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+T2 = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_templates(tmp_path):
+    """chat_template: "auto" takes the one most models have; Jinja text as given; mergekit's bundled
+    names; anything else refused before any weight is read."""
+    paths = make_family("llama", tmp_path / "chat", 3, seed=5)
+    for p, t in zip(paths, (T1, T1, T2)):
+        save_word_tokenizer(p, 128)
+        tok = AutoTokenizer.from_pretrained(p)
+        tok.chat_template = t
+        tok.save_pretrained(p)
+    paths = [str(p) for p in paths]
+    AMEMerger.from_pretrained(paths, chat_template="auto").merge(AMEConfig.soup(), output_dir=tmp_path / "a", progress=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tok.chat_template == T1.strip()
+    assert tok.apply_chat_template([{"role": "user", "content": "w3"}], tokenize=False) == "<|user|>w3\n"
+    assert "chat template: the one 2 of 3 models have (auto)" in (tmp_path / "a" / "README.md").read_text()
+    AMEMerger.from_pretrained(paths[:2], chat_template=T2).merge(AMEConfig.soup(), output_dir=tmp_path / "b", progress=False)
+    assert AutoTokenizer.from_pretrained(tmp_path / "b").chat_template == T2
+    AMEMerger.from_pretrained(paths[:2], chat_template="chatml").merge(AMEConfig.soup(), output_dir=tmp_path / "c",
+                                                                       progress=False)
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(tmp_path / "c").chat_template
+    with pytest.raises(IncompatibleCheckpointsError, match="chat_template: 'nope' is neither 'auto'"):
+        AMEMerger.from_pretrained(paths, chat_template="nope")
+    mk = tmp_path / "mk.yml"
+    mk.write_text(yaml.safe_dump({"merge_method": "linear", "chat_template": "auto", "dtype": "float32",
+                                  "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}))
+    assert main(["merge", str(mk), "--out", str(tmp_path / "mk"), "--no-progress"]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "mk").chat_template == T1.strip()
