@@ -53,8 +53,9 @@ class AdapterCheckpoint(Checkpoint):
         self.path = Path(path)
         self.name = name or str(path)
         self.lora = _read_lora_config(self.path, self.name)
-        self.base = Checkpoint(base or _resolve_base(self.lora.base_model_name_or_path, self.name),
-                               name=f"{self.lora.base_model_name_or_path} (base of {self.name})")
+        where = base if base is not None and Path(base).is_dir() else _resolve_base(
+            str(base) if base is not None else self.lora.base_model_name_or_path, self.name)
+        self.base = Checkpoint(where, name=f"{base or self.lora.base_model_name_or_path} (base of {self.name})")
         self.files_path = self.base.files_path
         self.config = self.base.config
         self.format, self.weight_file = "adapter", ADAPTER_WEIGHTS

@@ -36,19 +36,29 @@ class Ingredient:
     score: Optional[float] = None
     kept: bool = True
     dtype: Optional[str] = None  # the floating dtype most of its weights are stored in
+    adapter_base: Optional[str] = None  # a LoRA adapter's base (mergekit's "model+lora"), a folder or Hub id
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"id": self.id, "revision": self.revision, "sha": self.sha, "path": str(self.path) if self.path else None,
-                "local": self.local, "order": self.order, "score": self.score, "kept": self.kept, "dtype": self.dtype}
+        out = {"id": self.id, "revision": self.revision, "sha": self.sha, "path": str(self.path) if self.path else None,
+               "local": self.local, "order": self.order, "score": self.score, "kept": self.kept, "dtype": self.dtype}
+        if self.adapter_base:
+            out["base"] = self.adapter_base
+        return out
 
 
 def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_revision: Optional[str] = None,
                      where: str = "models") -> Ingredient:
-    """``"org/name"``, ``"./folder"``, or ``{"id": ..., "revision": ...}`` (``path`` / ``repo_id`` also accepted)."""
+    """``"org/name"``, ``"./folder"``, or ``{"id": ..., "revision": ...}`` (``path`` / ``repo_id`` also
+    accepted; ``base``: the base model of a LoRA adapter, mergekit's ``model+lora``)."""
     if isinstance(entry, Mapping):
-        unknown = set(entry) - {"id", "path", "repo_id", "revision"}
+        unknown = set(entry) - {"id", "path", "repo_id", "revision", "base"}
         if unknown:
             raise IngredientError(f"{where}: unknown key {sorted(unknown)[0]!r} in {dict(entry)!r}; use id and revision")
+        ing = parse_ingredient({k: v for k, v in entry.items() if k != "base"}, default_revision, where) \
+            if entry.get("base") is not None else None
+        if ing is not None:
+            ing.adapter_base = str(entry["base"])
+            return ing
         ident = entry.get("id") or entry.get("repo_id") or entry.get("path")
         if not ident:
             raise IngredientError(f"{where}: entry {dict(entry)!r} has no id")

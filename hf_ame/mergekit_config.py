@@ -47,9 +47,12 @@ def _reference(value: Any, where: str) -> Dict[str, Any]:
     """mergekit's model reference: ``org/name``, ``org/name@revision`` or a folder."""
     if not isinstance(value, str) or not value.strip():
         raise _fail(where, f"expected a model (Hub id or folder), got {value!r}")
-    if "+" in value:
-        raise _fail(where, f"{value!r}: LoRA references (model+lora) are not supported yet; give the adapter folder "
-                           "itself as a model (hf_ame reads adapter folders over their base)")
+    if "+" in value:  # model+lora: the LoRA adapter read over that model
+        model, _, lora = value.partition("+")
+        if not model or not lora or "+" in lora:
+            raise _fail(where, f"{value!r}: expected model+lora")
+        ident, _, rev = lora.partition("@")
+        return {"id": ident, "revision": rev or None, "base": model.partition("@")[0]}
     ident, _, rev = value.partition("@")
     return {"id": ident, "revision": rev or None}
 

@@ -154,9 +154,9 @@ class MergeResult:
         by_id = {i.id: i for i in self.ingredients}
 
         def pin(i: Ingredient) -> Dict[str, Any]:
-            if i.local:
-                return {"id": str(Path(i.path).resolve()), "revision": None}
-            return {"id": i.id, "revision": i.sha or i.revision}
+            out = ({"id": str(Path(i.path).resolve()), "revision": None} if i.local else
+                   {"id": i.id, "revision": i.sha or i.revision})
+            return {**out, "base": i.adapter_base} if i.adapter_base else out
 
         ordering = None
         o = self.ordering or {}
@@ -317,7 +317,7 @@ class AMEMerger:
         """Resolve, check and fetch the ingredients (transformers' argument names and meanings).
 
         Args:
-            models: Hub repo ids, local folders, or ``{"id": ..., "revision": ...}`` mappings (>= 2).
+            models: Hub ids, folders, or ``{"id", "revision", "base"}`` mappings (``base``: a LoRA adapter's).
             revision: default revision for Hub entries (branch, tag or commit); default "main".
             token, cache_dir, local_files_only: as in ``huggingface_hub.snapshot_download``.
             device_map: "auto" (Accelerate over an empty-weight skeleton), "cpu", "cuda:0", or a
@@ -329,25 +329,18 @@ class AMEMerger:
             endpoint: a Hub endpoint other than the default (``HF_ENDPOINT``).
             min_models: the fewest ingredients accepted; default 2, or 1 with a ``base_model``
                 (slerp); a layer-stacking recipe may take layers of a single model.
-            tokenizer_source: for ingredients whose vocabularies differ (added tokens): the output's
-                vocabulary, ``"first"``, ``"base"``, ``"union"`` (the first tokenizer plus every
-                added token of the others, in order) or an ingredient's id or index. Embedding and
-                lm_head rows are matched by token string; each row is merged from the ingredients
-                that have its token. Default None: vocabularies must agree (row counts that differ
-                are refused, naming this argument).
-            pad_to_multiple_of: round the output's embedding rows up to a multiple of this
-                (mergekit's ``tokenizer.pad_to_multiple_of``); new rows take the mean embedding.
-            heads: classifiers trained on different label sets (``id2label``): ``"union"`` (every
-                label, each head row merged from the ingredients that have it), an ingredient's id
-                or index (its head and labels as they are), ``"drop"`` (the merged body saved
-                headless). Default None: label sets must be equal; the same labels in another
-                order are always aligned to the first ingredient's order (head rows by label name).
-            config_source: when config fields that change the computation differ (``rope_theta``,
-                ``max_position_embeddings``, ...): the output's, ``"first"``, ``"base"`` or an
-                ingredient's id or index. Default None: such differences are refused, listed.
-            chat_template: the output's chat template, as mergekit's ``chat_template``: ``"auto"``
-                (the one most models have), the Jinja text, or a template bundled with an installed
-                mergekit (``"chatml"``, ...). Default None: the reference's tokenizer files as they are.
+            tokenizer_source: vocabularies that differ (added tokens): the output's, ``"first"``,
+                ``"base"``, ``"union"`` (the first tokenizer plus the others' added tokens) or an
+                ingredient's id or index; embedding rows are matched by token and each merged from
+                the models that have it. Default None: differing row counts are refused.
+            pad_to_multiple_of: round the output's embedding rows up to a multiple of this.
+            heads: label sets that differ (``id2label``): ``"union"``, ``"base"``, ``"drop"`` (the
+                body saved headless) or an ingredient (its head as it is). Default None: equal label
+                sets only; the same labels in another order are always aligned by name.
+            config_source: config fields that change the computation differ (``rope_theta``, ...):
+                take ``"first"``'s, ``"base"``'s or an ingredient's. Default None: refused, listed.
+            chat_template: ``"auto"`` (the one most models have), Jinja text, or a template bundled
+                with mergekit (``"chatml"``, ...). Default None: the reference's tokenizer files.
 
         Compatibility (architecture, tensor names, shapes, dtypes, labels, config fields,
         vocabularies) is checked from config.json, tokenizer files and the safetensors headers
@@ -878,10 +871,12 @@ def _read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Unio
 
 
 def open_ingredient(ing: Ingredient, adapter_base: Optional[Path] = None) -> Checkpoint:
-    """The ingredient's checkpoint; a LoRA adapter over ``adapter_base`` when one is given
-    (``from_pretrained(base_model=...)``), else over its own ``base_model_name_or_path``."""
-    if adapter_base is not None and is_adapter(ing.path):
-        return Checkpoint(ing.path, name=ing.id, base=adapter_base)
+    """The ingredient's checkpoint; a LoRA adapter over its own ``base`` entry (mergekit's
+    ``model+lora``), else over ``adapter_base`` (``from_pretrained(base_model=...)``), else over its
+    ``base_model_name_or_path``."""
+    base = ing.adapter_base if ing.adapter_base is not None else adapter_base
+    if base is not None and is_adapter(ing.path):
+        return Checkpoint(ing.path, name=ing.id, base=base)
     return Checkpoint(ing.path, name=ing.id)
 
 

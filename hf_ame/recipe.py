@@ -186,7 +186,7 @@ class Recipe:
     def _model(entry: Any, where: str, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
         if isinstance(entry, str):
             entry = {"id": entry}
-        m = _mapping(entry, where, {"id", "revision", "path"})
+        m = _mapping(entry, where, {"id", "revision", "path", "base"})
         ident = m.get("id") or m.get("path")
         _expect(isinstance(ident, str) and ident.strip() != "", f"{where}.id", "a Hub repo id or a folder", ident)
         rev = m.get("revision")
@@ -194,6 +194,12 @@ class Recipe:
         ident = os.path.expanduser(os.path.expandvars(ident))
         if base_dir is not None and ident.startswith((".", "..")) and not os.path.isabs(ident):
             ident = str((Path(base_dir) / ident).resolve())
+        if m.get("base") is not None:  # a LoRA adapter over this base (mergekit's model+lora)
+            base = m["base"]
+            _expect(isinstance(base, str) and base.strip() != "", f"{where}.base", "a Hub repo id or a folder", base)
+            if base_dir is not None and base.startswith((".", "..")) and not os.path.isabs(base):
+                base = str((Path(base_dir) / base).resolve())
+            return {"id": ident, "revision": rev, "base": base}
         return {"id": ident, "revision": rev}
 
     @staticmethod

@@ -120,3 +120,29 @@ def test_base_model_overrides_the_adapters_base_and_hub_adapter_repos(bert, tmp_
                                                                              progress=False)
     hub_state = read_state(tmp_path / "h")
     assert all(torch.equal(hub_state[k], got[k]) for k in got)
+
+
+def test_mergekit_model_plus_lora_reference(bert, tmp_path):
+    """mergekit's "model+lora": the adapter read over that model (whatever its config names), as in
+    a recipe entry {id: adapter, base: model}; the recipe written keeps the pair."""
+    import json
+
+    import yaml
+
+    from hf_ame.cli import main
+
+    adapter, expanded = make_adapter(bert[0], tmp_path / "ad")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/never-downloaded"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    mk = tmp_path / "mk.yml"
+    mk.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{bert[0]}+{adapter}", "parameters": {"weight": 1.0}},
+        {"model": bert[1], "parameters": {"weight": 1.0}}]}))
+    assert main(["merge", str(mk), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    got, other = read_state(tmp_path / "o"), read_state(bert[1])
+    for k, v in got.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (expanded[k] + other[k]) / 2, atol=1e-6, rtol=1e-5)
+    recipe = yaml.safe_load((tmp_path / "o" / "ame_recipe.yaml").read_text())
+    assert recipe["models"][0]["base"] == bert[0]

@@ -133,6 +133,10 @@ def test_headless_base_is_aligned_by_prefix(berts, tmp_path):
 
 def test_config_differences_are_refused_or_chosen(tmp_path):
     paths = [str(p) for p in make_family("llama", tmp_path / "rope", 2, seed=2)]
+    harmless = json.loads((Path(paths[0]) / "config.json").read_text())
+    harmless.update(use_cache=False, _name_or_path="someone/else", transformers_version="4.0.0")
+    (Path(paths[0]) / "config.json").write_text(json.dumps(harmless))
+    AMEMerger.from_pretrained(paths)  # fields that say nothing about the computation pass
     cfg = json.loads((Path(paths[1]) / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
     cfg["max_position_embeddings"] = 8192
