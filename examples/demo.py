@@ -25,7 +25,7 @@ from hf_ame import AMEConfig, AMEMerger
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-__all__ = ["class_exclusion", "compare_merges", "default_sweep", "main"]
+__all__ = ["class_exclusion", "compare_merges", "default_ame", "default_space", "main"]
 
 
 def default_ame() -> AMEConfig:

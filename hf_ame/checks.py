@@ -1,9 +1,7 @@
 """Compatibility checks on configs and tensor headers only: they run before any weight is read."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Collection, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -12,7 +10,7 @@ from .config import COMPUTE_DTYPES
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 
 __all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "align_tied_copies", "HeaderLike",
-           "storage_dtype", "model_dtype", "tokenizer_vocab", "check_same_vocab"]
+           "storage_dtype", "model_dtype", "resolve_model_choice"]
 
 
 class HeaderLike(Protocol):
@@ -99,6 +97,31 @@ def _rows_hint(name: str, a: Sequence[int], b: Sequence[int], ca: HeaderLike, cb
     return ""
 
 
+def resolve_model_choice(field: str, value: Union[str, int], names: Sequence[str], *, has_base: bool, expected: str,
+                         keywords: Sequence[str] = ()) -> Union[str, int]:
+    """A choice of one model (``tokenizer_source``, ``config_source``, ``heads``): one of ``keywords``
+    as it is; "first": 0; "base": the base's index (the last of ``names``; needs a base); an
+    ingredient's index, or a model's id (the base's too): its index. Anything else is refused, saying
+    ``expected``."""
+    n = len(names) - (1 if has_base else 0)
+    if value in keywords:
+        return value
+    if value == "first":
+        return 0
+    if value == "base":
+        if not has_base:
+            raise IncompatibleCheckpointsError(f"{field}: 'base' needs a base_model")
+        return len(names) - 1
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < n:
+            raise IncompatibleCheckpointsError(f"{field}: ingredient index {value} is out of range for {n} ingredients")
+        return value
+    if isinstance(value, str) and value in names:  # an ingredient's id, or the base's
+        return list(names).index(value)
+    raise IncompatibleCheckpointsError(f"{field}: expected {expected}, an ingredient's id or index; got {value!r} "
+                                       f"(ingredients: {', '.join(names[:n])})")
+
+
 def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:
     """The floating dtype holding most of a checkpoint's parameters ("bfloat16", ...), or None."""
     counts: dict = {}
@@ -106,42 +129,6 @@ def storage_dtype(tensors: Mapping[str, TensorInfo]) -> Optional[str]:
         if info.is_floating:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return str(max(counts, key=counts.get)).replace("torch.", "") if counts else None
-
-
-def tokenizer_vocab(folder: Union[str, Path]) -> Optional[Dict[str, int]]:
-    """token -> id of the tokenizer files in ``folder`` (tokenizer.json's model vocabulary and added
-    tokens, else vocab.json / vocab.txt); None when there is none to read."""
-    folder = Path(folder)
-    try:
-        if (folder / "tokenizer.json").is_file():
-            data = json.loads((folder / "tokenizer.json").read_text())
-            vocab = (data.get("model") or {}).get("vocab")
-            out = ({t: i for i, (t, _) in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab or {}))
-            out.update({a["content"]: a["id"] for a in data.get("added_tokens") or []})
-            return out
-        if (folder / "vocab.json").is_file():
-            return dict(json.loads((folder / "vocab.json").read_text()))
-        if (folder / "vocab.txt").is_file():
-            return {t: i for i, t in enumerate((folder / "vocab.txt").read_text().splitlines())}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return None
-
-
-def check_same_vocab(source: Union[str, Path], source_name: str, others: Sequence[Tuple[str, Union[str, Path]]]) -> None:
-    """Refuse a tokenizer source whose vocabulary an ingredient does not share: its embedding rows
-    would mean other tokens (remapping rows is not supported yet)."""
-    want = tokenizer_vocab(source)
-    if want is None:
-        raise IncompatibleCheckpointsError(f"tokenizer_source: {source_name!r} has no tokenizer files to copy")
-    for name, folder in others:
-        got = tokenizer_vocab(folder)
-        if got != want:
-            diff = "has no tokenizer files" if got is None else (
-                f"maps {len(set(got.items()) ^ set(want.items()))} token/id pairs differently")
-            raise IncompatibleCheckpointsError(
-                f"tokenizer_source: {name!r} {diff} than {source_name!r}; its embedding rows would mean other "
-                "tokens (remapping rows, mergekit's union, is not supported yet)")
 
 
 def model_dtype(ckpt: HeaderLike) -> torch.dtype:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
+from .checks import resolve_model_choice
 from .errors import IncompatibleCheckpointsError
 
 __all__ = ["HARMLESS_FIELDS", "config_differences", "choose_config"]
@@ -62,22 +63,6 @@ def config_differences(headers: Sequence[Any], *, skip_vocab: bool = False) -> D
     return out
 
 
-def _choice(source: Union[str, int], names: Sequence[str], has_base: bool) -> int:
-    n = len(names) - (1 if has_base else 0)
-    if source == "first":
-        return 0
-    if source == "base":
-        if not has_base:
-            raise IncompatibleCheckpointsError("config_source: 'base' needs a base_model")
-        return len(names) - 1
-    if isinstance(source, int) and not isinstance(source, bool) and 0 <= source < n:
-        return source
-    if isinstance(source, str) and source in names:
-        return list(names).index(source)
-    raise IncompatibleCheckpointsError(f"config_source: expected 'first', 'base', an ingredient's id or index; got "
-                                       f"{source!r} (ingredients: {', '.join(names[:n])})")
-
-
 def choose_config(headers: Sequence[Any], source: Union[str, int, None], *, has_base: bool,
                   skip_vocab: bool = False) -> Tuple[Dict[str, Any], List[str]]:
     """The config fields the output takes (from ``config_source``) and notes for the card; with no
@@ -91,7 +76,7 @@ def choose_config(headers: Sequence[Any], source: Union[str, int, None], *, has_
         raise IncompatibleCheckpointsError(
             f"the models' configs differ in what the weights compute ({listing}); pick the output's with "
             "config_source='first', 'base' or an ingredient's id")
-    k = _choice(source, names, has_base)
+    k = resolve_model_choice("config_source", source, names, has_base=has_base, expected="'first', 'base'")
     changes: Dict[str, Any] = {}
     for key in diff:  # a field of a nested config: the chosen one's whole sub-config
         top = key.split(".")[0]

@@ -141,27 +141,16 @@ class IngredientRow:
         self._next = self._last = None
 
 
-class GatheredRows:
+class GatheredRows(IngredientRow):
     """Some rows of one tensor from each of a few checkpoints (a :class:`~hf_ame.rows.RowGroup`),
     read when indexed, one checkpoint at a time (the last one kept for the next step)."""
 
     def __init__(self, ckpts: Sequence[Checkpoint], name: str, rows: Sequence[torch.Tensor], device: torch.device):
-        self.ckpts, self.name, self.rows, self.device = list(ckpts), name, list(rows), device
-        self._last: Optional[tuple] = None
+        super().__init__(ckpts, name, device)
+        self.rows = list(rows)
 
-    def __len__(self) -> int:
-        return len(self.ckpts)
-
-    @property
-    def element_sizes(self) -> List[int]:
-        return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        if self._last is None or self._last[0] != j:
-            whole = self.ckpts[j].get_tensor(self.name)
-            self._last = (j, whole.index_select(0, self.rows[j]).to(self.device))
-            del whole
-        return self._last[1]
+    def _read(self, j: int) -> torch.Tensor:
+        return self.ckpts[j].get_tensor(self.name).index_select(0, self.rows[j]).to(self.device)
 
 
 class Ranks:

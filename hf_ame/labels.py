@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from .checks import resolve_model_choice
 from .errors import IncompatibleCheckpointsError
 from .rows import RowAlignment, match_rows
 
@@ -44,15 +45,10 @@ def head_tensors(names: Sequence[str], prefix: str) -> List[str]:
 
 
 def _choice(heads: Union[str, int, None], names: Sequence[str]) -> Union[str, int, None]:
-    if heads is None or heads in HEAD_CHOICES:
-        return heads
-    if isinstance(heads, int) and not isinstance(heads, bool) and 0 <= heads < len(names):
-        return heads
-    if isinstance(heads, str) and heads in names:
-        return list(names).index(heads)
-    raise IncompatibleCheckpointsError(
-        f"heads: expected None, 'union', 'base', 'drop', an ingredient's id or index; got {heads!r} "
-        f"(ingredients: {', '.join(names)})")
+    if heads is None:
+        return None
+    return resolve_model_choice("heads", heads, names, has_base=False, keywords=HEAD_CHOICES,
+                                expected="None, 'union', 'base', 'drop'")
 
 
 def _refusal(names: Sequence[str], labels: Sequence[Sequence[str]]) -> IncompatibleCheckpointsError:

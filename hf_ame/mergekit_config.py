@@ -13,7 +13,7 @@ options, other methods, LoRA ``+`` references) is refused by name before anythin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 import yaml
 

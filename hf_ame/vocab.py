@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .architecture import embedding_tensors
+from .checks import resolve_model_choice
 from .errors import IncompatibleCheckpointsError
 from .rows import RowAlignment, match_rows
 
@@ -24,24 +25,8 @@ TOKENIZER_SOURCES = ("first", "base", "union")  # or an ingredient's id or index
 
 def resolve_tokenizer_source(source: Union[str, int], names: Sequence[str], has_base: bool) -> Union[str, int]:
     """"union", or the index (in ``names``, the base last) of the source whose vocabulary the output takes."""
-    if source == "union":
-        return "union"
-    if source == "first":
-        return 0
-    if source == "base":
-        if not has_base:
-            raise IncompatibleCheckpointsError("tokenizer_source: 'base' needs a base_model")
-        return len(names) - 1
-    n = len(names) - (1 if has_base else 0)
-    if isinstance(source, int) and not isinstance(source, bool):
-        if not 0 <= source < n:
-            raise IncompatibleCheckpointsError(f"tokenizer_source: ingredient index {source} is out of range for {n} ingredients")
-        return source
-    if isinstance(source, str) and source in names:
-        return list(names).index(source)
-    raise IncompatibleCheckpointsError(
-        f"tokenizer_source: expected one of {', '.join(TOKENIZER_SOURCES)}, an ingredient's id or index; got {source!r} "
-        f"(ingredients: {', '.join(names[:n])})")
+    return resolve_model_choice("tokenizer_source", source, names, has_base=has_base, keywords=("union",),
+                                expected=f"one of {', '.join(TOKENIZER_SOURCES)}")
 
 
 def read_tokenizer(folder: Union[str, Path], name: str, trust_remote_code: bool = False):
