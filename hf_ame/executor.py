@@ -240,13 +240,15 @@ class _Runner:
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps, p.pivot,
                                out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
-    def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype) -> torch.Tensor:
-        """One group of rows, merged over the ingredients that hold them (and the base, if it does)."""
+    def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype,
+                    base_whole: Optional[torch.Tensor]) -> torch.Tensor:
+        """One group of rows, merged over the ingredients that hold them (and the base, if it does;
+        ``base_whole``: the base's copy of the tensor, read once for all groups)."""
         p, dev = self.plan, torch.device(tp.device)
         copies = GatheredRows([self.ckpts[j] for j in g.members], tp.name, g.rows, dev)
         base_x = None
-        if g.base_rows is not None and self.base is not None:
-            base_x = self.base.get_tensor(tp.name).index_select(0, g.base_rows).to(dev)
+        if g.base_rows is not None and base_whole is not None:
+            base_x = base_whole.index_select(0, g.base_rows).to(dev)
         if not g.members:  # rows only the base has (heads="base")
             return base_x.to(out_dtype)
         if len(g.members) == 1 and base_x is None:  # rows only one ingredient has: its own (mergekit's donor rule)
@@ -271,9 +273,10 @@ class _Runner:
         groups = row_groups(p.rows.map_for(tp.name), [c.name for c in self.ckpts], base)
         out = torch.empty(tp.shape, dtype=getattr(torch, tp.dtype), device=dev)
         filled = [g.out for g in groups if g.members or g.base_rows is not None]
+        base_whole = self.base.get_tensor(tp.name) if any(g.base_rows is not None for g in groups) else None
         for g in groups:
             if g.members or g.base_rows is not None:
-                out[g.out.to(dev)] = self.merge_group(tp, g, out.dtype)
+                out[g.out.to(dev)] = self.merge_group(tp, g, out.dtype, base_whole)
         for g in groups:
             if not g.members and g.base_rows is None:
                 out[g.out.to(dev)] = out[torch.cat(filled).to(dev)].float().mean(0).to(out.dtype)

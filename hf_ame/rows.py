@@ -109,8 +109,8 @@ def row_groups(row_map: RowMap, names: Sequence[str], base: Optional[str] = None
     them (and whether ``base`` does), largest group first."""
     idx = torch.tensor([row_map.sources.get(n, [-1] * row_map.rows) for n in names], dtype=torch.long).reshape(len(names), -1)
     pattern = idx >= 0
-    if base is not None:
-        b = torch.tensor(row_map.sources.get(base, [-1] * row_map.rows), dtype=torch.long)
+    b = torch.tensor(row_map.sources.get(base, [-1] * row_map.rows), dtype=torch.long) if base is not None else None
+    if b is not None:
         pattern = torch.cat([pattern, (b >= 0)[None]], 0)
     kinds, inverse = torch.unique(pattern.T, dim=0, return_inverse=True)
     groups = []
@@ -118,8 +118,7 @@ def row_groups(row_map: RowMap, names: Sequence[str], base: Optional[str] = None
         out = torch.nonzero(inverse == g).flatten()
         members = tuple(int(j) for j in torch.nonzero(kinds[g][: len(names)]).flatten())
         has_base = base is not None and bool(kinds[g][-1])
-        groups.append(RowGroup(out, members, [idx[j, out] for j in members],
-                               torch.tensor(row_map.sources[base], dtype=torch.long)[out] if has_base else None))
+        groups.append(RowGroup(out, members, [idx[j, out] for j in members], b[out] if has_base else None))
     return sorted(groups, key=lambda g: (-len(g.members), -g.out.numel()))
 
 
