@@ -11,6 +11,8 @@ registries, the lower-level folder-to-folder :func:`merge_checkpoints` / :func:`
 """
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
 from . import quantization  # noqa: F401 - registers FP8 checkpoints (dequantized as read) as a checkpoint kind
+from . import selection_methods  # noqa: F401 - registers sce, ram, ramplus_tl, nearswap, arcee_fusion
+from . import sphere_methods  # noqa: F401 - registers nuslerp, multislerp, karcher
 from .algorithm import ame_merge, ame_merge_many, soup
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig

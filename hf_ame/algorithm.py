@@ -207,8 +207,9 @@ class AMEStepper:
     """
 
     def __init__(self, init: Sequence[torch.Tensor], config: AMEConfig, keys: Sequence[str] = (),
-                 positions: Sequence[float] = ()):
+                 positions: Sequence[float] = (), has_base: bool = False):
         self.config = config
+        self.has_base = has_base  # the pivot is a base checkpoint (methods with an optional base use it)
         # a merge method builds each step's pseudogradient (keys name the tensors: seeds of random drops)
         self.method = get_method(config.method) if config.method is not None else None
         self.method_params = config.method_arguments()
@@ -253,7 +254,7 @@ class AMEStepper:
             return copies[step.batch[i]].to(device=p.device, dtype=p.dtype, copy=True)
 
         ctx = MethodContext(p, get, step.batch, self.method_params, int(self.config.seed), self.keys[k], step.t,
-                            self.positions[k])
+                            self.positions[k], has_base=self.has_base)
         return self.method.fn(ctx)
 
     def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
@@ -394,7 +395,7 @@ def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     if exact_soup:
         return soup(ingredients, dtype, device)
     stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key],
-                         [position])
+                         [position], has_base=pivot[0] == "base")
     stepper.run(steps, [ingredients])
     return stepper.release()[0]
 
@@ -436,7 +437,7 @@ def ame_merge_many(
     dtype = config.torch_compute_dtype
     init = [initial_merge(xs, pivot, base=None if bases is None else bases[k], dtype=dtype, device=device)
             for k, xs in enumerate(ingredients)]
-    stepper = AMEStepper(init, config)
+    stepper = AMEStepper(init, config, has_base=pivot[0] == "base")
     stepper.run(plan_steps(n, config), ingredients)
     return stepper.release()
 

@@ -210,6 +210,10 @@ class AMEConfig:
             if not isinstance(self.method_kwargs, Mapping):
                 raise bad("method_kwargs", "a mapping", self.method_kwargs)
             method_parameters(self.method, self.method_kwargs, p)  # the name and every parameter
+            lo, hi = get_method(self.method).models
+            if lo > 1 and hi is not None and self.batch_size is not None and not lo <= self.batch_size <= hi:
+                raise bad("batch_size", f"None (every ingredient in each step): {self.method!r} merges "
+                          f"{lo if lo == hi else f'{lo} to {hi}'} models in each step", self.batch_size)
         elif self.method_kwargs:
             raise bad("method_kwargs", "nothing without a method", self.method_kwargs)
         parse_dtype(self.compute_dtype, f"{p}compute_dtype")

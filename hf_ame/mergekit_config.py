@@ -8,8 +8,9 @@ Recognised by their keys (``merge_method``, ``models``); translated field by fie
 be scalars, gradients (lists interpolated over the layers) or ``filter`` lists matched on tensor
 names, resolved per tensor exactly as mergekit's ``evaluate_setting``. An optional ``ame:`` section
 (``optimizer``, ``lr``, ``epochs``, ``batch_size``, ...) runs the same method through AME instead of
-mergekit's one-shot merge. What hf_ame does not support yet (``slices``, ``modules``, tokenizer
-options, other methods, LoRA ``+`` references) is refused by name before anything is read.
+mergekit's one-shot merge. ``slices``: ``passthrough`` stacks layer ranges; any other method merges
+each slice's sources (:mod:`hf_ame.slice_merge`). What hf_ame does not support yet (``modules``,
+per-token embedding sources) is refused by name before anything is read.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ _NOT_YET = {
     "modules": "per-module merges",
 }
 _TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
+# methods whose mergekit contract ignores the base role: base_model is merged as one more input
+_BASE_IS_INPUT = {"karcher", "linear"}
+_SLICE_KEYS = {"sources", "parameters", "base_model"}
 _AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "adaptive_pivot",
              "amplification", "optimizer_kwargs", "compute_dtype"}
 
@@ -85,82 +89,122 @@ def _with_fallback(model: Any, shared: Any) -> Any:
     return {"filters": list(model["filters"]) + [{"filter": None, "value": shared}]}
 
 
-def _slices_as_models(data: Mapping[str, Any], method: str) -> Dict[str, Any]:
-    """``slices``: passthrough stacks them (one source per slice); any other method with ONE slice
-    taking the same layer range from every source (mergekit's gradient-slerp example) is the
-    ``models`` form, checked against each model's layer count when the merge runs."""
+def _parse_slices(data: Mapping[str, Any], method: str) -> List[Dict[str, Any]]:
+    """``slices``: a list of {sources: [{model, layer_range, parameters}], parameters, base_model}."""
     slices = data["slices"]
     if not isinstance(slices, list) or not slices:
         raise _fail("slices", "expected a non-empty list of {sources: [...]}")
-    parsed = []
     for i, sl in enumerate(slices):
-        if not isinstance(sl, Mapping) or set(sl) - {"sources"} or not isinstance(sl.get("sources"), list):
-            bad = sorted(set(sl) - {"sources"}) if isinstance(sl, Mapping) else ["sources"]
-            raise _fail(f"slices[{i}]" + (f".{bad[0]}" if bad else ""), "only `sources` (model, layer_range, "
-                        "parameters) is supported in a slice yet")
+        if not isinstance(sl, Mapping) or set(sl) - _SLICE_KEYS or not isinstance(sl.get("sources"), list) \
+                or not sl["sources"]:
+            bad = sorted(set(sl) - _SLICE_KEYS) if isinstance(sl, Mapping) else []
+            raise _fail(f"slices[{i}]" + (f".{bad[0]}" if bad else ""), "a slice is {sources: [...], parameters, "
+                        "base_model}" + (f"; mergekit's {bad[0]!r} is not supported by hf_ame yet" if bad else ""))
         for j, src in enumerate(sl["sources"]):
             if not isinstance(src, Mapping) or "model" not in src or set(src) - {"model", "layer_range", "parameters"}:
                 raise _fail(f"slices[{i}].sources[{j}]", f"expected {{model, layer_range, parameters}}, got {src!r}")
             r = src.get("layer_range")
             if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 0 <= r[0] < r[1]):
                 raise _fail(f"slices[{i}].sources[{j}].layer_range", f"expected [start, end], got {r!r}")
-        parsed.append(sl["sources"])
-    out = dict(data)
-    out.pop("slices")
-    if method == "passthrough":
-        for i, sources in enumerate(parsed):
-            if len(sources) != 1:
-                raise _fail(f"slices[{i}].sources", "passthrough takes exactly one source per slice")
-        out["__slices__"] = parsed
-        return out
-    ranges = {tuple(src["layer_range"]) for src in parsed[0]}
-    if len(parsed) != 1 or len(ranges) != 1 or next(iter(ranges))[0] != 0:
-        raise _fail("slices", f"{method} over several slices or partial layer ranges is not supported yet; one slice "
-                              "taking layers [0, N] of every model (the models form) is")
-    out["models"] = [{"model": s["model"], **({"parameters": s["parameters"]} if s.get("parameters") else {})}
-                     for s in parsed[0]]
-    out["__layers__"] = next(iter(ranges))[1]
-    return out
+        if method == "passthrough" and (len(sl["sources"]) != 1 or set(sl) - {"sources"}):
+            raise _fail(f"slices[{i}].sources", "passthrough takes exactly one source per slice")
+    return slices
 
 
-def _stacking_recipe(data: Mapping[str, Any], original: str) -> Dict[str, Any]:
+def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], original: str) -> Dict[str, Any]:
     """passthrough slices as an hf_ame recipe: the models (in order of first use) and the slices by index."""
     refs: List[Dict[str, Any]] = []
-    slices = []
-    for i, sources in enumerate(data["__slices__"]):
-        ref = _reference(sources[0]["model"], f"slices[{i}].sources[0].model")
+    out = []
+    for i, sl in enumerate(slices):
+        src = sl["sources"][0]
+        ref = _reference(src["model"], f"slices[{i}].sources[0].model")
         if ref not in refs:
             refs.append(ref)
-        slices.append({"model": refs.index(ref), "layer_range": list(sources[0]["layer_range"])})
-    recipe: Dict[str, Any] = {"hf_ame": 1, "models": refs, "slices": slices, "merge": AMEConfig.soup().to_dict(),
+        out.append({"model": refs.index(ref), "layer_range": list(src["layer_range"])})
+    recipe: Dict[str, Any] = {"hf_ame": 1, "models": refs, "slices": out, "merge": AMEConfig.soup().to_dict(),
                               "provenance": {"mergekit_config": original}}
     if data.get("dtype") is not None or data.get("out_dtype") is not None:
         recipe["output"] = {"dtype": str(data.get("out_dtype") or data["dtype"])}
     return recipe
 
 
-def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
-    """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means."""
-    unknown = sorted(set(data) - _SUPPORTED_KEYS - {"__slices__", "__layers__"})
-    for key in unknown:
-        if key in _NOT_YET:
-            raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
-    if unknown:
-        raise _fail(unknown[0], f"not a mergekit config key hf_ame knows; expected one of {', '.join(sorted(_SUPPORTED_KEYS))}")
-    method = str(data["merge_method"]).lower()
-    original = yaml.safe_dump(dict(data), sort_keys=False)  # shown in the card as the user wrote it
-    if data.get("slices") is not None:
-        if data.get("models") is not None:
-            raise _fail("slices", "give either models or slices, as mergekit requires")
-        data = _slices_as_models(data, method)
-        if method == "passthrough":
-            return _stacking_recipe(data, original)
-    try:
-        entry = get_method(method)
-    except Exception:  # noqa: BLE001 - re-raised with the field and the choices
-        raise _fail("merge_method", f"{method!r} is not supported by hf_ame yet; supported: "
-                                    f"{', '.join(m.name for m in list_methods())}") from None
-    base = _reference(data["base_model"], "base_model") if data.get("base_model") is not None else None
+def _method_kwargs(entry: Any, method: str, shared: Mapping[str, Any], per_model: List[Dict[str, Any]],
+                   where: str = "parameters") -> Dict[str, Any]:
+    """The method's parameters: per-model lists where any model sets one (the shared setting below
+    each model's, then the method's default), else the shared value."""
+    kwargs: Dict[str, Any] = {}
+    for name in sorted(set(shared) | {p for pm in per_model for p in pm}):
+        if name not in entry.defaults:
+            raise _fail(f"{where}.{name}", f"not a parameter of {method!r} (hf_ame knows "
+                                           f"{', '.join(sorted(entry.defaults)) or 'none'})")
+        if any(name in pm for pm in per_model):
+            values = [_with_fallback(pm.get(name), shared.get(name)) for pm in per_model]
+            kwargs[name] = [entry.defaults[name] if v is None else v for v in values]
+        else:
+            kwargs[name] = shared[name]
+    return kwargs
+
+
+def _settings(params: Any, where: str) -> Dict[str, Any]:
+    if params is not None and not isinstance(params, Mapping):
+        raise _fail(where, f"expected a mapping of parameters, got {params!r}")
+    return {p: _setting(v, f"{where}.{p}") for p, v in (params or {}).items()}
+
+
+def _merge_slices_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], entry: Any, method: str,
+                         shared: Mapping[str, Any]) -> Dict[str, Any]:
+    """Slices merged with a method: the models in order of first use; per slice its sources by index,
+    which one is the base (mergekit's base must be among a slice's sources) and the method's parameters
+    (source > slice > global precedence)."""
+    refs: List[Dict[str, Any]] = []
+    out = []
+    for i, sl in enumerate(slices):
+        base_value = sl.get("base_model") or data.get("base_model")
+        base = _reference(base_value, f"slices[{i}].base_model") if base_value else None
+        sources, per_model, base_pos = [], [], None
+        for j, src in enumerate(sl["sources"]):
+            ref = _reference(src["model"], f"slices[{i}].sources[{j}].model")
+            if ref not in refs:
+                refs.append(ref)
+            sources.append({"model": refs.index(ref), "layer_range": list(src["layer_range"])})
+            if base is not None and ref == base and base_pos is None and method not in _BASE_IS_INPUT:
+                base_pos = j
+            else:
+                per_model.append(_settings(src.get("parameters"), f"slices[{i}].sources[{j}].parameters"))
+        if entry.needs_base and base_pos is None:
+            raise _fail(f"slices[{i}].sources", f"{method!r} needs the base model among every slice's sources, as "
+                                                "mergekit does (give base_model and list it as a source)")
+        mine = _settings(sl.get("parameters"), f"slices[{i}].parameters")
+        below = {n: _with_fallback(mine.get(n), shared.get(n)) for n in set(mine) | set(shared)}
+        kwargs = _method_kwargs(entry, method, below, per_model, f"slices[{i}].parameters")
+        out.append({"sources": sources, **({"base": base_pos} if base_pos is not None else {}),
+                    **({"method_kwargs": kwargs} if kwargs else {})})
+    return {"models": refs, "slices": out}
+
+
+def _merge_section(data: Mapping[str, Any], method: str, kwargs: Dict[str, Any], pivot_base: bool) -> Dict[str, Any]:
+    """One-shot settings of the method (or, with an ``ame:`` section, the same transforms through AME)."""
+    merge = AMEConfig.one_shot(method).to_dict()
+    merge["method_kwargs"] = kwargs
+    if pivot_base:
+        merge["pivot"] = "base"
+    if data.get("dtype") is not None:
+        merge["compute_dtype"] = str(data["dtype"])
+    ame = data.get("ame")
+    if ame is None:
+        return merge
+    if not isinstance(ame, Mapping) or not set(ame) <= _AME_KEYS:
+        bad = sorted(set(ame) - _AME_KEYS) if isinstance(ame, Mapping) else [ame]
+        raise _fail(f"ame.{bad[0]}", f"expected AME settings ({', '.join(sorted(_AME_KEYS))})")
+    start = AMEConfig().to_dict()
+    start.update(pivot=merge["pivot"], method=method, method_kwargs=kwargs, compute_dtype=merge["compute_dtype"])
+    start.update(ame)
+    return start
+
+
+def _models_form(data: Mapping[str, Any], entry: Any, method: str, base: Any, shared: Mapping[str, Any]):
+    """``models``: the ingredients (the base left out unless the method takes it as an input) and their
+    per-model parameter settings."""
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail("models", "expected a non-empty list of {model: ..., parameters: ...}")
@@ -171,55 +215,65 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
         if not isinstance(e, Mapping) or "model" not in e or not set(e) <= {"model", "parameters"}:
             raise _fail(f"models[{k}]", f"expected {{model: ..., parameters: ...}}, got {e!r}")
         ref = _reference(e["model"], f"models[{k}].model")
-        params = e.get("parameters") or {}
-        if base is not None and ref == base:
+        if base is not None and ref == base and method not in _BASE_IS_INPUT:
             continue  # the base listed among the models (mergekit's examples do): it is the base
         models.append(ref)
-        per_model.append({p: _setting(v, f"models[{k}].parameters.{p}") for p, v in params.items()})
-    shared = {p: _setting(v, f"parameters.{p}") for p, v in (data.get("parameters") or {}).items()}
-    kwargs: Dict[str, Any] = {}
-    for name in sorted(set(shared) | {p for pm in per_model for p in pm}):
-        if name not in entry.defaults:
-            raise _fail(f"parameters.{name}", f"not a parameter of {method!r} (hf_ame knows "
-                                              f"{', '.join(sorted(entry.defaults)) or 'none'})")
-        if any(name in pm for pm in per_model):
-            kwargs[name] = [_with_fallback(pm.get(name), shared.get(name)) for pm in per_model]
-            kwargs[name] = [entry.defaults[name] if v is None else v for v in kwargs[name]]
-        else:
-            kwargs[name] = shared[name]
-    merge = AMEConfig.one_shot(method).to_dict()
-    merge["method_kwargs"] = kwargs
-    dtype = data.get("dtype")
-    if dtype is not None:
-        merge["compute_dtype"] = str(dtype)
-    ame = data.get("ame")
-    if ame is not None:  # the same transforms through AME
-        if not isinstance(ame, Mapping) or not set(ame) <= _AME_KEYS:
-            bad = sorted(set(ame) - _AME_KEYS) if isinstance(ame, Mapping) else [ame]
-            raise _fail(f"ame.{bad[0]}", f"expected AME settings ({', '.join(sorted(_AME_KEYS))})")
-        start = AMEConfig().to_dict()
-        start.update(pivot=merge["pivot"], method=method, method_kwargs=kwargs, compute_dtype=merge["compute_dtype"])
-        start.update(ame)
-        merge = start
-    out_dtype = data.get("out_dtype") or dtype
-    recipe: Dict[str, Any] = {"hf_ame": 1, "models": models, "merge": merge,
-                              "provenance": {"mergekit_config": original}}
-    if data.get("__layers__") is not None:  # the slice's layer range must be every layer
-        recipe["provenance"]["num_hidden_layers"] = data["__layers__"]
-    if base is not None:
-        recipe["base_model"] = base
-    if out_dtype is not None:
-        recipe["output"] = {"dtype": str(out_dtype)}
-    recipe.setdefault("output", {}).update(_tokenizer(data))
+        per_model.append(_settings(e.get("parameters"), f"models[{k}].parameters"))
+    if method in _BASE_IS_INPUT and base is not None and base not in models:
+        models.append(base)  # mergekit adds the base model to the inputs, last
+        per_model.append({})
+    return models, _method_kwargs(entry, method, shared, per_model)
+
+
+def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
+    """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means."""
+    unknown = sorted(set(data) - _SUPPORTED_KEYS)
+    for key in unknown:
+        if key in _NOT_YET:
+            raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
+    if unknown:
+        raise _fail(unknown[0], f"not a mergekit config key hf_ame knows; expected one of {', '.join(sorted(_SUPPORTED_KEYS))}")
+    method = str(data["merge_method"]).lower()
+    original = yaml.safe_dump(dict(data), sort_keys=False)  # shown in the card as the user wrote it
+    if data.get("slices") is not None and data.get("models") is not None:
+        raise _fail("slices", "give either models or slices, as mergekit requires")
+    slices = _parse_slices(data, method) if data.get("slices") is not None else None
+    if method == "passthrough" and slices is not None:
+        return _stacking_recipe(slices, data, original)
+    try:
+        entry = get_method(method)
+    except Exception:  # noqa: BLE001 - re-raised with the field and the choices
+        raise _fail("merge_method", f"{method!r} is not supported by hf_ame yet; supported: "
+                                    f"{', '.join(m.name for m in list_methods())}") from None
+    base = _reference(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    shared = _settings(data.get("parameters"), "parameters")
+    recipe: Dict[str, Any] = {"hf_ame": 1, "provenance": {"mergekit_config": original}}
+    if slices is not None:
+        recipe.update(_merge_slices_recipe(slices, data, entry, method, shared))
+        recipe["merge"] = _merge_section(data, method, {}, False)
+        recipe["merge"]["pivot"] = "first"  # each slice with a base among its sources pivots on it
+    else:
+        models, kwargs = _models_form(data, entry, method, base, shared)
+        recipe["models"] = models
+        recipe["merge"] = _merge_section(data, method, kwargs, entry.optional_base and base is not None
+                                         and method not in _BASE_IS_INPUT)
+        if base is not None and method not in _BASE_IS_INPUT:
+            recipe["base_model"] = base
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    recipe["output"] = {"dtype": str(out_dtype)} if out_dtype is not None else {}
+    recipe["output"].update(_tokenizer(data, slices is not None))
     if not recipe["output"]:
         del recipe["output"]
     return recipe
 
 
-def _tokenizer(data: Mapping[str, Any]) -> Dict[str, Any]:
+def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
     """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}``, and ``chat_template``, as the
     recipe's output fields (mergekit's default source under ``tokenizer:`` is "union")."""
     tok = data.get("tokenizer")
+    if sliced and (tok is not None or data.get("tokenizer_source") is not None):
+        raise _fail("tokenizer" if tok is not None else "tokenizer_source",
+                    "not supported yet with slices merged by a method (only with models)")
     if tok is not None and data.get("tokenizer_source") is not None:
         raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
     if tok is not None and (not isinstance(tok, Mapping) or not set(tok) <= _TOKENIZER_KEYS):

@@ -39,6 +39,7 @@ from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
 from .rows import RowAlignment
 from .stacking import LayerSlice
+from .slice_merge import MergeSlice, SliceSource, merge_slices
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
 from .search import Search, check_space
@@ -520,7 +521,7 @@ class AMEMerger:
             temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
             output_dir = temp_root / "merged"
         with _staging(output_dir, overwrite, inputs, temp_root) as target:
-            if self.recipe is not None and self.recipe.slices:  # layer stacking (mergekit's passthrough)
+            if self.recipe is not None and self.recipe.slices:  # mergekit's slices: stacked, or merged and stacked
                 result = self._stack_into(Path(target), req, overwrite=overwrite, progress=progress)
             else:
                 result = self._merge_into(Path(target), req, overwrite=overwrite, progress=progress)
@@ -541,9 +542,8 @@ class AMEMerger:
                             {k: v for k, v in merge_kwargs.items() if k in _MERGE_ARGS})
         target = Path(output_dir) if output_dir is not None else Path(tempfile.gettempdir()) / "hf_ame-<temporary>" / "merged"
         if self.recipe is not None and self.recipe.slices:
-            return stack_checkpoints([self._open(i) for i in self.ingredients], self._slices(), target,
-                                     dtype=self.dtype, max_shard_size=req.max_shard_size,
-                                     overwrite=overwrite if output_dir is not None else True, dry_run=True)
+            return self._slices_run(target, req, overwrite=overwrite if output_dir is not None else True,
+                                    progress=False, dry_run=True)
         ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
         cfg = AMEConfig.soup() if req.greedy == "soup" else req.cfg
         base = self._open(self.base) if self._uses_base(cfg, ckpts) else None
@@ -594,11 +594,14 @@ class AMEMerger:
                 raise ConfigError("pivot: 'base' needs from_pretrained(..., base_model=...)"
                                   + (f" (method {cfg.method!r} measures task vectors from it)" if cfg.method else ""))
             cfg = cfg.replace(pivot=self.base.id)
-        if cfg.method is not None:
+        if cfg.method is not None and not self._merges_slices():  # slices: each is checked as it is planned
             base_pivot = resolve_pivot(cfg.pivot, len(self.ingredients), [i.id for i in self.ingredients])[0] == "base"
             check_counts(cfg.method, cfg.method_arguments(), req.top_k or len(self.ingredients), base_pivot)
         req.cfg = cfg
         return req
+
+    def _merges_slices(self) -> bool:
+        return self.recipe is not None and bool(self.recipe.slices) and "sources" in self.recipe.slices[0]
 
     def _uses_base(self, cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:
         """The base is read: as the pivot, or as the source of some rows (heads="base")."""
@@ -614,15 +617,32 @@ class AMEMerger:
             ckpt = ConvertedCheckpoint(ckpt, self.skeleton, self.layouts[ing.id])
         return ckpt.rekey(self.renames[ing.id]) if ing.id in self.renames else ckpt
 
-    def _slices(self) -> List[LayerSlice]:
-        return [LayerSlice(s["model"], *s["layer_range"]) for s in self.recipe.slices]
+    def _slices_run(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool, dry_run: bool = False):
+        """A recipe's slices: a layer stacking (tensors copied and renamed), or slices merged by the
+        method (:mod:`hf_ame.slice_merge`) and stacked. The plan (the first slice's, with a note on the
+        rest) with ``dry_run``."""
+        slices = self.recipe.slices
+        if "sources" not in slices[0]:
+            return stack_checkpoints([self._open(i) for i in self.ingredients],
+                                     [LayerSlice(s["model"], *s["layer_range"]) for s in slices], target,
+                                     dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
+                                     progress=progress, dry_run=dry_run)
+        merged = [MergeSlice([SliceSource(s["model"], *s["layer_range"]) for s in sl["sources"]], sl.get("base"),
+                             dict(sl.get("method_kwargs") or {})) for sl in slices]
+        out = merge_slices(lambda i: self._open(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
+                           dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
+                           progress=progress, dry_run=dry_run)
+        if not dry_run:
+            return out
+        out[0].notes.append(f"slice 1 of {len(out)}; each slice is merged like this one into a temporary folder, "
+                            "then the slices are stacked into the output")
+        return out[0]
 
     def _stack_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
-        """A recipe's layer stacking: tensors copied and renamed, no merge arithmetic."""
+        """A recipe's slices: stacked (no merge arithmetic) or merged slice by slice, then stacked."""
         t0 = time.perf_counter()
-        report = stack_checkpoints([self._open(i) for i in self.ingredients], self._slices(), target,
-                                   dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
-                                   progress=progress)
+        report = self._slices_run(target, req, overwrite=overwrite, progress=progress)
+        report.ingredients = [i.id for i in self.ingredients]  # every model the slices take layers from
         timings = dict(self.timings, merge=time.perf_counter() - t0)
         ings = [Ingredient(**vars(i)) for i in self.ingredients]
         result = MergeResult(target, req.cfg, ings, report, self.device_map, self.dtype, timings, self.trust_remote_code)

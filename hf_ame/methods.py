@@ -59,6 +59,7 @@ class MethodContext:
     key: str
     step: int
     position: float = 0.0  # the tensor's layer, 0 to 1 (mergekit's t for gradients); 0 outside the layers
+    has_base: bool = False  # the pivot is the base model (pivot="base"): methods with an optional base use it
 
     @property
     def n(self) -> int:
@@ -129,8 +130,10 @@ class MethodEntry:
     """One registered method: ``fn(ctx) -> pseudogradient`` (float, the pivot's shape and device).
 
     ``defaults``: every parameter with its default (mergekit's); ``needs_base``: its one-shot form
-    measures task vectors from a base model; ``models``: (min, max) ingredients besides the base;
-    ``passes``: how many times ``fn`` reads each batch ingredient (the reader prefetches along it)."""
+    measures task vectors from a base model; ``optional_base``: it measures them from the base when
+    the pivot is the base (``ctx.has_base``), else works on the models themselves (mergekit's
+    optional base); ``models``: (min, max) ingredients besides the base; ``passes``: how many times
+    ``fn`` reads each batch ingredient (the reader prefetches along it)."""
 
     name: str
     fn: Callable[[MethodContext], torch.Tensor]
@@ -140,6 +143,7 @@ class MethodEntry:
     models: Tuple[int, Optional[int]] = (1, None)
     passes: int = 1
     reference: str = ""
+    optional_base: bool = False
 
 
 _METHODS: Dict[str, MethodEntry] = {}
@@ -147,13 +151,14 @@ _METHODS: Dict[str, MethodEntry] = {}
 
 def register_method(name: str, fn: Callable[[MethodContext], torch.Tensor], *, defaults: Mapping[str, Any] = (),
                     description: str = "", needs_base: bool = True, models: Tuple[int, Optional[int]] = (1, None),
-                    passes: int = 1, reference: str = "", overwrite: bool = False) -> MethodEntry:
+                    passes: int = 1, reference: str = "", optional_base: bool = False,
+                    overwrite: bool = False) -> MethodEntry:
     """Register a pseudogradient transform under ``name`` (see :class:`MethodEntry`); raises
     ``ValueError`` if the name is taken and ``overwrite`` is False."""
     key = name.lower()
     if key in _METHODS and not overwrite:
         raise ValueError(f"method name {key!r} is already registered; pass overwrite=True to replace it")
-    entry = MethodEntry(key, fn, dict(defaults), description, needs_base, models, passes, reference)
+    entry = MethodEntry(key, fn, dict(defaults), description, needs_base, models, passes, reference, optional_base)
     _METHODS[key] = entry
     return entry
 
@@ -185,7 +190,25 @@ def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") ->
     for k, v in out.items():
         if k != "__method__":
             _check_param(entry.name, k, v, f"{prefix}method_kwargs.{k}")
+    if entry.name in ("della", "della_linear"):
+        _check_della(out, prefix)
     return out
+
+
+def _check_della(params: Mapping[str, Any], prefix: str) -> None:
+    """DELLA keeps entries with probabilities density +- epsilon: both must lie in (0, 1) (mergekit
+    raises the same mid-merge; here it is refused before any weight is read). Gradients and filters
+    are checked on each of their values."""
+    def values(v: Any) -> List[float]:
+        out: List[float] = []
+        for x in (v if isinstance(v, list) else [v]):
+            out += [float(y) for y in (_scalars(x, "") if isinstance(x, Mapping) else [x])]
+        return out
+    for d in values(params["density"]):
+        for e in values(params["epsilon"]):
+            if d < 1 and (d + e >= 1 or d - e <= 0):
+                raise ConfigError(f"{prefix}method_kwargs.epsilon: DELLA keeps entries with probabilities density "
+                                  f"+- epsilon, which must lie in (0, 1); density {d} with epsilon {e} does not")
 
 
 _RANGES = {  # name: (test, what it must be)
@@ -196,7 +219,19 @@ _RANGES = {  # name: (test, what it must be)
     "t": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "weight": (math.isfinite, "a finite number"),
     "lambda": (math.isfinite, "a finite number"),
+    "max_iter": (lambda v: v >= 1 and int(v) == v, "a whole number >= 1"),
+    "tol": (lambda v: v >= 0, "a number >= 0"),
+    "select_topk": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "r": (lambda v: v >= 0, "a number >= 0"),
+    "alpha": (lambda v: v >= 0, "a number >= 0"),
 }
+_METHOD_RANGES = {  # where a method's parameter means something else than the name elsewhere
+    ("nearswap", "t"): (lambda v: v >= 0, "a distance >= 0"),
+    ("ram", "epsilon"): (lambda v: v >= 0, "a number >= 0"),
+    ("ramplus_tl", "epsilon"): (lambda v: v >= 0, "a number >= 0"),
+    ("multislerp", "eps"): (lambda v: v >= 0, "a number >= 0"),
+}
+_BOOLS = ("normalize", "rescale", "filter_wise", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights")
 
 
 def _scalars(value: Any, where: str) -> List[Any]:
@@ -221,11 +256,11 @@ def _check_param(method: str, name: str, value: Any, where: str) -> None:
             for x in _scalars(v, where):
                 _check_param(method, name, x, where)
         return
-    if name in ("normalize", "rescale", "filter_wise", "int8_mask"):
+    if name in _BOOLS:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return
-    test, what = _RANGES.get(name, (math.isfinite, "a finite number"))
+    test, what = _METHOD_RANGES.get((method, name)) or _RANGES.get(name, (math.isfinite, "a finite number"))
     values = value if (isinstance(value, list) and name in PER_MODEL) else [value]
     values = [v for v in values if v is not None]
     for v in values:
@@ -315,6 +350,24 @@ def random_drop(d: torch.Tensor, density: float, generator: torch.Generator, res
     return _rescale_l1_inplace(d, before) if rescale else d
 
 
+def della_magprune(d: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                   rescale: bool = True) -> torch.Tensor:
+    """DELLA's MagPrune as mergekit 0.1.5: per row (1-D tensors as one row), each entry's magnitude
+    rank scaled to [0, 1] gives its keep probability density - epsilon + 2 epsilon rank; drawn from
+    ``generator`` (mergekit draws from torch's global one); rescaled to the L1 norm; in place."""
+    if density >= 1:
+        return d
+    rows = d.reshape(1, -1) if d.dim() < 2 else d
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(d.dtype) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    del ranks
+    keep = torch.bernoulli(probs.cpu(), generator=generator).to(device=d.device, dtype=d.dtype)
+    before = d.abs().sum() if rescale else None
+    d.mul_(keep.view_as(d))
+    return _rescale_l1_inplace(d, before) if rescale else d
+
+
 # ---------------------------------------------------------------------------------------------- the methods
 def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) -> torch.Tensor:
     p = ctx.pivot
@@ -327,6 +380,9 @@ def _task_vectors(ctx: MethodContext, sparsify: Optional[str], consensus: bool) 
             d = random_drop(d, ctx.param("density", i), ctx.generator(i), ctx.param("rescale"))
         elif sparsify == "outliers":
             d = magnitude_outliers(d, ctx.param("density", i), ctx.param("gamma", i), ctx.param("rescale"))
+        elif sparsify == "della":
+            d = della_magprune(d, ctx.param("density", i), ctx.param("epsilon", i), ctx.generator(i),
+                               ctx.param("rescale"))
         return d.mul_(ctx.param("weight", i))
 
     weights = [float(ctx.param("weight", i)) for i in range(ctx.n)]
@@ -439,8 +495,8 @@ register_method("linear", _linear, defaults={"weight": 1.0, "normalize": True}, 
                 description="weighted average of the models (Wortsman et al. 2022's soup, with weights)",
                 reference="https://arxiv.org/abs/2203.05482")
 _TV = {"weight": 1.0, "lambda": 1.0, "int8_mask": False}
-register_method("task_arithmetic", lambda c: _task_vectors(c, None, False),
-                defaults={**_TV, "normalize": False, "rescale": False},
+register_method("task_arithmetic", lambda c: _task_vectors(c, None, False),  # density: accepted, unused (mergekit)
+                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": False},
                 description="sum of weighted task vectors (Ilharco et al. 2023)",
                 reference="https://arxiv.org/abs/2212.04089")
 register_method("ties", lambda c: _task_vectors(c, "magnitude", True),
@@ -461,6 +517,13 @@ register_method("breadcrumbs", lambda c: _task_vectors(c, "outliers", False),
 register_method("breadcrumbs_ties", lambda c: _task_vectors(c, "outliers", True),
                 defaults={**_TV, "density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False}, passes=2,
                 description="breadcrumbs, then TIES' sign election", reference="https://arxiv.org/abs/2312.06795")
+register_method("della", lambda c: _task_vectors(c, "della", True),
+                defaults={**_TV, "density": 1.0, "epsilon": 0.15, "normalize": True, "rescale": True}, passes=2,
+                description="drop entries with probabilities by magnitude rank, then TIES' sign election "
+                            "(Deep et al. 2024)", reference="https://arxiv.org/abs/2406.11617")
+register_method("della_linear", lambda c: _task_vectors(c, "della", False),
+                defaults={**_TV, "density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": True},
+                description="DELLA's drops, then a weighted sum", reference="https://arxiv.org/abs/2406.11617")
 register_method("slerp", _slerp, defaults={"t": 0.5, "dot_threshold": 0.9995}, models=(1, 1),
                 description="spherical interpolation between the base and one model, tensor by tensor",
                 reference="https://en.wikipedia.org/wiki/Slerp")

@@ -161,7 +161,7 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
     dtype = config.torch_compute_dtype
     init = [initial_merge(lazy[k], pivot, base=base.get_tensor(n) if base is not None else None, dtype=dtype)
             for k, n in enumerate(names)]
-    stepper = AMEStepper(init, config, names)
+    stepper = AMEStepper(init, config, names, has_base=pivot[0] == "base")
     del init
     _check_finite(stepper.weights, names, lazy, range(len(ckpts)), ckpts, config)
     best = slot.score(dict(zip(names, stepper.weights)))

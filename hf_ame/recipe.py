@@ -170,17 +170,41 @@ class Recipe:
 
     @staticmethod
     def _slices(value: Any, n_models: int) -> List[Dict[str, Any]]:
-        _expect(isinstance(value, list) and len(value) >= 1, "slices", "a non-empty list of {model, layer_range}", value)
+        """Layer stacking: [{model, layer_range}]; slices merged by the method: [{sources: [{model,
+        layer_range}], base: index into sources (optional), method_kwargs: {...} (optional)}]."""
+        _expect(isinstance(value, list) and len(value) >= 1, "slices",
+                "a non-empty list of {model, layer_range} or of {sources, base, method_kwargs}", value)
+        merged = isinstance(value[0], Mapping) and "sources" in value[0]
         out = []
         for i, sl in enumerate(value):
-            sl = _mapping(sl, f"slices[{i}]", {"model", "layer_range"})
-            m, r = sl.get("model"), sl.get("layer_range")
-            _expect(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < n_models, f"slices[{i}].model",
-                    f"an index into models (0 to {n_models - 1})", m)
-            _expect(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
-                    and 0 <= r[0] < r[1], f"slices[{i}].layer_range", "[start, end) with 0 <= start < end", r)
-            out.append({"model": m, "layer_range": list(r)})
+            if not merged:
+                out.append(Recipe._source(sl, f"slices[{i}]", n_models))
+                continue
+            sl = _mapping(sl, f"slices[{i}]", {"sources", "base", "method_kwargs"})
+            srcs = sl.get("sources")
+            _expect(isinstance(srcs, list) and len(srcs) >= 1, f"slices[{i}].sources", "a non-empty list", srcs)
+            entry: Dict[str, Any] = {"sources": [Recipe._source(s, f"slices[{i}].sources[{j}]", n_models)
+                                                 for j, s in enumerate(srcs)]}
+            b = sl.get("base")
+            if b is not None:
+                _expect(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < len(srcs), f"slices[{i}].base",
+                        f"an index into the slice's sources (0 to {len(srcs) - 1})", b)
+                entry["base"] = b
+            mk = sl.get("method_kwargs") or {}
+            _expect(isinstance(mk, Mapping), f"slices[{i}].method_kwargs", "a mapping", mk)
+            entry["method_kwargs"] = dict(mk)
+            out.append(entry)
         return out
+
+    @staticmethod
+    def _source(sl: Any, where: str, n_models: int) -> Dict[str, Any]:
+        sl = _mapping(sl, where, {"model", "layer_range"})
+        m, r = sl.get("model"), sl.get("layer_range")
+        _expect(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < n_models, f"{where}.model",
+                f"an index into models (0 to {n_models - 1})", m)
+        _expect(isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                and 0 <= r[0] < r[1], f"{where}.layer_range", "[start, end) with 0 <= start < end", r)
+        return {"model": m, "layer_range": list(r)}
 
     @staticmethod
     def _model(entry: Any, where: str, base_dir: Union[str, Path, None]) -> Dict[str, Any]:

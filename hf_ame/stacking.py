@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import IncompatibleCheckpointsError
 
-__all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index"]
+__all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index", "is_pre_layer"]
 
 _LAYER = re.compile(r"^(.*?\.layers\.)(\d+)(\..*)$")
 _PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|rotary_emb")
@@ -34,6 +34,11 @@ def layer_index(name: str) -> Optional[Tuple[str, int, str]]:
     """(prefix, index, suffix) of a decoder-layer tensor name (``model.layers.3.mlp.up_proj.weight``)."""
     m = _LAYER.match(name)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def is_pre_layer(name: str) -> bool:
+    """Whether a tensor outside the layers precedes them (embeddings), as mergekit's ``pre_weights``."""
+    return bool(_PRE.search(name))
 
 
 def stack_names(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]], num_layers: Sequence[int],

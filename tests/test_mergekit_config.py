@@ -1,12 +1,16 @@
 """mergekit configuration files run as they are (issue 18, first part): models / base_model /
 merge_method / parameters (scalars, gradients over layers, filters) / dtype / out_dtype; an `ame:`
 section composes with AME; `hf-ame convert`; what is not supported is refused by name."""
+import json
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
-from hf_ame import AMEConfig, AMEMerger, RecipeError, load_recipe, merge_checkpoints
+from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, RecipeError, load_recipe, merge_checkpoints
 from hf_ame.cli import main
 from hf_ame.methods import layer_position
 from hf_ame.testing import make_family
@@ -97,6 +101,20 @@ CONFIGS = {
         "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.3, 0.3, 0.4))]},
     "model_stock": lambda base, fts: {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                                       "models": [{"model": m} for m in fts]},
+    "karcher_base_listed": lambda base, fts: {  # mergekit merges the base as one more input
+        "merge_method": "karcher", "base_model": base, "dtype": "float32", "parameters": {"max_iter": 5},
+        "models": [{"model": base}] + [{"model": m} for m in fts]},
+    "multislerp_base": lambda base, fts: {  # task vectors from the base
+        "merge_method": "multislerp", "base_model": base, "dtype": "float32",
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, [0.1, 0.9], 0.2))]},
+    "nuslerp_rows": lambda base, fts: {
+        "merge_method": "nuslerp", "dtype": "float32", "parameters": {"nuslerp_flatten": False},
+        "models": [{"model": fts[0], "parameters": {"weight": 0.4}}, {"model": fts[1], "parameters": {"weight": 0.6}}]},
+    "sce": lambda base, fts: {"merge_method": "sce", "base_model": base, "dtype": "float32",
+                              "parameters": {"select_topk": 0.3}, "models": [{"model": m} for m in fts]},
+    "task_arithmetic_density": lambda base, fts: {  # density is accepted (and unused) as mergekit does
+        "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+        "models": [{"model": m, "parameters": {"weight": 0.3, "density": 0.5}} for m in fts]},
 }
 
 
@@ -134,7 +152,7 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
         ({**good, "slices": []}, "slices: give either models or slices"),
         ({**good, "tokenizer": {"tokens": {"<x>": {"source": "zero"}}}}, r"tokenizer.tokens: not supported yet"),
         ({**good, "tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source or tokenizer.source"),
-        ({**good, "merge_method": "della"}, "merge_method: 'della' is not supported by hf_ame yet; supported: "),
+        ({**good, "merge_method": "dellla"}, "merge_method: 'dellla' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
         ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: not a parameter of 'ties'"),
         ({**good, "models": [{"model": str(fts[0]) + "+a+b"}]}, "expected model\\+lora"),
@@ -218,13 +236,6 @@ def test_slices_forms(fam, tmp_path):
     want = mergekit(full, tmp_path / "mk")
     got = ours(write(tmp_path, "full", full), tmp_path / "o")
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
-    partial = {**full, "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
-                                               {"model": str(fts[0]), "layer_range": [0, 2]}]}]}
-    with pytest.raises(RecipeError, match=r"layer range \[0, 2\] is not every layer"):
-        AMEMerger.from_recipe(write(tmp_path, "partial", partial), device_map="cpu")
-    two = {**full, "slices": full["slices"] * 2}
-    with pytest.raises(RecipeError, match="over several slices"):
-        load_recipe(write(tmp_path, "two", two))
     with pytest.raises(RecipeError, match="exactly one source per slice"):
         load_recipe(write(tmp_path, "pt2", {**full, "merge_method": "passthrough"}))
 
@@ -278,3 +289,79 @@ def test_tokenizer_source(fam, tmp_path):
     ours(write(tmp_path, "tok3", cfg), tmp_path / "swapped")
     a, b = read_state(tmp_path / "permuted"), read_state(tmp_path / "swapped")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.fixture(scope="module")
+def fam6(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mkslices")
+    paths = make_family("llama", root, 4, seed=11, noise=0.02, hidden_size=64, intermediate_size=128, vocab_size=512,
+                        num_hidden_layers=6)
+    return [str(p) for p in paths]
+
+
+SLICED = {  # mergekit's slices merged by a method: other layer ranges per source, per-slice and per-source parameters
+    "ties_two_slices": lambda b, f: {
+        "merge_method": "ties", "base_model": b, "dtype": "float32", "parameters": {"density": 0.6, "weight": 0.5},
+        "slices": [{"sources": [{"model": b, "layer_range": [0, 3]},
+                                {"model": f[0], "layer_range": [0, 3], "parameters": {"weight": [0.2, 0.9]}},
+                                {"model": f[1], "layer_range": [2, 5]}]},
+                   {"sources": [{"model": b, "layer_range": [3, 6]}, {"model": f[2], "layer_range": [3, 6]},
+                                {"model": f[0], "layer_range": [1, 4]}], "parameters": {"density": 0.3}}]},
+    "slerp_partial": lambda b, f: {
+        "merge_method": "slerp", "base_model": b, "dtype": "float32",
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.3}]},
+        "slices": [{"sources": [{"model": b, "layer_range": [1, 5]}, {"model": f[0], "layer_range": [0, 4]}]}]},
+    "linear_three_slices": lambda b, f: {
+        "merge_method": "linear", "dtype": "float32",
+        "slices": [{"sources": [{"model": f[0], "layer_range": [0, 2], "parameters": {"weight": 1}},
+                                {"model": f[1], "layer_range": [0, 2], "parameters": {"weight": 3}}]},
+                   {"sources": [{"model": f[1], "layer_range": [2, 4], "parameters": {"weight": 1}},
+                                {"model": f[2], "layer_range": [4, 6], "parameters": {"weight": 1}}]},
+                   {"sources": [{"model": f[2], "layer_range": [5, 6], "parameters": {"weight": 2}},
+                                {"model": f[0], "layer_range": [5, 6], "parameters": {"weight": 1}}]}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_slices_merged_by_a_method_equal_mergekit(fam6, tmp_path, name):
+    """Each slice merges its sources' layer ranges (renumbered while streaming; a layer's t runs over its
+    slice), embeddings from the first slice's sources, norm and head from the last's; equal to mergekit
+    0.1.5, config included; the written recipe re-runs to the same bytes."""
+    cfg = SLICED[name](fam6[0], fam6[1:])
+    want = mergekit(cfg, tmp_path / "mk")
+    result = AMEMerger.from_recipe(write(tmp_path, name, cfg), device_map="cpu").merge(output_dir=tmp_path / "o",
+                                                                                         progress=False)
+    got = read_state(result.output_dir)
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    mk_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
+    again = AMEMerger.from_recipe(tmp_path / "o" / "ame_recipe.yaml", device_map="cpu").merge(
+        output_dir=tmp_path / "again", progress=False)
+    assert all(torch.equal(v, read_state(again.output_dir)[k]) for k, v in got.items())
+    assert not list(Path(tempfile.gettempdir()).glob("hf_ame-slices-*"))
+
+
+def test_slices_are_checked_before_anything_is_written(fam6, tmp_path):
+    b, f = fam6[0], fam6[1:]
+    good = SLICED["ties_two_slices"](b, f)
+    uneven = json.loads(json.dumps(good))
+    uneven["slices"][1]["sources"][2]["layer_range"] = [1, 3]
+    with pytest.raises(IncompatibleCheckpointsError, match=r"slices\[1\].sources\[2\].layer_range: every source"):
+        AMEMerger.from_recipe(write(tmp_path, "uneven", uneven), device_map="cpu").merge(output_dir=tmp_path / "o1")
+    outside = json.loads(json.dumps(good))
+    outside["slices"][1]["sources"][1]["layer_range"] = [3, 7]
+    outside["slices"][1]["sources"][0]["layer_range"] = [2, 6]
+    outside["slices"][1]["sources"][2]["layer_range"] = [0, 4]
+    with pytest.raises(IncompatibleCheckpointsError, match=r"\[3, 7\] is outside the 6 layers"):
+        AMEMerger.from_recipe(write(tmp_path, "outside", outside), device_map="cpu").merge(output_dir=tmp_path / "o2")
+    nobase = json.loads(json.dumps(good))
+    nobase["slices"][0]["sources"] = nobase["slices"][0]["sources"][1:]
+    with pytest.raises(RecipeError, match=r"slices\[0\].sources: 'ties' needs the base model among"):
+        load_recipe(write(tmp_path, "nobase", nobase))
+    extra = {**good, "slices": [{**good["slices"][0], "residual_weight": 0.5}]}
+    with pytest.raises(RecipeError, match=r"slices\[0\].residual_weight: .*not supported by hf_ame yet"):
+        load_recipe(write(tmp_path, "extra", extra))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    plan = AMEMerger.from_recipe(write(tmp_path, "good", good), device_map="cpu").plan(output_dir=tmp_path / "o3")
+    assert "slice 1 of 2" in str(plan) and not (tmp_path / "o3").exists()

@@ -253,3 +253,122 @@ def test_robust_preset_resists_a_far_off_ingredient(tmp_path):
     assert dist(soup_bad, soup_clean) > 5 * spread  # the outlier drags the soup far away
     assert dist(robust_bad, soup_clean) < 0.5 * spread  # the robust merge stays among the clean ones
     assert dist(robust_clean, soup_clean) < 0.1 * spread
+
+
+def run_mergekit_config(method, models, params, out, base=None):
+    """mergekit 0.1.5 on ``models`` (per-model ``weight`` / ``density`` / ``epsilon``; the rest global)."""
+    per = ("weight", "density", "epsilon")
+    entries = []
+    for i, m in enumerate(models):
+        mine = {k: (v[i] if isinstance(v, list) else v) for k, v in params.items() if k in per}
+        entries.append({"model": str(m), **({"parameters": mine} if mine else {})})
+    cfg = {"merge_method": method, "dtype": "float32", "models": entries}
+    if base is not None:
+        cfg["base_model"] = str(base)
+    shared = {k: v for k, v in params.items() if k not in per}
+    if shared:
+        cfg["parameters"] = shared
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                             mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+    return read_state(out)
+
+
+# (method, how many fine-tunes, parameters, with the base model)
+MORE = {
+    "sce_topk": ("sce", 3, {"select_topk": 0.5}, True),
+    "sce": ("sce", 3, {}, True),
+    "ram": ("ram", 3, {}, True),
+    "ramplus_tl": ("ramplus_tl", 3, {"r": 0.3, "alpha": 0.5}, True),
+    "nearswap": ("nearswap", 1, {"t": 0.01}, True),
+    "arcee_fusion": ("arcee_fusion", 1, {}, True),
+    "nuslerp_base": ("nuslerp", 2, {"weight": [0.3, 0.7]}, True),
+    "nuslerp_models": ("nuslerp", 2, {"weight": [0.3, 0.7]}, False),
+    "nuslerp_rows": ("nuslerp", 2, {"weight": [0.3, 0.7], "nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+    "multislerp_base": ("multislerp", 3, {"weight": [0.2, 0.3, 0.5]}, True),
+    "multislerp_models": ("multislerp", 3, {"weight": [0.2, 0.3, 0.5]}, False),
+    "karcher_base": ("karcher", 3, {}, True),
+    "karcher_models": ("karcher", 3, {}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE))
+def test_more_methods_equal_mergekit(fam, tmp_path, case):
+    """mergekit 0.1.5's other methods, one shot: within 1e-6 of mergekit's own merge. Methods with an
+    optional base use the task vectors when the pivot is the base; Karcher's mergekit contract takes
+    the base as one more input."""
+    method, n, params, with_base = MORE[case]
+    base, fts = fam
+    want = run_mergekit_config(method, fts[:n], params, tmp_path / "mk", base if with_base else None)
+    models = list(fts[:n]) + ([base] if (with_base and method == "karcher") else [])
+    pivot = str(base) if (with_base and method != "karcher") else "first"
+    got = read_state(merge_checkpoints(models, tmp_path / "ours", AMEConfig.one_shot(method, **params)
+                                       .replace(pivot=pivot), progress=False).output_dir)
+    base_state = read_state(base)
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    assert max((got[k] - base_state[k]).abs().max().item() for k in got) > 0.009  # it moved
+
+
+def test_della_draws_as_mergekit_and_is_refused_outside_its_range(fam, tmp_path):
+    """DELLA's MagPrune: with the same seed, our draw is mergekit's bit for bit (rank-scaled keep
+    probabilities per row, L1 rescale); a merge keeps about `density` of the task vector and is
+    reproducible; density +- epsilon outside (0, 1) is refused before any weight is read."""
+    from mergekit.sparsify import RescaleNorm, della_magprune as mk_della
+    from hf_ame.methods import della_magprune
+    for shape in ((64, 48), (100,)):
+        d = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(3)
+        want = mk_della(d.clone(), 0.4, 0.1, RescaleNorm.l1)
+        got = della_magprune(d.clone(), 0.4, 0.1, torch.Generator().manual_seed(3), True)
+        assert torch.equal(got, want)
+    base, fts = fam
+    cfg = AMEConfig.one_shot("della_linear", density=0.3, epsilon=0.1).replace(pivot=str(base))
+    a = read_state(merge_checkpoints(fts[:1], tmp_path / "a", cfg, progress=False).output_dir)
+    b = read_state(merge_checkpoints(fts[:1], tmp_path / "b", cfg, progress=False).output_dir)
+    b0, f0 = read_state(base), read_state(fts[0])
+    k = "model.layers.0.mlp.down_proj.weight"
+    kept = ((a[k] - b0[k]).abs() > 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.02 and all(torch.equal(a[n], b[n]) for n in a)
+    assert abs((a[k] - b0[k]).abs().sum() / (f0[k] - b0[k]).abs().sum() - 1) < 1e-4  # L1 rescale
+    with pytest.raises(ConfigError, match=r"method_kwargs.epsilon: DELLA .* density 0.1 with epsilon 0.15"):
+        AMEConfig.one_shot("della", density=0.1)
+
+
+def test_registry_matches_mergekit_methods_and_defaults():
+    """Every merge method of mergekit 0.1.5 (passthrough is `slices`) is registered under its name with
+    mergekit's parameter names and defaults (a required mergekit parameter has a default here)."""
+    from mergekit.merge_methods.registry import registered_methods
+    ours = {m.name: m for m in list_methods()}
+    for m in registered_methods():
+        spec = m.spec
+        if spec.name == "passthrough":
+            continue
+        assert spec.name in ours, spec.name
+        theirs = {p.name: p.default for p in spec.parameters}
+        mine = ours[spec.name].defaults
+        assert set(theirs) <= set(mine), (spec.name, set(theirs) - set(mine))
+        for k, v in theirs.items():
+            if isinstance(v, (bool, int, float)):
+                assert mine[k] == v, (spec.name, k)
+
+
+@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion", "nuslerp", "multislerp",
+                                    "karcher", "della", "della_linear"])
+def test_more_methods_compose_with_adamw(fam, tmp_path, method):
+    """Each method shapes AdamW-AME's pseudogradients from the base (2 epochs, every ingredient in each
+    step): a finite merge, between the base and the one-shot merge's reach, different from both."""
+    base, fts = fam
+    lo, hi = hf_ame.methods.get_method(method).models
+    models = fts[:hi or 3]
+    cfg = AMEConfig(optimizer="adamw", lr=1e-3, epochs=2, batch_size=None, method=method, pivot=str(base))
+    got = read_state(merge_checkpoints(models, tmp_path / "ame", cfg, progress=False).output_dir)
+    one = read_state(merge_checkpoints(models, tmp_path / "one", AMEConfig.one_shot(method).replace(pivot=str(base)),
+                                       progress=False).output_dir)
+    b = read_state(base)
+    assert all(torch.isfinite(v).all() for v in got.values())
+    step = max((got[k] - b[k]).abs().max().item() for k in got)
+    assert 0 < step <= 2e-3 + 1e-6  # AdamW moves each coordinate by at most about lr per step
+    assert any(not torch.equal(got[k], one[k]) for k in got)
+    if lo > 1:
+        with pytest.raises(ConfigError, match=f"batch_size: expected None .*'{method}' merges"):
+            AMEConfig(optimizer="adamw", batch_size=1, method=method).validate()
