@@ -8,11 +8,12 @@ ingredients that went wrong.
    ViT, each never seeing a fraction of the 10 classes. Full test accuracy of the best single
    ingredient, the uniform soup, the greedy soup, AdamW-AME chosen by ``merge(search=...)`` on the
    validation split (trial 0 the soup; lr in {1e-4, 1e-3} x epochs in {1, 3}), ``AMEConfig.robust()``
-   (no evaluation data) and the coordinate-wise median (registered here with ``register_method``:
+   (Huber IRLS, no evaluation data), the geometric median (the same steps with method
+   ``geometric_median``) and the coordinate-wise median (registered here with ``register_method``:
    a user-defined method is one function).
 2. Outliers: the 30 fine-tunes at 50% unseen plus 0, 1, 3 or 6 extra ingredients whose weights
-   are a fine-tune's times 10 (a diverged or corrupt upload): soup, robust preset, coordinate
-   median, AME with search.
+   are a fine-tune's times 10 (a diverged or corrupt upload): soup, robust preset, geometric
+   median, coordinate median, AME with search.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def merges(merger: AMEMerger, val, work: Path, greedy: bool = True) -> Dict[str,
     out["AME with search" + (" (kept the soup)" if r.search["chosen"] == 0 else "")] = work / "search"
     merger.merge(AMEConfig.robust(), output_dir=work / "robust", **common)
     out["AMEConfig.robust()"] = work / "robust"
+    merger.merge(AMEConfig.robust().replace(method="geometric_median", method_kwargs={}), output_dir=work / "gm",
+                 **common)
+    out["geometric median"] = work / "gm"
     merger.merge(method="coordinate_median", output_dir=work / "median", **common)
     out["coordinate median"] = work / "median"
     return out
@@ -97,7 +101,7 @@ def run(levels: List[float], seeds: List[int], n: int, outliers: List[int], cach
                 shutil.rmtree(work, ignore_errors=True)
             print(f"unseen {level:.0%} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in row.items())
                   + f" [{time.perf_counter() - t0:.0f}s]", flush=True)
-    print(f"\nfull test accuracy, {n} ingredients, mean (min-max) over seeds {seeds}")
+    print(f"\nfull test accuracy, {n} ingredients, mean +- sd over seeds {seeds}")
     cols = list(next(iter(table.values())))
     print("| unseen | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
     for level, row in table.items():
@@ -123,14 +127,14 @@ def outlier_table(seeds: List[int], n: int, outliers: List[int], cache: Path) ->
         finally:
             shutil.rmtree(work, ignore_errors=True)
     cols = list(res[outliers[0]])
-    print(f"\n{n} fine-tunes (50% unseen) plus K copies of a fine-tune x 10; test accuracy, mean (min-max) over seeds {seeds}")
+    print(f"\n{n} fine-tunes (50% unseen) plus K copies of a fine-tune x 10; test accuracy, mean +- sd over seeds {seeds}")
     print("| outliers | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
     for k, row in res.items():
         print(f"| {k} | " + " | ".join(_cell(row[c]) for c in cols) + " |")
 
 
 def _cell(v: List[float]) -> str:
-    return f"{statistics.mean(v):.4f}" + (f" ({min(v):.4f}-{max(v):.4f})" if len(v) > 1 else "")
+    return f"{statistics.mean(v):.4f}" + (f" +- {statistics.stdev(v):.4f}" if len(v) > 1 else "")
 
 
 def main() -> int:

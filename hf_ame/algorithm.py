@@ -421,11 +421,15 @@ def ame_merge_many(
     names: Sequence[str] = (),
     bases: Optional[Sequence[torch.Tensor]] = None,
     device: Optional[torch.device] = None,
+    keys: Sequence[str] = (),
+    positions: Sequence[float] = (),
 ) -> List[torch.Tensor]:
     """Merge several tensors together: ``ingredients[k][j]`` is ingredient j's tensor k.
 
     Returns the merged tensors in ``config.compute_dtype``. Equal, tensor for tensor, to calling
-    :func:`ame_merge` on each tensor alone.
+    :func:`ame_merge` on each tensor alone. ``names``: the ingredients' (a pivot may name one);
+    ``keys`` and ``positions``: tensor k's name (seeding a method's random drops) and layer position
+    (0 to 1, for per-layer parameter gradients), as a streamed merge passes them.
     """
     if not ingredients:
         return []
@@ -437,7 +441,7 @@ def ame_merge_many(
     dtype = config.torch_compute_dtype
     init = [initial_merge(xs, pivot, base=None if bases is None else bases[k], dtype=dtype, device=device)
             for k, xs in enumerate(ingredients)]
-    stepper = AMEStepper(init, config, has_base=pivot[0] == "base")
+    stepper = AMEStepper(init, config, keys, positions, has_base=pivot[0] == "base")
     stepper.run(plan_steps(n, config), ingredients)
     return stepper.release()
 

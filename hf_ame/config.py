@@ -108,13 +108,16 @@ class AMEConfig:
                    method_kwargs=_lambda_name(params)).validate()
 
     @classmethod
-    def robust(cls, epochs: int = 20) -> "AMEConfig":
+    def robust(cls, epochs: int = 20, delta: float = 1.5) -> "AMEConfig":
         """A merge that needs no evaluation data and stays good when a few ingredients are far off
-        (diverged, rescaled, corrupt): the per-tensor geometric median by ``epochs`` Weiszfeld
-        iterations (method ``geometric_median``, SGD lr 1 constant, every ingredient in each step,
-        adaptive pivot from the soup). On identical or symmetric ingredients it is the soup."""
+        (diverged, rescaled, corrupt): the per-tensor Huber M-estimate of the ingredients' centre by
+        ``epochs`` iteratively reweighted steps (method ``huber``, SGD lr 1 constant, every ingredient
+        in each step, adaptive pivot from the soup). An ingredient within ``delta`` median distances
+        of the current merge weighs 1, a farther one delta x median / distance: on a clean set (every
+        ingredient within delta medians) it is the soup; a far-off one's pull is capped."""
         return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=epochs, batch_size=None, shuffle=False,
-                   pivot="soup", adaptive_pivot=True, amplification=1.0, method="geometric_median").validate()
+                   pivot="soup", adaptive_pivot=True, amplification=1.0, method="huber",
+                   method_kwargs={"delta": delta}).validate()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> "AMEConfig":

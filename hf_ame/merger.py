@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from tqdm.auto import tqdm
 
-from .algorithm import resolve_pivot
+from .algorithm import plan_steps, resolve_pivot
 from .architecture import base_model_prefix, headless_class, skeleton_from_config
 from .card import CHART_FILE, render_card
 from .adapters import is_adapter
@@ -26,6 +26,7 @@ from .config import AMEConfig, parse_dtype
 from .config_diff import choose_config
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
 from .errors import ConfigError, IncompatibleCheckpointsError, IngredientError, RecipeError
+from .held import HELD_LIMIT, HeldIngredients, held_bytes
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
 from .labels import align_labels, drop_renames, prefix_renames
 from .layouts import ConvertedCheckpoint, original_layout
@@ -38,8 +39,8 @@ from .quantization import check_quantization, dequantized_infos, is_fp8
 from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
 from .rows import RowAlignment
-from .stacking import LayerSlice
 from .slice_merge import MergeSlice, SliceSource, merge_slices
+from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
 from .search import Search, check_space
@@ -685,7 +686,11 @@ class AMEMerger:
         search = None
         if req.search is not None:
             search = Search(req.cfg, req.search, req.n_trials, greater_is_better=metric.greater_is_better)
-            cfg, report = self._merge_search(search, req, ckpts, base, lambda path: run(self._load(path), path), target, kw)
+            if self._held_search(req, ckpts, base, device):
+                cfg, report = self._merge_search_held(search, ckpts, base, run, target, kw)
+            else:
+                cfg, report = self._merge_search(search, req, ckpts, base, lambda path: run(self._load(path), path),
+                                                 target, kw)
         elif req.greedy is None:
             report = merge_checkpoints(ckpts, target, cfg, base=base if self._uses_base(cfg, ckpts) else None,
                                        stream=req.stream, memory_budget=req.memory_budget, rows=self.rows, **kw)
@@ -743,6 +748,47 @@ class AMEMerger:
         report = best[2]  # type: ignore[index]
         report.output_dir = target
         return search.best.config, report
+
+    def _held_search(self, req: "_Request", ckpts: List[Checkpoint], base: Optional[Checkpoint], device: Any) -> bool:
+        """Small models' trials run from ingredients held once in memory: every floating tensor of
+        every ingredient within ``memory_budget`` (default 2 GiB), merged on the CPU, rows not
+        re-matched, ``stream="auto"``. Otherwise each trial streams from the files."""
+        if req.stream != "auto" or (self.rows is not None and self.rows.tensors):
+            return False
+        if not all(device(n).type == "cpu" for n in ckpts[0].tensors):
+            return False
+        used = base if self._uses_base(req.cfg, ckpts) else None
+        return held_bytes(ckpts, used) <= (req.memory_budget or HELD_LIMIT)
+
+    def _merge_search_held(self, search: Search, ckpts: List[Checkpoint], base: Optional[Checkpoint], run: Any,
+                           target: Path, kw: Dict[str, Any]) -> Tuple[AMEConfig, MergeReport]:
+        """Each trial merged in memory and scored through one in-memory model; only the best is written."""
+        t0 = time.perf_counter()
+        held = HeldIngredients.read(ckpts, base if self._uses_base(search.config, ckpts) else None)
+        slot = ModelSlot(ckpts[0], self._load, lambda model: run(model, ckpts[0].path))
+        search.merged = "in memory"
+        best: Optional[Tuple[float, Dict[str, torch.Tensor]]] = None
+        try:
+            for trial in search:
+                state = held.merge(trial.config)
+                value = slot.score(state)
+                search.tell(value)
+                if best is None or search.better(value, best[0]):
+                    best = (value, state)
+                del state
+        finally:
+            slot.close()
+        state = best[1]  # type: ignore[index]
+        del held, best
+        files = save_state(state, ckpts[0], target, dtype=self.dtype, max_shard_size=kw["max_shard_size"],
+                           overwrite=kw["overwrite"])
+        cfg = search.best.config
+        report = MergeReport(target, [c.name for c in ckpts], cfg,
+                             str(self.dtype or model_dtype(ckpts[0])).replace("torch.", ""),
+                             tensors=len(ckpts[0].tensors), parameters=sum(i.numel for i in ckpts[0].tensors.values()),
+                             merged_tensors=len(state), copied_tensors=len(ckpts[0].tensors) - len(state),
+                             steps=len(plan_steps(len(ckpts), cfg)), files=files, seconds=time.perf_counter() - t0)
+        return cfg, report
 
     def _merge_greedy(self, req: "_Request", ckpts: List[Checkpoint], chosen: List[Ingredient], base: Optional[Checkpoint],
                       run: Any, metric: Any, target: Path, kw: Dict[str, Any]):

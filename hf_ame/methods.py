@@ -13,7 +13,14 @@ builds g differently, from the task vectors d_j = x_j - p:
   keeping ``density``;
 - ``slerp``: g = p - slerp(t, p, x) over each whole tensor (one model besides the base);
 - ``model_stock``: g = t (p - mean_j x_j), t = N cos / (1 + (N - 1) cos) from the mean cosine
-  between the task vectors (Model Stock).
+  between the task vectors (Model Stock);
+- ``della`` / ``della_linear``: entries kept with probabilities by magnitude rank (DELLA), then
+  TIES' sign election or a sum;
+- ``geometric_median`` (Weiszfeld steps) and ``huber`` (reweighted steps toward the Huber
+  M-estimate: the soup on a clean set, far-off models capped), hf_ame's robust centres.
+
+mergekit's other methods live in :mod:`hf_ame.sphere_methods` (nuslerp, multislerp, karcher) and
+:mod:`hf_ame.selection_methods` (sce, ram, ramplus_tl, nearswap, arcee_fusion).
 
 With the pivot at the base model and SGD, lr 1 (constant), one epoch, all ingredients in one step
 and a fixed pivot (:meth:`AMEConfig.one_shot`), one step gives w = base - g: exactly mergekit's
@@ -29,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -213,6 +221,7 @@ def _check_della(params: Mapping[str, Any], prefix: str) -> None:
 
 _RANGES = {  # name: (test, what it must be)
     "eps": (lambda v: v > 0, "a positive number"),
+    "delta": (lambda v: v > 0, "a positive number (median distances)"),
     "density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "gamma": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "epsilon": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -488,6 +497,25 @@ def _geometric_median(ctx: MethodContext) -> torch.Tensor:
     return acc.div_(total).neg_()
 
 
+def _huber(ctx: MethodContext) -> torch.Tensor:
+    """One iteratively-reweighted step toward the Huber M-estimate of the batch's centre, tensor by
+    tensor: r_j = |p - x_j|, s = median_j r_j, weight w_j = min(1, delta s / r_j), g = sum_j w_j (p -
+    x_j) / sum_j w_j. Models within ``delta`` median distances weigh 1 (on a clean set: the soup);
+    a far-off model's pull is capped at delta s. Pass 1 the distances, pass 2 the weighted sum."""
+    p = ctx.pivot
+    delta, eps = float(ctx.param("delta")), float(ctx.param("eps"))
+    r = [float(torch.linalg.vector_norm(ctx.get(i).sub_(p))) for i in range(ctx.n)]
+    cap = delta * max(statistics.median(r), eps)
+    weights = [1.0 if ri <= cap else cap / ri for ri in r]
+    acc = torch.zeros_like(p)
+    for i in range(ctx.n):
+        acc.add_(ctx.get(i).sub_(p), alpha=weights[i])
+    return acc.div_(sum(weights)).neg_()
+
+
+register_method("huber", _huber, defaults={"delta": 1.5, "eps": 1e-12}, needs_base=False, passes=2,
+                description="IRLS steps toward the Huber M-estimate: the soup on a clean set, far-off models capped",
+                reference="https://en.wikipedia.org/wiki/Huber_loss")
 register_method("geometric_median", _geometric_median, defaults={"eps": 1e-8}, needs_base=False,
                 description="Weiszfeld steps toward the geometric median (robust to a few far-off models)",
                 reference="https://en.wikipedia.org/wiki/Geometric_median")

@@ -64,6 +64,7 @@ class Search:
         self.trials: List[Trial] = []
         self._study: Any = None
         self._pending: Any = None
+        self.merged = "streamed"  # or "in memory": how the caller merged the trials
 
     def _grid(self) -> Iterator[Dict[str, Any]]:
         keys = list(self.space)
@@ -126,7 +127,8 @@ class Search:
     def record(self) -> Dict[str, Any]:
         """What the recipe and card keep: the space, n_trials, every trial and the chosen one."""
         return {"space": {k: (dict(v) if isinstance(v, Mapping) else list(v)) for k, v in self.space.items()},
-                "n_trials": self.n_trials, "chosen": self.best.number, "trials": [t.to_dict() for t in self.trials]}
+                "n_trials": self.n_trials, "chosen": self.best.number, "trials": [t.to_dict() for t in self.trials],
+                "merged": self.merged}
 
 
 def split_space(spec: Mapping[str, Any]) -> Tuple[Dict[str, Any], Optional[int]]:

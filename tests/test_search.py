@@ -39,6 +39,22 @@ def test_grid_search_keeps_the_best_and_never_loses_to_the_soup(digits, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert again.config.to_dict() == r.config.to_dict()
     assert not list(tmp_path.parent.glob("hf_ame-search-*"))
+    assert recipe["provenance"]["search"]["merged"] == "in memory"  # small models: held once, no trial files
+
+
+def test_in_memory_and_streamed_trials_agree(digits, tmp_path):
+    """The same search, trials held in memory (small models) and streamed from the files (a memory
+    budget too small to hold them): the same scores, the same kept bytes."""
+    paths, val, _ = digits
+    merger = AMEMerger.from_pretrained(paths, device_map="cpu")
+    kw = dict(optimizer="adamw", order_by="accuracy", eval_dataset=val, search={"lr": [1e-3, 1e-2], "epochs": [2]},
+              progress=False, write_card=False)
+    held = merger.merge(output_dir=tmp_path / "held", **kw)
+    streamed = merger.merge(output_dir=tmp_path / "streamed", memory_budget=1, **kw)
+    assert held.search["merged"] == "in memory" and streamed.search["merged"] == "streamed"
+    assert [t["score"] for t in held.search["trials"]] == [t["score"] for t in streamed.search["trials"]]
+    a, b = read_state(tmp_path / "held"), read_state(tmp_path / "streamed")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_optuna_search_and_bad_spaces(digits, tmp_path):
