@@ -106,7 +106,8 @@ def run(levels: List[float], seeds: List[int], n: int, outliers: List[int], cach
     print("| unseen | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
     for level, row in table.items():
         print(f"| {level:.0%} | " + " | ".join(_cell(row[c]) for c in cols) + " |")
-    outlier_table(seeds, n, outliers, cache)
+    if outliers:
+        outlier_table(seeds, n, outliers, cache)
 
 
 def outlier_table(seeds: List[int], n: int, outliers: List[int], cache: Path) -> None:
@@ -142,7 +143,7 @@ def main() -> int:
     ap.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.5, 0.7, 0.8, 0.9])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", type=int, default=30)
-    ap.add_argument("--outliers", type=int, nargs="+", default=[0, 1, 3, 6])
+    ap.add_argument("--outliers", type=int, nargs="*", default=[0, 1, 3, 6], help="none: skip the outlier table")
     ap.add_argument("--cache", default=str(HERE / ".data" / "digits"))
     a = ap.parse_args()
     t0 = time.perf_counter()
