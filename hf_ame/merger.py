@@ -623,7 +623,7 @@ class AMEMerger:
         method (:mod:`hf_ame.slice_merge`) and stacked. The plan (the first slice's, with a note on the
         rest) with ``dry_run``."""
         slices = self.recipe.slices
-        if "sources" not in slices[0]:
+        if not self._merges_slices():
             return stack_checkpoints([self._open(i) for i in self.ingredients],
                                      [LayerSlice(s["model"], *s["layer_range"]) for s in slices], target,
                                      dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,

@@ -133,20 +133,21 @@ def merge_slices(open_model: Callable[[int], Checkpoint], n_models: int, slices:
     check_output_dir(output_dir, overwrite, [c.path for c in heads])
     _check_slices(slices, heads)
     whole = _whole(slices, heads)
+    views = _views(slices, open_model)  # headers only; reused by the plans and the merges (close() keeps them usable)
     with tempfile.TemporaryDirectory(prefix="hf_ame-slices-") as tmp:
         plans = []
-        for k, (sl, vs) in enumerate(zip(slices, _views(slices, open_model))):
+        for k, (sl, vs) in enumerate(zip(slices, views)):
             ingredients, base, cfg = _slice_args(sl, vs, config)
             plans.append(plan_merge(ingredients, output_dir if whole else Path(tmp) / f"slice{k}", cfg, base=base,
                                     dtype=dtype, min_ingredients=1, overwrite=overwrite))
         if dry_run:
             return plans
         if whole:
-            ingredients, base, cfg = _slice_args(slices[0], _views(slices, open_model)[0], config)
+            ingredients, base, cfg = _slice_args(slices[0], views[0], config)
             return merge_checkpoints(ingredients, output_dir, cfg, base=base, dtype=dtype, progress=progress,
                                      max_shard_size=max_shard_size, overwrite=overwrite, min_ingredients=1,
                                      extra_files=extra_files)
-        for k, (sl, vs) in enumerate(zip(slices, _views(slices, open_model))):
+        for k, (sl, vs) in enumerate(zip(slices, views)):
             ingredients, base, cfg = _slice_args(sl, vs, config)
             out = Path(tmp) / f"slice{k}"
             merge_checkpoints(ingredients, out, cfg, base=base, dtype=dtype, progress=progress, min_ingredients=1)

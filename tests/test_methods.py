@@ -29,18 +29,8 @@ def fam(tmp_path_factory):
 
 
 def run_mergekit(method, base, models, params, out):
-    per = ("weight", "density", "gamma")
-    entries = [{"model": str(m), "parameters": {k: (v[i] if isinstance(v, list) else v) for k, v in params.items() if k in per}}
-               for i, m in enumerate(models)]
-    if method == "slerp":
-        entries.append({"model": str(base)})
-    cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32", "models": entries}
-    shared = {k: v for k, v in params.items() if k not in per}
-    if shared:
-        cfg["parameters"] = shared
-    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(out),
-                             mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
-    return read_state(out)
+    """mergekit 0.1.5's merge of ``models`` from ``base`` (slerp: the base listed as its other input)."""
+    return run_mergekit_config(method, list(models) + ([base] if method == "slerp" else []), params, out, base)
 
 
 CASES = {
@@ -270,8 +260,9 @@ def test_huber_step_on_plain_tensors():
 
 
 def run_mergekit_config(method, models, params, out, base=None):
-    """mergekit 0.1.5 on ``models`` (per-model ``weight`` / ``density`` / ``epsilon``; the rest global)."""
-    per = ("weight", "density", "epsilon")
+    """mergekit 0.1.5 on ``models`` (per-model ``weight`` / ``density`` / ``gamma`` / ``epsilon``: a list
+    is one value per model; the rest global)."""
+    per = ("weight", "density", "gamma", "epsilon")
     entries = []
     for i, m in enumerate(models):
         mine = {k: (v[i] if isinstance(v, list) else v) for k, v in params.items() if k in per}
