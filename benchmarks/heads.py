@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -74,17 +74,25 @@ def fine_tune(body: Path, topics: List[str], train: List[Tuple[str, str]], out: 
     model = AutoModelForSequenceClassification.from_pretrained(
         body, num_labels=len(topics), id2label=dict(enumerate(topics)), label2id={t: i for i, t in enumerate(topics)})
     data = [(topics.index(t), x) for t, x in train if t in topics]
+
+    def batches():
+        for _ in range(epochs):
+            random.Random(seed).shuffle(data)
+            yield from (data[s:s + 16] for s in range(0, len(data), 16))
+
+    train_and_save(model, batches(), tok, out, max_length=128)
+
+
+def train_and_save(model, batches: Iterable[Sequence[Tuple[int, str]]], tok, out: Path, *, max_length: int) -> None:
+    """AdamW (lr 1e-4) on each batch of (label, text) in turn, then the model and tokenizer saved to ``out``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    for _ in range(epochs):
-        random.Random(seed).shuffle(data)
-        for s in range(0, len(data), 16):
-            batch = data[s:s + 16]
-            enc = tok([x for _, x in batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            loss = model(**enc, labels=torch.tensor([y for y, _ in batch])).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for batch in batches:
+        enc = tok([x for _, x in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([y for y, _ in batch])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
 

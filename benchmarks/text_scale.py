@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import paper_scale  # noqa: E402 - SPACE, AME and the coordinate_median method
-from heads import TOPICS, balanced, minilm_folder, newsgroups  # noqa: E402
+from heads import TOPICS, balanced, minilm_folder, newsgroups, train_and_save  # noqa: E402
 
 Rows = List[Tuple[str, str]]
 
@@ -58,17 +58,8 @@ def fine_tune(base: Path, train: Rows, out: Path, *, seed: int, steps: int, tok)
     model = AutoModelForSequenceClassification.from_pretrained(base)
     data = [(TOPICS.index(t), x) for t, x in train]
     random.Random(seed).shuffle(data)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-    for s in range(steps):
-        batch = [data[(s * 16 + i) % len(data)] for i in range(16)]
-        enc = tok([x for _, x in batch], padding=True, truncation=True, max_length=96, return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor([y for y, _ in batch])).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(out)
-    tok.save_pretrained(out)
+    batches = ([data[(s * 16 + i) % len(data)] for i in range(16)] for s in range(steps))
+    train_and_save(model, batches, tok, out, max_length=96)
 
 
 @torch.no_grad()
