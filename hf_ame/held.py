@@ -17,7 +17,7 @@ import torch
 from .algorithm import ame_merge_many, is_exact_soup, soup
 from .checkpoints import Checkpoint
 from .config import AMEConfig
-from .methods import layer_position
+from .methods import decoder_layers, layer_position
 
 __all__ = ["HeldIngredients", "held_bytes", "HELD_LIMIT"]
 
@@ -44,8 +44,7 @@ class HeldIngredients:
     def read(cls, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint] = None) -> "HeldIngredients":
         ref = ckpts[0]
         names = [n for n, i in ref.tensors.items() if i.is_floating]
-        layers = ref.config.get("num_hidden_layers") or (ref.config.get("text_config") or {}).get("num_hidden_layers")
-        layers = layers if isinstance(layers, int) else None
+        layers = decoder_layers(ref.config)
         copies = [[c.get_tensor(n) for c in ckpts] for n in names]
         bases = [base.get_tensor(n) for n in names] if base is not None else None
         return cls(names, copies, bases, [layer_position(n, layers) for n in names], [c.name for c in ckpts])

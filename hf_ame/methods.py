@@ -128,6 +128,13 @@ def layer_position(tensor: str, num_layers: Optional[int]) -> float:
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.")
 
 
+def decoder_layers(config: Mapping[str, Any]) -> Optional[int]:
+    """The layer count L of :func:`layer_position`, from a checkpoint's config.json (``num_hidden_layers``,
+    or its ``text_config``'s for multimodal models); None when it has none."""
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
+
+
 def get_method_default(params: Mapping[str, Any], name: str) -> Any:
     """The method's own default of ``name`` (``params["__method__"]`` names the method)."""
     return get_method(params["__method__"]).defaults[name]

@@ -20,7 +20,7 @@ from .algorithm import AMEStep, PivotSpec, can_block, is_exact_soup, plan_steps
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
-from .methods import get_method, layer_position
+from .methods import decoder_layers, get_method, layer_position
 from .optimizers import build_optimizer
 from .rows import RowAlignment
 from .writer import ShardPlan, plan_shards
@@ -406,9 +406,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     passes = get_method(config.method).passes if config.method is not None else 1
     sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
     transform = "soup" if exact else (config.method or "ame")
-    layers = ref.config.get("num_hidden_layers") or (ref.config.get("text_config") or {}).get("num_hidden_layers")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype, transform, layers if isinstance(layers, int) else None, rows, base)
+                   where, out_dtype, transform, decoder_layers(ref.config), rows, base)
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,

@@ -157,6 +157,25 @@ def test_greedy_ame_restores_weights_and_optimizer_state(families):
     assert any(not torch.equal(state[n], w) for n, w in zip(names, full.weights))
 
 
+def test_greedy_ame_uses_layer_positions(families, tmp_path):
+    """A per-layer (gradient) method parameter acts in greedy AME as in a streamed merge: with every
+    step accepted, the two give the same tensors, and they differ from the parameter's t = 0 value."""
+    from conftest import read_state
+
+    base, *fts = families["llama"]
+    ckpts = [Checkpoint(p) for p in fts]
+    ramp = AMEConfig(optimizer="sgd", lr=1.0, epochs=1, batch_size=2, pivot="base", method="task_arithmetic",
+                     method_kwargs={"weight": {"gradient": [0.2, 1.0]}})
+    scores = [0.1 * i for i in range(len(plan_steps(3, ramp)) + 1)]  # every step better: all accepted
+    state, _ = greedy_ame(ckpts, ramp, _ScriptedSlot(scores), base=Checkpoint(base))
+    flat, _ = greedy_ame(ckpts, ramp.replace(method_kwargs={"weight": 0.2}), _ScriptedSlot(scores), base=Checkpoint(base))
+    merger = AMEMerger.from_pretrained(fts, base_model=base)
+    streamed = read_state(merger.merge(ramp, output_dir=tmp_path / "s", progress=False).output_dir)
+    layered = [n for n in state if ".layers.1." in n]
+    assert layered and all(torch.allclose(state[n], streamed[n], atol=1e-6) for n in state)
+    assert all(not torch.allclose(state[n], flat[n]) for n in layered)
+
+
 def test_greedy_ame_stops_at_non_finite_values(families, tmp_path):
     """A NaN in one ingredient stops greedy AME naming the model and the tensor (issue 12 item 4)."""
     import shutil
