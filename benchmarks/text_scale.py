@@ -107,8 +107,11 @@ def run_one(level: float, seed: int, a, tok) -> Dict[str, float]:
     train = balanced(newsgroups("train"), 60, rng)
     held = balanced(newsgroups("test"), 75, rng)
     val, test = held[:25 * len(TOPICS)], held[25 * len(TOPICS):]
+    t = [time.perf_counter()]
     paths = ingredients(Path(a.cache), level, seed, a.models, a.steps, train, tok)
+    t.append(time.perf_counter())
     row = {"best ingredient": max(accuracy(p, test, tok) for p in paths)}
+    t.append(time.perf_counter())
     work = Path(tempfile.mkdtemp(prefix="hf_ame-text-scale-"))
     try:
         merger = AMEMerger.from_pretrained([str(p) for p in paths], device_map="cpu")
@@ -116,6 +119,9 @@ def run_one(level: float, seed: int, a, tok) -> Dict[str, float]:
             row[name] = accuracy(folder, test, tok)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    t.append(time.perf_counter())
+    print(f"[fine-tunes {t[1] - t[0]:.0f}s, ingredients' test accuracy {t[2] - t[1]:.0f}s, merges and their"
+          f" test accuracy {t[3] - t[2]:.0f}s]", flush=True)
     return row
 
 

@@ -17,7 +17,7 @@ import torch
 from .algorithm import ame_merge_many, is_exact_soup, soup
 from .checkpoints import Checkpoint
 from .config import AMEConfig
-from .methods import decoder_layers, layer_position
+from .methods import layer_positions
 
 __all__ = ["HeldIngredients", "held_bytes", "HELD_LIMIT"]
 
@@ -44,10 +44,9 @@ class HeldIngredients:
     def read(cls, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint] = None) -> "HeldIngredients":
         ref = ckpts[0]
         names = [n for n, i in ref.tensors.items() if i.is_floating]
-        layers = decoder_layers(ref.config)
         copies = [[c.get_tensor(n) for c in ckpts] for n in names]
         bases = [base.get_tensor(n) for n in names] if base is not None else None
-        return cls(names, copies, bases, [layer_position(n, layers) for n in names], [c.name for c in ckpts])
+        return cls(names, copies, bases, layer_positions(names, ref.config), [c.name for c in ckpts])
 
     def merge(self, config: AMEConfig) -> Dict[str, torch.Tensor]:
         """The merge with ``config``, by file tensor name, in the compute dtype."""

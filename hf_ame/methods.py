@@ -135,6 +135,12 @@ def decoder_layers(config: Mapping[str, Any]) -> Optional[int]:
     return layers if isinstance(layers, int) else None
 
 
+def layer_positions(tensors: Sequence[str], config: Mapping[str, Any]) -> List[float]:
+    """:func:`layer_position` of each tensor name, the layer count read from ``config`` (config.json)."""
+    layers = decoder_layers(config)
+    return [layer_position(n, layers) for n in tensors]
+
+
 def get_method_default(params: Mapping[str, Any], name: str) -> Any:
     """The method's own default of ``name`` (``params["__method__"]`` names the method)."""
     return get_method(params["__method__"]).defaults[name]

@@ -21,7 +21,7 @@ from .config import AMEConfig, ConfigError
 from .errors import NonFiniteWeightsError
 from .engine import save_state
 from .executor import IngredientRow
-from .methods import decoder_layers, layer_position
+from .methods import layer_positions
 from .architecture import file_to_model_renamer
 
 __all__ = ["ORDERS", "GREEDY_MODES", "rank", "ModelSlot", "greedy_soup", "greedy_ame", "GreedyLog"]
@@ -162,8 +162,8 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
     dtype = config.torch_compute_dtype
     init = [initial_merge(lazy[k], pivot, base=base.get_tensor(n) if base is not None else None, dtype=dtype)
             for k, n in enumerate(names)]
-    layers = decoder_layers(ckpts[0].config)  # per-layer (gradient) method parameters, as a streamed merge
-    stepper = AMEStepper(init, config, names, [layer_position(n, layers) for n in names], has_base=pivot[0] == "base")
+    # layer positions: per-layer (gradient) method parameters act as in a streamed merge
+    stepper = AMEStepper(init, config, names, layer_positions(names, ckpts[0].config), has_base=pivot[0] == "base")
     del init
     _check_finite(stepper.weights, names, lazy, range(len(ckpts)), ckpts, config)
     best = slot.score(dict(zip(names, stepper.weights)))
