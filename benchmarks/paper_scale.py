@@ -103,10 +103,7 @@ def run(levels: List[float], seeds: List[int], n: int, outliers: List[int], cach
             print(f"unseen {level:.0%} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in row.items())
                   + f" [{time.perf_counter() - t0:.0f}s]", flush=True)
     print(f"\nfull test accuracy, {n} ingredients, mean +- sd over seeds {seeds}")
-    cols = list(next(iter(table.values())))
-    print("| unseen | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
-    for level, row in table.items():
-        print(f"| {level:.0%} | " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    print_table("unseen", {f"{level:.0%}": row for level, row in table.items()})
     if outliers:
         outlier_table(seeds, n, outliers, cache)
 
@@ -128,15 +125,25 @@ def outlier_table(seeds: List[int], n: int, outliers: List[int], cache: Path) ->
                 print(f"seed {seed}, {k} outliers: " + ", ".join(f"{m} {v[-1]:.4f}" for m, v in res[k].items()), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    cols = list(res[outliers[0]])
     print(f"\n{n} fine-tunes (50% unseen) plus K copies of a fine-tune x 10; test accuracy, mean +- sd over seeds {seeds}")
-    print("| outliers | " + " | ".join(cols) + " |\n|---:|" + "---:|" * len(cols))
-    for k, row in res.items():
-        print(f"| {k} | " + " | ".join(_cell(row[c]) for c in cols) + " |")
+    print_table("outliers", {str(k): row for k, row in res.items()})
 
 
 def _cell(v: List[float]) -> str:
+    if not v:
+        return "-"
     return f"{statistics.mean(v):.4f}" + (f" +- {statistics.stdev(v):.4f}" if len(v) > 1 else "")
+
+
+def print_table(first: str, table: Dict[str, Dict[str, List[float]]], counts: bool = False) -> None:
+    """A markdown table: one row per key (its label in column ``first``), one column per merge (the
+    first row's), mean +- sd of each cell's values; ``counts`` adds how many values each row has."""
+    cols = list(next(iter(table.values())))
+    print(f"| {first} | " + ("seeds | " if counts else "") + " | ".join(cols) + " |\n|---:|"
+          + "---:|" * (len(cols) + counts))
+    for key, row in table.items():
+        n = f"{len(row[cols[0]])} | " if counts else ""
+        print(f"| {key} | {n}" + " | ".join(_cell(row.get(c, [])) for c in cols) + " |")
 
 
 def main() -> int:

@@ -138,14 +138,8 @@ def print_table(runs: List[dict], levels: Sequence[float], seeds: Sequence[int])
             if r["level"] == level and r["seed"] in seeds:
                 for name, acc in r["row"].items():
                     table.setdefault(level, {}).setdefault(name.split(" (")[0], []).append(acc)
-    if not table:
-        return
-    cols = list(next(iter(table.values())))
-    print("| unseen | seeds | " + " | ".join(cols) + " |\n|---:|---:|" + "---:|" * len(cols))
-    for level, row in table.items():
-        n = len(row[cols[0]])
-        print(f"| {level:.0%} | {n} | " + " | ".join(paper_scale._cell(row.get(c, [])) if row.get(c) else "-"
-                                                    for c in cols) + " |")
+    if table:
+        paper_scale.print_table("unseen", {f"{level:.0%}": row for level, row in table.items()}, counts=True)
 
 
 def main() -> int:
