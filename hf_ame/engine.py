@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -28,16 +28,16 @@ from .checks import check_compatible, model_dtype
 from .config import AMEConfig, ConfigError, parse_dtype
 from .devices import DeviceMap, device_lookup
 from .errors import IncompatibleCheckpointsError
-from .executor import MergeReport, Ranks, run_plan
+from .executor import MergeReport, Ranks, run_parts, run_plan
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
-from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan
+from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan, combine_plans
 from .quantization import FP8Checkpoint, check_quantization
 from .rows import RowAlignment
 from .stacking import LayerSlice, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
-__all__ = ["MergeReport", "merge_checkpoints", "plan_merge", "stack_checkpoints", "open_checkpoints", "save_state"]
+__all__ = ["MergeReport", "MergePart", "merge_checkpoints", "merge_parts", "plan_merge", "stack_checkpoints", "open_checkpoints", "save_state"]
 
 
 def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
@@ -307,6 +307,65 @@ def stack_checkpoints(
         report.bytes_read = sum(c.bytes_read for c in ckpts)
     finally:
         for c in ckpts:
+            c.close()
+    report.files = sorted(set(plan.shards.files) | set(report.files) | set(files))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class MergePart:
+    """One merge of a combined output (a slice of mergekit's ``slices``): its ingredients, base (or
+    None) and config; ``rename`` maps its tensor names to the output's."""
+
+    ingredients: Sequence[Checkpoint]
+    base: Optional[Checkpoint]
+    config: AMEConfig
+    rename: Callable[[str], str]
+
+
+def merge_parts(
+    parts: Sequence[MergePart],
+    output_dir: Union[str, Path],
+    *,
+    config_changes: Optional[Mapping[str, Any]] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    dry_run: bool = False,
+) -> Union[MergeReport, MergePlan]:
+    """Merge each part with its own config into one output: every part is checked and planned
+    from headers first, the plans are combined (:func:`hf_ame.plan.combine_plans`: one set of
+    shards) and every tensor is written once, straight into the staged output. The output takes
+    the first part's first ingredient's config (with ``config_changes``) and tokenizer files.
+    ``dry_run``: return the combined plan, reading no weight."""
+    t0 = time.perf_counter()
+    parse_size(max_shard_size)
+    opened = [_open(p.ingredients, output_dir, p.config, p.base, dtype, overwrite, 1, 0) for p in parts]
+    sources = list({id(c): c for o in opened for c in o.ckpts + ([o.base] if o.base is not None else [])}.values())
+    read_before = sum(c.bytes_read for c in sources)
+    try:
+        plans = [_plan(o, output_dir, device_map=None, ranks=None, max_shard_size=max_shard_size, stream="auto",
+                       memory_budget=None, block_size=DEFAULT_BLOCK_SIZE, prefetch=True, reference=0,
+                       extra_files=extra_files) for o in opened]
+        plan = combine_plans(plans, [p.rename for p in parts], Path(output_dir), max_shard_size)
+        if dry_run:
+            return plan
+        files: List[str] = []
+        quantized = any(isinstance(c, FP8Checkpoint) for c in sources)
+
+        def finalize(tmp: Path) -> None:
+            files.extend(finish_output(tmp, opened[0].ckpts[0].files_path, getattr(torch, plan.dtype), extra_files,
+                                       config_changes, config_drop=("quantization_config",) if quantized else ()))
+
+        inputs = list(dict.fromkeys(p for o in opened for p in o.inputs))
+        report = run_parts([(pl, o.ckpts, o.base, p.rename) for pl, o, p in zip(plans, opened, parts)], plan,
+                           lambda: staged_output(output_dir, overwrite, inputs), finalize, progress=progress)
+        report.bytes_read = sum(c.bytes_read for c in sources) - read_before
+    finally:
+        for c in sources:
             c.close()
     report.files = sorted(set(plan.shards.files) | set(report.files) | set(files))
     report.seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -28,7 +28,7 @@ from .rows import RowGroup, row_groups, subset_config, subset_pivot
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
-__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "merge_integer"]
+__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer"]
 
 
 @dataclass
@@ -321,13 +321,15 @@ class _Runner:
 
     def run(self, folder: Path, progress: bool) -> None:
         """Merge and write this rank's tensors into ``folder``; the index is rank 0's to write."""
-        mine, plan, report = self.plan.mine(), self.plan, self.report
-        writer = ShardedWriter(folder, plan.shards, metadata={"merged_with": "hf_ame"},
-                               shards=[s for s, r in enumerate(plan.shard_ranks) if r == plan.rank])
-        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if (plan.prefetch and mine) else None
-        bar = tqdm(total=sum(t.write_bytes for t in mine), unit="B", unit_scale=True, unit_divisor=1024,
-                   desc="hf_ame merge" + (f" [rank {plan.rank}/{plan.world_size}]" if plan.world_size > 1 else ""),
-                   disable=not progress)
+        plan = self.plan
+        write_parts(folder, plan, [(self, None)], progress,
+                    "hf_ame merge" + (f" [rank {plan.rank}/{plan.world_size}]" if plan.world_size > 1 else ""))
+
+    def write_all(self, writer: ShardedWriter, bar: tqdm, rename: Optional[Callable[[str], str]] = None) -> None:
+        """Merge this rank's tensors in order (the next one read ahead) and hand each to ``writer``,
+        under ``rename(name)`` when given (a part of a combined output)."""
+        mine, report = self.plan.mine(), self.report
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if (self.plan.prefetch and mine) else None
         try:
             pending = pool.submit(self.read, mine[0]) if pool else None
             for k, tp in enumerate(mine):
@@ -342,17 +344,11 @@ class _Runner:
                 result = self.merge(tp, xs)
                 tw = time.perf_counter()
                 report.compute_seconds += tw - tc
-                writer.write(tp.name, result)
+                writer.write(rename(tp.name) if rename is not None else tp.name, result)
                 report.write_seconds += time.perf_counter() - tw
                 report.parameters += tp.numel
                 del xs, result
                 bar.update(tp.write_bytes)
-            bar.close()
-            report.files = writer.finish(write_index=plan.rank == 0)
-            report.bytes_written = writer.bytes_written
-        except BaseException:
-            writer.abort()
-            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -389,6 +385,47 @@ def run_plan(plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkp
     finally:
         runner.close()
     report.devices = sorted(runner.devices)
+    return report
+
+
+def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", Optional[Callable[[str], str]]]],
+                progress: bool, desc: str = "hf_ame merge") -> None:
+    """One writer laid out by ``plan`` (this rank's shards), fed by each runner in turn (its tensors
+    renamed by its function, if any); one progress bar over ``plan``'s bytes. The first runner's
+    report gets the files and bytes written; the index is rank 0's to write."""
+    writer = ShardedWriter(folder, plan.shards, metadata={"merged_with": "hf_ame"},
+                           shards=[s for s, r in enumerate(plan.shard_ranks) if r == plan.rank])
+    bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               disable=not progress)
+    try:
+        for runner, rename in parts:
+            runner.write_all(writer, bar, rename)
+        bar.close()
+        report = parts[0][0].report
+        report.files = writer.finish(write_index=plan.rank == 0)
+        report.bytes_written = writer.bytes_written
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def run_parts(parts: Sequence[Tuple[MergePlan, Sequence[Checkpoint], Optional[Checkpoint], Callable[[str], str]]],
+              plan: MergePlan, stage: Callable[[], Any], finalize: Callable[[Path], None], *,
+              progress: bool = True) -> MergeReport:
+    """Execute several plans (each with its checkpoints, base and renaming) into the one output
+    ``plan`` lays out (:func:`hf_ame.plan.combine_plans`): one staged folder, one writer, each
+    tensor written once; then ``finalize(folder)``. One process."""
+    report = MergeReport(plan.output_dir, list(plan.ingredients), plan.config, plan.dtype, tensors=len(plan.tensors),
+                         steps=len(plan.steps), stream=plan.stream, exact_soup=plan.exact_soup)
+    runners = [_Runner(p, c, b, report) for p, c, b, _ in parts]
+    try:
+        with stage() as tmp:
+            write_parts(tmp, plan, [(r, part[3]) for r, part in zip(runners, parts)], progress)
+            finalize(tmp)
+    finally:
+        for r in runners:
+            r.close()
+    report.devices = sorted(set().union(*(r.devices for r in runners)))
     return report
 
 

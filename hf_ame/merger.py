@@ -614,8 +614,8 @@ class AMEMerger:
 
     def _slices_run(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool, dry_run: bool = False):
         """A recipe's slices: a layer stacking (tensors copied and renamed), or slices merged by the
-        method (:mod:`hf_ame.slice_merge`) and stacked. The plan (the first slice's, with a note on the
-        rest) with ``dry_run``."""
+        method (:mod:`hf_ame.slice_merge`) into one output. The plan (every slice's tensors, a note
+        per slice) with ``dry_run``."""
         slices = self.recipe.slices
         if not self._merges_slices():
             return stack_checkpoints([self._open(i) for i in self.ingredients],
@@ -624,14 +624,9 @@ class AMEMerger:
                                      progress=progress, dry_run=dry_run)
         merged = [MergeSlice([SliceSource(s["model"], *s["layer_range"]) for s in sl["sources"]], sl.get("base"),
                              dict(sl.get("method_kwargs") or {})) for sl in slices]
-        out = merge_slices(lambda i: self._open(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
-                           dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
-                           progress=progress, dry_run=dry_run)
-        if not dry_run:
-            return out
-        out[0].notes.append(f"slice 1 of {len(out)}; each slice is merged like this one into a temporary folder, "
-                            "then the slices are stacked into the output")
-        return out[0]
+        return merge_slices(lambda i: self._open(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
+                            dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
+                            progress=progress, dry_run=dry_run)
 
     def _stack_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
         """A recipe's slices: stacked (no merge arithmetic) or merged slice by slice, then stacked."""

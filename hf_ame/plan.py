@@ -10,7 +10,7 @@ and ``AMEMerger.plan`` print one. A plan is data: printable, comparable, testabl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +25,7 @@ from .optimizers import build_optimizer
 from .rows import RowAlignment
 from .writer import ShardPlan, plan_shards
 
-__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
+__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "combine_plans", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
            "assign_shards", "block_elements", "read_sequence"]
 
 STREAM_MODES = ("auto", "tensor", "ingredient")
@@ -415,3 +415,27 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
                      owner, reference, rank, world_size, list(extra_files), rows=rows)
     plan.notes.extend(rows.notes if rows is not None else [])
     return plan
+
+
+def combine_plans(plans: Sequence[MergePlan], renames: Sequence[Callable[[str], str]], output_dir: Path,
+                  max_shard_size: Any = "5GB") -> MergePlan:
+    """One output made of several merges (mergekit's slices merged by a method): every plan's
+    tensors, renamed by its ``renames`` entry, in order, laid out in one set of shards, so that each
+    is written once. The settings shown (config, steps, stream) are the first plan's; the
+    ingredients are every plan's (in order of first use), the bases joined by ", "."""
+    tensors = [replace(t, name=f(t.name), sources=list(t.sources)) for p, f in zip(plans, renames) for t in p.tensors]
+    seen: set = set()
+    for t in tensors:
+        if t.name in seen:
+            raise ValueError(f"tensor {t.name!r}: two merges write it (renamed into the same output name)")
+        seen.add(t.name)
+    shards = plan_shards([(t.name, getattr(torch, t.dtype), t.shape) for t in tensors], max_shard_size)
+    for t in tensors:
+        t.shard, t.rank = shards.entries[t.name].shard, 0
+    names = list(dict.fromkeys(n for p in plans for n in p.ingredients))
+    bases = list(dict.fromkeys(p.base for p in plans if p.base is not None))
+    first = plans[0]
+    return MergePlan(Path(output_dir), names, ", ".join(bases) or None, first.config, first.pivot, first.steps,
+                     all(p.exact_soup for p in plans), first.stream, first.block_size, first.prefetch, first.dtype,
+                     shards, tensors, first.sequence, [0] * len(shards.files), extra_files=list(first.extra_files),
+                     notes=list(dict.fromkeys(n for p in plans for n in p.notes)))

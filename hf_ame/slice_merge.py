@@ -8,15 +8,13 @@ parameter gradients) is i / (length - 1), 1 for a one-layer slice, 0 outside the
 
 Each source is seen through a *view*: its checkpoint keyed with the slice's layers renumbered from
 0 (and the embeddings or head where the slice takes them), its config cut to those layers. Each
-slice is an ordinary streamed merge of views into a temporary folder; the slices are then stacked
-into the output (:func:`~hf_ame.engine.stack_checkpoints`), which stages and moves it into place.
-Every slice is planned, from headers, before any weight is read.
+slice is an ordinary streamed merge of views (:class:`~hf_ame.engine.MergePart`), its tensors
+renamed to their output layers as they are written; every slice is planned, from headers, before
+any weight is read, and all of them are written into one staged output
+(:func:`~hf_ame.engine.merge_parts`): each tensor once, no temporary copy of the model.
 """
 from __future__ import annotations
 
-import json
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -25,10 +23,10 @@ import torch
 
 from .checkpoints import Checkpoint
 from .config import AMEConfig
-from .engine import merge_checkpoints, plan_merge, stack_checkpoints
+from .engine import MergePart, merge_parts
 from .errors import IncompatibleCheckpointsError
-from .output import check_output_dir
 from .executor import MergeReport
+from .output import check_output_dir
 from .plan import MergePlan
 from .stacking import LayerSlice, is_pre_layer, layer_index, stacked_config
 
@@ -94,67 +92,58 @@ def _views(slices: Sequence[MergeSlice], open_model: Callable[[int], Checkpoint]
             for k, sl in enumerate(slices)]
 
 
-def _slice_args(sl: MergeSlice, views: Sequence[Checkpoint], config: AMEConfig):
+def _part(sl: MergeSlice, views: Sequence[Checkpoint], config: AMEConfig, offset: int) -> MergePart:
+    """The slice as one part of the output: its views (the base apart), config and layer renaming."""
     base = views[sl.base] if sl.base is not None else None
     ingredients = [v for j, v in enumerate(views) if j != sl.base]
     cfg = config.replace(method_kwargs=dict(sl.method_kwargs), **({"pivot": "base"} if base is not None else {}))
-    return ingredients, base, cfg
+    return MergePart(ingredients, base, cfg, lambda name: _shifted(name, offset))
 
 
-def _layer_config(folder: Path, view: Checkpoint) -> None:
-    """The sub-merge's config.json with the view's layer count and per-layer lists (the rest, such as
-    the dtype the merge wrote, kept)."""
-    path = folder / "config.json"
-    written = json.loads(path.read_text())
-    written.update({k: v for k, v in view.config.items()
-                    if k == "num_hidden_layers" or (isinstance(v, list) and written.get(k) != v)})
-    path.write_text(json.dumps(written, indent=2) + "\n")
+def _shifted(name: str, offset: int) -> str:
+    li = layer_index(name)
+    return name if li is None else f"{li[0]}{li[1] + offset}{li[2]}"
 
 
-def _whole(slices: Sequence[MergeSlice], heads: Sequence[Checkpoint]) -> bool:
-    """One slice taking every layer of each source: the plain merge (mergekit's models form)."""
-    return len(slices) == 1 and all(s.start == 0 and s.end == heads[s.model].config.get("num_hidden_layers")
-                                    for s in slices[0].sources)
+def _layer_changes(slices: Sequence[MergeSlice], parts: Sequence[MergePart]) -> Dict[str, Any]:
+    """The output config's layer count and per-layer lists (each part's first ingredient's, cut to its layers)."""
+    stacked = stacked_config([p.ingredients[0].config for p in parts],
+                             [LayerSlice(k, 0, sl.length) for k, sl in enumerate(slices)])
+    return {k: v for k, v in stacked.items() if k == "num_hidden_layers" or isinstance(v, list)}
+
+
+def _notes(slices: Sequence[MergeSlice], parts: Sequence[MergePart], names: Sequence[str]) -> List[str]:
+    out, o = [], 0
+    for k, (sl, p) in enumerate(zip(slices, parts)):
+        src = ", ".join(f"{names[s.model]} [{s.start}, {s.end})" for s in sl.sources)
+        out.append(f"slice {k + 1} of {len(slices)}: output layers [{o}, {o + sl.length}) merge {src}"
+                   + (f" (base {p.base.name})" if p.base is not None else ""))
+        o += sl.length
+    return out
 
 
 def merge_slices(open_model: Callable[[int], Checkpoint], n_models: int, slices: Sequence[MergeSlice],
                  output_dir: Union[str, Path], config: AMEConfig, *, dtype: Union[str, torch.dtype, None] = None,
                  max_shard_size: Union[int, str] = "5GB", overwrite: bool = False, progress: bool = True,
                  extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
-                 dry_run: bool = False) -> Union[MergeReport, List[MergePlan]]:
+                 dry_run: bool = False) -> Union[MergeReport, MergePlan]:
     """Merge ``slices`` with ``config``'s method and stack them into ``output_dir``.
 
     ``open_model(i)`` opens model i (a fresh :class:`Checkpoint` per call: each view re-keys its
-    own). Every slice is checked and planned from headers first; ``dry_run`` returns those plans
-    (one per slice, its layers numbered from 0) and reads no weight. One slice over every layer
-    of its sources is merged straight into ``output_dir``."""
-    t0 = time.perf_counter()
+    own). Every slice is checked and planned from headers first (``dry_run`` returns that plan, one
+    for all slices, and reads no weight); then each slice's tensors are merged and written, under
+    their output layer numbers, straight into the staged output: each tensor is written once."""
     heads = [open_model(i) for i in range(n_models)]
     check_output_dir(output_dir, overwrite, [c.path for c in heads])
     _check_slices(slices, heads)
-    whole = _whole(slices, heads)
-    views = _views(slices, open_model)  # headers only; reused by the plans and the merges (close() keeps them usable)
-    with tempfile.TemporaryDirectory(prefix="hf_ame-slices-") as tmp:
-        plans = []
-        for k, (sl, vs) in enumerate(zip(slices, views)):
-            ingredients, base, cfg = _slice_args(sl, vs, config)
-            plans.append(plan_merge(ingredients, output_dir if whole else Path(tmp) / f"slice{k}", cfg, base=base,
-                                    dtype=dtype, min_ingredients=1, overwrite=overwrite))
-        if dry_run:
-            return plans
-        if whole:
-            ingredients, base, cfg = _slice_args(slices[0], views[0], config)
-            return merge_checkpoints(ingredients, output_dir, cfg, base=base, dtype=dtype, progress=progress,
-                                     max_shard_size=max_shard_size, overwrite=overwrite, min_ingredients=1,
-                                     extra_files=extra_files)
-        for k, (sl, vs) in enumerate(zip(slices, views)):
-            ingredients, base, cfg = _slice_args(sl, vs, config)
-            out = Path(tmp) / f"slice{k}"
-            merge_checkpoints(ingredients, out, cfg, base=base, dtype=dtype, progress=progress, min_ingredients=1)
-            _layer_config(out, vs[0])
-        stacked = [LayerSlice(k, 0, sl.length) for k, sl in enumerate(slices)]
-        report = stack_checkpoints([Path(tmp) / f"slice{k}" for k in range(len(slices))], stacked, output_dir,
-                                   dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                                   progress=progress, extra_files=extra_files)
-    report.seconds = time.perf_counter() - t0
-    return report
+    for c in heads:
+        c.close()
+    views = _views(slices, open_model)  # headers only
+    offsets = [sum(sl.length for sl in slices[:k]) for k in range(len(slices))]
+    parts = [_part(sl, vs, config, o) for sl, vs, o in zip(slices, views, offsets)]
+    out = merge_parts(parts, output_dir, config_changes=_layer_changes(slices, parts),
+                      dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                      extra_files=extra_files, dry_run=dry_run)
+    if isinstance(out, MergePlan):
+        out.notes.extend(_notes(slices, parts, [c.name for c in heads]))
+    return out

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import save_file
 
 from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, RecipeError, load_recipe, merge_checkpoints
+from hf_ame import writer as writer_module
 from hf_ame.cli import main
 from hf_ame.methods import layer_position
 from hf_ame.testing import make_family
@@ -323,16 +324,24 @@ SLICED = {  # mergekit's slices merged by a method: other layer ranges per sourc
 
 
 @pytest.mark.parametrize("name", sorted(SLICED))
-def test_slices_merged_by_a_method_equal_mergekit(fam6, tmp_path, name):
+def test_slices_merged_by_a_method_equal_mergekit(fam6, tmp_path, name, monkeypatch):
     """Each slice merges its sources' layer ranges (renumbered while streaming; a layer's t runs over its
     slice), embeddings from the first slice's sources, norm and head from the last's; equal to mergekit
-    0.1.5, config included; the written recipe re-runs to the same bytes."""
+    0.1.5, config included; every tensor is written once, straight into the output (the dry-run plan lists
+    them all); the written recipe re-runs to the same bytes."""
     cfg = SLICED[name](fam6[0], fam6[1:])
     want = mergekit(cfg, tmp_path / "mk")
-    result = AMEMerger.from_recipe(write(tmp_path, name, cfg), device_map="cpu").merge(output_dir=tmp_path / "o",
-                                                                                         progress=False)
+    writes = []
+    real_write = writer_module.ShardedWriter.write
+    monkeypatch.setattr(writer_module.ShardedWriter, "write",
+                        lambda self, n, t: (writes.append((str(self.folder), n)), real_write(self, n, t))[1])
+    merger = AMEMerger.from_recipe(write(tmp_path, name, cfg), device_map="cpu")
+    plan = merger.plan(output_dir=tmp_path / "o")
+    result = merger.merge(output_dir=tmp_path / "o", progress=False)
     got = read_state(result.output_dir)
-    assert set(got) == set(want)
+    assert set(got) == set(want) == {t.name for t in plan.tensors}
+    assert len(writes) == len(got) and len({f for f, _ in writes}) == 1 and {n for _, n in writes} == set(got)
+    assert str(plan).count("slice ") >= len(cfg["slices"]) and result.report.bytes_written == plan.bytes_to_write
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
     mk_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
     assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
