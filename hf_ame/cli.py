@@ -83,6 +83,9 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                         "| union | an ingredient; embedding rows are matched by token")
     m.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
                    help="with --tokenizer-source: round the embedding rows up to a multiple of N")
+    m.add_argument("--missing-tokens", choices=["mergekit"], default=None,
+                   help="an embedding row some models lack: merged as mergekit does (default: over the models "
+                        "that hold its token)")
     m.add_argument("--heads", default=None, metavar="CHOICE",
                    help="classifiers with different label sets: union | drop | an ingredient (its head as it is); "
                         "the same labels in another order are always aligned by name")
@@ -197,7 +200,7 @@ def _search_args(path: Optional[str]) -> Dict[str, Any]:
 def _cmd_merge(args: argparse.Namespace) -> int:
     if _is_recipe(args.models):
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
-        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source", "chat_template"):
+        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template"):
             if getattr(args, key) is not None:
                 kwargs[key] = getattr(args, key)
         if args.trust_remote_code:
@@ -230,6 +233,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
                                        trust_remote_code=args.trust_remote_code, base_model=args.base_model,
                                        tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
+                                       missing_tokens=args.missing_tokens,
                                        heads=args.heads, config_source=args.config_source,
                                        chat_template=args.chat_template)
     if args.dry_run:

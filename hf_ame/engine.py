@@ -16,7 +16,7 @@ Never a whole model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
@@ -324,6 +324,15 @@ class MergePart:
     rename: Callable[[str], str]
 
 
+def _rows_held(rows: Optional[RowAlignment], part: MergePart) -> Optional[RowAlignment]:
+    """``rows`` for the row-matched tensors this part's ingredients hold (an embedding only in the first slice)."""
+    if rows is None:
+        return None
+    held = {n: a for n, a in rows.tensors.items() if n in part.ingredients[0].tensors}
+    base = part.base.name if (rows.fill and part.base is not None) else rows.fill_base  # mergekit's rule: the slice's base
+    return replace(rows, tensors=held, fill_base=base) if held else None
+
+
 def merge_parts(
     parts: Sequence[MergePart],
     output_dir: Union[str, Path],
@@ -334,16 +343,20 @@ def merge_parts(
     overwrite: bool = False,
     progress: bool = True,
     extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+    rows: Optional[RowAlignment] = None,
     dry_run: bool = False,
 ) -> Union[MergeReport, MergePlan]:
     """Merge each part with its own config into one output: every part is checked and planned
     from headers first, the plans are combined (:func:`hf_ame.plan.combine_plans`: one set of
     shards) and every tensor is written once, straight into the staged output. The output takes
-    the first part's first ingredient's config (with ``config_changes``) and tokenizer files.
+    the first part's first ingredient's config (with ``config_changes``) and tokenizer files;
+    ``rows`` (keyed by model name, as :func:`merge_checkpoints` takes them) matches the rows of the
+    tensors each part holds, and gives its config fields and tokenizer.
     ``dry_run``: return the combined plan, reading no weight."""
     t0 = time.perf_counter()
     parse_size(max_shard_size)
-    opened = [_open(p.ingredients, output_dir, p.config, p.base, dtype, overwrite, 1, 0) for p in parts]
+    opened = [_open(p.ingredients, output_dir, p.config, p.base, dtype, overwrite, 1, 0, _rows_held(rows, p))
+              for p in parts]
     sources = list({id(c): c for o in opened for c in o.ckpts + ([o.base] if o.base is not None else [])}.values())
     read_before = sum(c.bytes_read for c in sources)
     try:
@@ -356,9 +369,13 @@ def merge_parts(
         files: List[str] = []
         quantized = any(isinstance(c, FP8Checkpoint) for c in sources)
 
+        r = rows or RowAlignment()
+
         def finalize(tmp: Path) -> None:
             files.extend(finish_output(tmp, opened[0].ckpts[0].files_path, getattr(torch, plan.dtype), extra_files,
-                                       config_changes, config_drop=("quantization_config",) if quantized else ()))
+                                       {**r.config_changes, **(config_changes or {})}, tokenizer_from=r.tokenizer_dir,
+                                       tokenizer=r.tokenizer, chat_template=r.chat_template,
+                                       config_drop=("quantization_config",) if quantized else ()))
 
         inputs = list(dict.fromkeys(p for o in opened for p in o.inputs))
         report = run_parts([(pl, o.ckpts, o.base, p.rename) for pl, o, p in zip(plans, opened, parts)], plan,

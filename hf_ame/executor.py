@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -24,7 +24,7 @@ from .checkpoints import Checkpoint
 from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
-from .rows import RowGroup, row_groups, subset_config, subset_pivot
+from .rows import RowGroup, RowMap, fill_sources, row_groups, subset_config, subset_pivot
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
@@ -153,6 +153,32 @@ class GatheredRows(IngredientRow):
         return self.ckpts[j].get_tensor(self.name).index_select(0, self.rows[j]).to(self.device)
 
 
+class FilledCopies(IngredientRow):
+    """Each checkpoint's copy of a row-matched tensor laid out in the output's rows, the keyed rows it
+    lacks filled with ``defaults`` (output row -> row) and new padding rows with its own mean row
+    (mergekit's ``PermutedVocabulary``); read when indexed, the next in ``sequence`` prefetched."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], name: str, row_map: RowMap, defaults: Mapping[int, torch.Tensor],
+                 device: torch.device, sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None):
+        super().__init__(ckpts, name, device, sequence, pool)
+        self.row_map, self.defaults = row_map, defaults
+
+    def _read(self, j: int) -> torch.Tensor:
+        x, m = self.ckpts[j].get_tensor(self.name), self.row_map
+        idx = torch.tensor(m.sources[self.ckpts[j].name], dtype=torch.long)
+        keyed = torch.tensor([k is not None for k in m.keys])
+        out = torch.zeros((m.rows, *x.shape[1:]), dtype=x.dtype)
+        have = idx >= 0  # its own rows, padding matched by position included
+        out[have] = x[idx[have]]
+        for r, row in self.defaults.items():
+            if not bool(have[r]):
+                out[r] = row.to(x.dtype)
+        pad = ~keyed & ~have  # new padding (pad_to_multiple_of): this model's mean row, as mergekit pads
+        if bool(pad.any()):
+            out[pad] = out[keyed].float().mean(0).to(x.dtype)
+        return out.to(self.device)
+
+
 class Ranks:
     """This process's place in a multi-process merge (torch.distributed, as set up by
     ``accelerate launch`` or ``torchrun``); world size 1 otherwise."""
@@ -265,10 +291,40 @@ class _Runner:
         except NonFiniteError as exc:
             raise NonFiniteError([g.members[c] for c in exc.culprits]) from None
 
+    def default_rows(self, tp: TensorPlan, srcs: Sequence[Checkpoint]) -> Dict[int, torch.Tensor]:
+        """mergekit's default rows (:func:`hf_ame.rows.fill_sources`), each holder's copy read once."""
+        m = self.plan.rows.map_for(tp.name)
+        plan = fill_sources(m, [c.name for c in srcs], self.plan.rows.fill_base)
+        sums: Dict[int, torch.Tensor] = {}
+        for c in srcs:
+            rows = [r for r, holders in plan.items() if c.name in holders]
+            x = c.get_tensor(tp.name) if rows else None
+            for r in rows:
+                sums[r] = sums.get(r, 0) + x[m.sources[c.name][r]].float()
+        width = tuple(tp.shape[1:])
+        return {r: (sums[r] / len(h) if h else torch.zeros(width)) for r, h in plan.items()}
+
+    def merge_filled(self, tp: TensorPlan) -> torch.Tensor:
+        """A row-matched tensor merged whole, as mergekit merges it: every copy laid out in the output's
+        rows, the rows a model lacks filled with mergekit's default rows."""
+        p, dev = self.plan, torch.device(tp.device)
+        srcs = self.ckpts + ([self.pivot_base] if self.pivot_base is not None else [])
+        m, defaults = p.rows.map_for(tp.name), self.default_rows(tp, srcs)
+        copies = FilledCopies(self.ckpts, tp.name, m, defaults, dev, p.sequence, self.row_pool)
+        base_x = FilledCopies([self.pivot_base], tp.name, m, defaults, dev)[0] if self.pivot_base is not None else None
+        try:
+            return merge_tensor(copies, p.config, p.steps, p.pivot, base=base_x, device=dev,
+                                out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup, block_size=None,
+                                key=tp.name, position=tp.position)
+        finally:
+            copies.close()
+
     def merge_gathered(self, tp: TensorPlan) -> torch.Tensor:
         """A tensor whose rows are matched by key (:mod:`hf_ame.rows`): group by group; rows that no
         ingredient holds (new padding) take the mean of the merged rows."""
         p, dev = self.plan, torch.device(tp.device)
+        if p.rows.fill == "mergekit" and p.rows.tensors.get(tp.name) == "vocab":
+            return self.merge_filled(tp)
         base = self.base.name if self.base is not None else None
         groups = row_groups(p.rows.map_for(tp.name), [c.name for c in self.ckpts], base)
         out = torch.empty(tp.shape, dtype=getattr(torch, tp.dtype), device=dev)

@@ -113,6 +113,10 @@ def _parse_slices(data: Mapping[str, Any], method: str) -> List[Dict[str, Any]]:
 
 def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], original: str) -> Dict[str, Any]:
     """passthrough slices as an hf_ame recipe: the models (in order of first use) and the slices by index."""
+    for key in ("tokenizer", "tokenizer_source", "chat_template"):  # layers copied, not merged: no row to match
+        if data.get(key) is not None:
+            raise _fail(key, "not supported yet with passthrough slices (layer stacking copies tensors; the "
+                             "output takes the first slice's model's tokenizer)")
     refs: List[Dict[str, Any]] = []
     out = []
     for i, sl in enumerate(slices):
@@ -269,11 +273,9 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
     """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}``, and ``chat_template``, as the
-    recipe's output fields (mergekit's default source under ``tokenizer:`` is "union")."""
+    recipe's output fields (mergekit's default source under ``tokenizer:`` is "union"). With slices the
+    recipe has no base model apart from the slices' sources: "base" names ``base_model`` itself."""
     tok = data.get("tokenizer")
-    if sliced and (tok is not None or data.get("tokenizer_source") is not None):
-        raise _fail("tokenizer" if tok is not None else "tokenizer_source",
-                    "not supported yet with slices merged by a method (only with models)")
     if tok is not None and data.get("tokenizer_source") is not None:
         raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
     if tok is not None and (not isinstance(tok, Mapping) or not set(tok) <= _TOKENIZER_KEYS):
@@ -284,7 +286,12 @@ def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     if source is not None:
         where = "tokenizer.source" if tok is not None else "tokenizer_source"
+        if sliced and source == "base":
+            if data.get("base_model") is None:
+                raise _fail(where, "'base' needs base_model")
+            source = data["base_model"]
         out["tokenizer_source"] = source if source in ("base", "union") else _reference(source, where)["id"]
+        out["missing_tokens"] = "mergekit"  # a row some models lack: mergekit's default rows, tensors merged whole
     if (tok or {}).get("pad_to_multiple_of") is not None:
         out["pad_to_multiple_of"] = tok["pad_to_multiple_of"]
     if data.get("chat_template") is not None:

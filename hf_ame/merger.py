@@ -21,7 +21,7 @@ from .checkpoints import Checkpoint
 from .checks import model_dtype
 from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
-from .errors import ConfigError, IngredientError, RecipeError
+from .errors import ConfigError, IngredientError
 from .held import HELD_LIMIT, HeldIngredients, held_bytes
 from .hub import Ingredient
 from .layouts import ConvertedCheckpoint
@@ -274,18 +274,12 @@ class AMEMerger:
             load.setdefault("dtype", recipe.output["dtype"])
         if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
             load.setdefault("min_models", 1)
-        for key in ("tokenizer_source", "pad_to_multiple_of", "heads", "config_source", "chat_template"):
+        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template"):
             if recipe.output.get(key) is not None:
                 load.setdefault(key, recipe.output[key])
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
                                      base_model=recipe.base_model, **load)
         merger.recipe = recipe
-        layers = (recipe.provenance or {}).get("num_hidden_layers")
-        for ing in merger.ingredients if layers is not None else []:  # a mergekit slice over [0, layers]
-            found = Checkpoint(ing.path).config.get("num_hidden_layers")
-            if found != layers:
-                raise RecipeError(f"slices: the layer range [0, {layers}] is not every layer of {ing.id!r} "
-                                  f"({found}); partial ranges are not supported yet")
         return merger
 
     @classmethod
@@ -306,6 +300,7 @@ class AMEMerger:
         min_models: Optional[int] = None,
         tokenizer_source: Union[str, int, None] = None,
         pad_to_multiple_of: Optional[int] = None,
+        missing_tokens: Optional[str] = None,
         heads: Union[str, int, None] = None,
         config_source: Union[str, int, None] = None,
         chat_template: Optional[str] = None,
@@ -330,6 +325,8 @@ class AMEMerger:
                 ingredient's id or index; embedding rows are matched by token and each merged from
                 the models that have it. Default None: differing row counts are refused.
             pad_to_multiple_of: round the output's embedding rows up to a multiple of this.
+            missing_tokens: a row some models lack: None (default) merged over its holders;
+                ``"mergekit"`` as mergekit does (lacking models take a default row, tensors merge whole).
             heads: label sets that differ (``id2label``): ``"union"``, ``"base"``, ``"drop"`` (the
                 body saved headless) or an ingredient (its head as it is). Default None: equal label
                 sets only; the same labels in another order are always aligned by name.
@@ -350,7 +347,7 @@ class AMEMerger:
 
         # 1. headers, tokenizers and configs checked before any weight is downloaded; 2. downloads
         choices = {"tokenizer_source": tokenizer_source, "pad_to_multiple_of": pad_to_multiple_of, "heads": heads,
-                   "config_source": config_source, "chat_template": chat_template}
+                   "config_source": config_source, "chat_template": chat_template, "missing_tokens": missing_tokens}
         access = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, token=token, endpoint=endpoint)
         check = Preflight(everyone, len(ings), least, choices, access)
         t1 = check_and_download(check, local_files_only=local_files_only)
@@ -626,7 +623,7 @@ class AMEMerger:
                              dict(sl.get("method_kwargs") or {})) for sl in slices]
         return merge_slices(lambda i: self._open(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
                             dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
-                            progress=progress, dry_run=dry_run)
+                            progress=progress, rows=self.rows, dry_run=dry_run)
 
     def _stack_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
         """A recipe's slices: stacked (no merge arithmetic) or merged slice by slice, then stacked."""

@@ -15,6 +15,7 @@ from .adapters import is_adapter
 from .architecture import base_model_prefix, headless_class, skeleton_from_config
 from .checkpoints import Checkpoint
 from .checks import check_compatible, storage_dtype
+from .config import ConfigError
 from .config_diff import choose_config
 from .errors import IncompatibleCheckpointsError, IngredientError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
@@ -22,7 +23,7 @@ from .labels import align_labels, drop_renames, prefix_renames
 from .layouts import original_layout
 from .output import TOKENIZER_FILES
 from .quantization import check_quantization, dequantized_infos, is_fp8
-from .rows import RowAlignment
+from .rows import MISSING_TOKENS, RowAlignment
 from .vocab import align_vocab, resolve_chat_template
 
 __all__ = ["Preflight", "check_and_download", "open_ingredient", "parse_models"]
@@ -113,6 +114,8 @@ class Preflight:
     def __init__(self, everyone: Sequence[Ingredient], n: int, least: int, choices: Mapping[str, Any],
                  access: Mapping[str, Any]):
         self.everyone, self.n, self.least, self.choices, self.access = list(everyone), n, least, dict(choices), access
+        if self.choices.get("missing_tokens") not in MISSING_TOKENS:
+            raise ConfigError(f"missing_tokens: expected None or 'mergekit', got {self.choices['missing_tokens']!r}")
         self.rows: Optional[RowAlignment] = None
         self.renames: Dict[str, Dict[str, str]] = {}
         self.layouts: Dict[str, Any] = {}  # model id -> its tensors in the original layout (see hf_ame.layouts)
@@ -152,7 +155,8 @@ class Preflight:
             folders = [files_folder(i, h, **self.access) for i, h in zip(self.everyone, headers)]
             rows.update(align_vocab(headers, folders, c["tokenizer_source"], has_base=base is not None,
                                     pad_to_multiple_of=c["pad_to_multiple_of"],
-                                    trust_remote_code=self.access["trust_remote_code"]))
+                                    trust_remote_code=self.access["trust_remote_code"],
+                                    missing_tokens=c.get("missing_tokens")))
         if c.get("chat_template") is not None:
             folders = [files_folder(i, h, **self.access) for i, h in zip(self.everyone, headers)]
             rows.chat_template, note = resolve_chat_template(c["chat_template"], folders, [h.name for h in headers],

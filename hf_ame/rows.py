@@ -19,7 +19,14 @@ from .algorithm import PivotSpec
 from .config import AMEConfig
 from .methods import PER_MODEL
 
-__all__ = ["RowMap", "RowAlignment", "RowGroup", "match_rows", "row_groups", "subset_config", "subset_pivot"]
+__all__ = ["RowMap", "RowAlignment", "RowGroup", "match_rows", "row_groups", "subset_config", "subset_pivot",
+           "fill_sources", "MISSING_TOKENS"]
+
+# how a row is merged when some models lack its key (``missing_tokens``)
+MISSING_TOKENS = {None: "over the models that hold its token (a model that lacks it takes no part)",
+                  "mergekit": "as mergekit does: each model lacking a token takes the base's row (when the base holds "
+                              "it), the only holder's, or the holders' mean (zero if none holds it); padding rows take "
+                              "each model's mean row; then every tensor merges whole"}
 
 
 @dataclass
@@ -57,6 +64,8 @@ class RowAlignment:
     tokenizer_dir: Optional[str] = None
     chat_template: Optional[str] = None  # written as chat_template.jinja
     notes: List[str] = field(default_factory=list)
+    fill: Optional[str] = None  # "mergekit": rows a model lacks are filled (:func:`fill_sources`), tensors merged whole
+    fill_base: Optional[str] = None  # the base of that rule (its row is preferred)
 
     def map_for(self, tensor: str) -> Optional[RowMap]:
         axis = self.tensors.get(tensor)
@@ -71,6 +80,7 @@ class RowAlignment:
         self.tokenizer_dir = other.tokenizer_dir or self.tokenizer_dir
         self.chat_template = other.chat_template or self.chat_template
         self.notes.extend(other.notes)
+        self.fill, self.fill_base = other.fill or self.fill, other.fill_base or self.fill_base
 
 
 def match_rows(axis: str, out_keys: Mapping[str, int], out_rows: int, source_keys: Mapping[str, Mapping[str, int]],
@@ -141,3 +151,18 @@ def subset_pivot(pivot: PivotSpec, members: Sequence[int], has_base: bool) -> Pi
     if kind == "base" and not has_base:
         return ("soup", None)
     return pivot
+
+
+def fill_sources(row_map: RowMap, names: Sequence[str], base: Optional[str]) -> Dict[int, List[str]]:
+    """mergekit's default row (``PermutedVocabulary.assign_embedding_sources``) for each keyed output
+    row that some of ``names`` (the models merged) lack: the models whose rows are averaged into it:
+    the one holder; else ``base`` when it is merged and holds the row; else every holder; none: zero."""
+    out: Dict[int, List[str]] = {}
+    for i, key in enumerate(row_map.keys):
+        if key is None:
+            continue
+        holders = [n for n in names if row_map.sources.get(n, [-1] * row_map.rows)[i] >= 0]
+        if len(holders) == len(names):
+            continue
+        out[i] = holders if len(holders) <= 1 or base not in holders else [base]
+    return out

@@ -28,6 +28,7 @@ from .errors import IncompatibleCheckpointsError
 from .executor import MergeReport
 from .output import check_output_dir
 from .plan import MergePlan
+from .rows import RowAlignment
 from .stacking import LayerSlice, is_pre_layer, layer_index, stacked_config
 
 __all__ = ["SliceSource", "MergeSlice", "slice_view", "merge_slices"]
@@ -125,14 +126,16 @@ def _notes(slices: Sequence[MergeSlice], parts: Sequence[MergePart], names: Sequ
 def merge_slices(open_model: Callable[[int], Checkpoint], n_models: int, slices: Sequence[MergeSlice],
                  output_dir: Union[str, Path], config: AMEConfig, *, dtype: Union[str, torch.dtype, None] = None,
                  max_shard_size: Union[int, str] = "5GB", overwrite: bool = False, progress: bool = True,
-                 extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
+                 extra_files: Optional[Mapping[str, Union[str, bytes]]] = None, rows: Optional[RowAlignment] = None,
                  dry_run: bool = False) -> Union[MergeReport, MergePlan]:
     """Merge ``slices`` with ``config``'s method and stack them into ``output_dir``.
 
     ``open_model(i)`` opens model i (a fresh :class:`Checkpoint` per call: each view re-keys its
     own). Every slice is checked and planned from headers first (``dry_run`` returns that plan, one
     for all slices, and reads no weight); then each slice's tensors are merged and written, under
-    their output layer numbers, straight into the staged output: each tensor is written once."""
+    their output layer numbers, straight into the staged output: each tensor is written once.
+    ``rows``: embedding / head rows matched by token (a mergekit ``tokenizer_source``), merged by
+    the slice that holds them."""
     heads = [open_model(i) for i in range(n_models)]
     check_output_dir(output_dir, overwrite, [c.path for c in heads])
     _check_slices(slices, heads)
@@ -143,7 +146,7 @@ def merge_slices(open_model: Callable[[int], Checkpoint], n_models: int, slices:
     parts = [_part(sl, vs, config, o) for sl, vs, o in zip(slices, views, offsets)]
     out = merge_parts(parts, output_dir, config_changes=_layer_changes(slices, parts),
                       dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                      extra_files=extra_files, dry_run=dry_run)
+                      extra_files=extra_files, rows=rows, dry_run=dry_run)
     if isinstance(out, MergePlan):
         out.notes.extend(_notes(slices, parts, [c.name for c in heads]))
     return out

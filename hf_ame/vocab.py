@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from .architecture import embedding_tensors
 from .checks import resolve_model_choice
 from .errors import IncompatibleCheckpointsError
-from .rows import RowAlignment, match_rows
+from .rows import MISSING_TOKENS, RowAlignment, match_rows
 
 __all__ = ["TOKENIZER_SOURCES", "read_tokenizer", "union_tokenizer", "align_vocab", "resolve_tokenizer_source",
            "resolve_chat_template"]
@@ -81,10 +81,11 @@ def _rows_of(header: Any, names: Sequence[str]) -> int:
 
 def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], source: Union[str, int], *,
                 has_base: bool, pad_to_multiple_of: Optional[int] = None,
-                trust_remote_code: bool = False) -> RowAlignment:
+                trust_remote_code: bool = False, missing_tokens: Optional[str] = None) -> RowAlignment:
     """The :class:`RowAlignment` of the vocabulary: ``headers`` (name, config, tensors) and
     ``folders`` (with config and tokenizer files) of the ingredients, then the base when
-    ``has_base``. Reads tokenizers only; no weight."""
+    ``has_base``; ``missing_tokens`` (:data:`hf_ame.rows.MISSING_TOKENS`) says how a row that some
+    models lack is merged. Reads tokenizers only; no weight."""
     names = [h.name for h in headers]
     chosen = resolve_tokenizer_source(source, names, has_base)
     emb = embedding_tensors(str(folders[0]), list(headers[0].tensors), trust_remote_code)
@@ -97,7 +98,8 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
     rows = {h.name: _rows_of(h, emb) for h in headers}
     toks = [read_tokenizer(f, n, trust_remote_code) for f, n in zip(folders, names)]
     vocabs = {n: t.get_vocab() for n, t in zip(names, toks)}
-    out = RowAlignment(tensors={t: "vocab" for t in emb})
+    out = RowAlignment(tensors={t: "vocab" for t in emb}, fill=missing_tokens,
+                       fill_base=names[-1] if (has_base and missing_tokens) else None)
     if chosen == "union":
         tok, added = union_tokenizer(toks[0], toks[1:])
         out_vocab = tok.get_vocab()
@@ -118,6 +120,8 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
     out.maps["vocab"] = match_rows("vocab", out_vocab, out_rows, vocabs, rows)
     if out.maps["vocab"].is_identity(names):  # one vocabulary: the rows merge as they are
         out.tensors = {}
+    elif missing_tokens:
+        out.notes.append(f"rows some models lack (missing_tokens={missing_tokens!r}): {MISSING_TOKENS[missing_tokens]}")
     ref_config = headers[chosen if chosen != "union" else 0].config
     where, old = _vocab_key(dict(headers[0].config))
     if old is not None and old != out_rows:

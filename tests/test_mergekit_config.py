@@ -9,12 +9,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, RecipeError, load_recipe, merge_checkpoints
 from hf_ame import writer as writer_module
 from hf_ame.cli import main
 from hf_ame.methods import layer_position
-from hf_ame.testing import make_family
+from hf_ame.testing import add_tokens, make_family, save_word_tokenizer
 
 from conftest import read_state
 
@@ -374,3 +375,66 @@ def test_slices_are_checked_before_anything_is_written(fam6, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     plan = AMEMerger.from_recipe(write(tmp_path, "good", good), device_map="cpu").plan(output_dir=tmp_path / "o3")
     assert "slice 1 of 2" in str(plan) and not (tmp_path / "o3").exists()
+
+
+@pytest.fixture(scope="module")
+def vocab6(tmp_path_factory):
+    """Three 4-layer Llamas (untied head) whose tokenizers differ: ft-1 adds <tool>, </tool>; ft-2 adds <tool>."""
+    root = tmp_path_factory.mktemp("mkvocab")
+    paths = make_family("llama", root, 3, seed=5, noise=0.02, hidden_size=32, intermediate_size=64, vocab_size=128,
+                        num_hidden_layers=4, tie_word_embeddings=False)
+    for p in paths:
+        save_word_tokenizer(p, 128)
+    add_tokens(paths[1], ["<tool>", "</tool>"], seed=1)
+    add_tokens(paths[2], ["<tool>"], seed=2)
+    return [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_slices_with_a_tokenizer_source_equal_mergekit(vocab6, tmp_path, source):
+    """Slices merged by a method with models whose vocabularies differ: the embedding rows (first slice)
+    and the head rows (last slice) are matched by token, as mergekit 0.1.5 builds them; the tokenizer
+    and vocab_size follow."""
+    b, f = vocab6[0], vocab6[1:]
+    cfg = {"merge_method": "linear", "base_model": b, "dtype": "float32", "tokenizer_source": source,
+           "slices": [{"sources": [{"model": b, "layer_range": [0, 2], "parameters": {"weight": 1}},
+                                   {"model": f[0], "layer_range": [1, 3], "parameters": {"weight": 2}},
+                                   {"model": f[1], "layer_range": [0, 2], "parameters": {"weight": 1}}]},
+                      {"sources": [{"model": b, "layer_range": [2, 4], "parameters": {"weight": 1}},
+                                   {"model": f[1], "layer_range": [2, 4], "parameters": {"weight": 3}}]}]}
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, "tok", cfg), tmp_path / "o")
+    assert set(got) == set(want)
+    assert got["model.embed_tokens.weight"].shape[0] == (130 if source == "union" else 128)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    out_cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out_cfg["vocab_size"] == got["lm_head.weight"].shape[0] and out_cfg["num_hidden_layers"] == 4
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "o")) == got["model.embed_tokens.weight"].shape[0]
+
+
+def test_passthrough_with_a_tokenizer_is_refused(fam, tmp_path):
+    base, fts = fam
+    cfg = {"merge_method": "passthrough", "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                      {"sources": [{"model": str(fts[0]), "layer_range": [1, 3]}]}]}
+    with pytest.raises(RecipeError, match="tokenizer_source: not supported yet with passthrough slices"):
+        load_recipe(write(tmp_path, "pt", cfg))
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_models_with_a_tokenizer_union_equal_mergekit(vocab6, tmp_path, method):
+    """mergekit merges a vocabulary by filling the rows a model lacks (the holders' mean, the only holder's)
+    and then merging whole tensors: weighted linear and TIES (density over the whole tensor) equal to it,
+    through output.missing_tokens = mergekit, which the converted recipe records."""
+    b, f = vocab6[0], vocab6[1:]
+    extra = {"density": 0.5} if method == "ties" else {}
+    cfg = {"merge_method": method, "dtype": "float32", "tokenizer_source": "union",
+           "models": [{"model": p, "parameters": {"weight": w, **extra}} for p, w in zip(f, [2, 1])]}
+    cfg.update({"base_model": b} if method == "ties" else {})
+    if method == "linear":
+        cfg["models"].insert(0, {"model": b, "parameters": {"weight": 1}})
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, "tok", cfg), tmp_path / "o")
+    assert set(got) == set(want) and got["model.embed_tokens.weight"].shape[0] == 130
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    assert load_recipe(tmp_path / "o" / "ame_recipe.yaml").output["missing_tokens"] == "mergekit"

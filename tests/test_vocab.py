@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import read_state
-from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, NonFiniteWeightsError, ame_merge, load_recipe
+from hf_ame import AMEConfig, AMEMerger, ConfigError, IncompatibleCheckpointsError, NonFiniteWeightsError, ame_merge, load_recipe
 from hf_ame.cli import main
 from hf_ame.testing import add_tokens, make_family, save_word_tokenizer
 
@@ -203,3 +203,23 @@ def test_chat_templates(tmp_path):
                                   "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}))
     assert main(["merge", str(mk), "--out", str(tmp_path / "mk"), "--no-progress"]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "mk").chat_template == T1.strip()
+
+
+def test_missing_tokens_mergekit_fills_the_rows_a_model_lacks(fam, tmp_path):
+    """Weighted linear 1, 2, 1: by default <tool> (held by ft-1 and ft-2) merges over its holders,
+    (2 r1 + r2) / 3; with missing_tokens="mergekit" (CLI) ft-0 takes the holders' mean first, as
+    mergekit does: (0.5 (r1 + r2) + 2 r1 + r2) / 4; a row all three hold is the same either way."""
+    x = _rows(fam)
+    common = ["merge", *fam, "--tokenizer-source", "union", "--method", "linear", "--param", "weight=[1,2,1]",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert main([*common, "--missing-tokens", "mergekit", "--out", str(tmp_path / "mk")]) == 0
+    own, mk = read_state(tmp_path / "own")[EMB], read_state(tmp_path / "mk")[EMB]
+    r1, r2 = x[1][128], x[2][128]
+    torch.testing.assert_close(own[128], (2 * r1 + r2) / 3, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mk[128], 0.625 * r1 + 0.375 * r2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mk[:128], own[:128], rtol=0, atol=1e-6)
+    assert torch.equal(mk[129], x[1][129])  # </tool>: ft-1's alone, both rules
+    assert load_recipe(tmp_path / "mk" / "ame_recipe.yaml").output["missing_tokens"] == "mergekit"
+    with pytest.raises(ConfigError, match="missing_tokens: expected None or 'mergekit'"):
+        AMEMerger.from_pretrained(fam, tokenizer_source="union", missing_tokens="zero")
