@@ -159,9 +159,10 @@ class FilledCopies(IngredientRow):
     (mergekit's ``PermutedVocabulary``); read when indexed, the next in ``sequence`` prefetched."""
 
     def __init__(self, ckpts: Sequence[Checkpoint], name: str, row_map: RowMap, defaults: Mapping[int, torch.Tensor],
-                 device: torch.device, sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None):
+                 device: torch.device, sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None,
+                 forced: Sequence[int] = ()):
         super().__init__(ckpts, name, device, sequence, pool)
-        self.row_map, self.defaults = row_map, defaults
+        self.row_map, self.defaults, self.forced = row_map, defaults, list(forced)
 
     def _read(self, j: int) -> torch.Tensor:
         x, m = self.ckpts[j].get_tensor(self.name), self.row_map
@@ -169,6 +170,7 @@ class FilledCopies(IngredientRow):
         keyed = torch.tensor([k is not None for k in m.keys])
         out = torch.zeros((m.rows, *x.shape[1:]), dtype=x.dtype)
         have = idx >= 0  # its own rows, padding matched by position included
+        have[self.forced] = False  # every model takes the forced rows' defaults
         out[have] = x[idx[have]]
         for r, row in self.defaults.items():
             if not bool(have[r]):
@@ -293,16 +295,21 @@ class _Runner:
 
     def default_rows(self, tp: TensorPlan, srcs: Sequence[Checkpoint]) -> Dict[int, torch.Tensor]:
         """mergekit's default rows (:func:`hf_ame.rows.fill_sources`), each holder's copy read once."""
-        m = self.plan.rows.map_for(tp.name)
-        plan = fill_sources(m, [c.name for c in srcs], self.plan.rows.fill_base)
+        rows = self.plan.rows
+        names = [c.name for c in srcs]
+        plan = fill_sources(rows.map_for(tp.name), names, rows.fill_base, rows.fill_tokens, rows.forced)
+        wanted = {n for picks in plan.values() for n, _ in picks}
+        if wanted - set(names):  # a token's source outside this merge (another slice's model)
+            raise IncompatibleCheckpointsError(f"tensor {tp.name!r}: tokens name {sorted(wanted - set(names))[0]!r} as a "
+                                               f"row source, but it is not merged here ({', '.join(names)})")
         sums: Dict[int, torch.Tensor] = {}
         for c in srcs:
-            rows = [r for r, holders in plan.items() if c.name in holders]
-            x = c.get_tensor(tp.name) if rows else None
-            for r in rows:
-                sums[r] = sums.get(r, 0) + x[m.sources[c.name][r]].float()
+            picks = [(r, row) for r, pairs in plan.items() for n, row in pairs if n == c.name]
+            x = c.get_tensor(tp.name) if picks else None
+            for r, row in picks:
+                sums[r] = sums.get(r, 0) + x[row].float()
         width = tuple(tp.shape[1:])
-        return {r: (sums[r] / len(h) if h else torch.zeros(width)) for r, h in plan.items()}
+        return {r: (sums[r] / len(p) if p else torch.zeros(width)) for r, p in plan.items()}
 
     def merge_filled(self, tp: TensorPlan) -> torch.Tensor:
         """A row-matched tensor merged whole, as mergekit merges it: every copy laid out in the output's
@@ -310,8 +317,9 @@ class _Runner:
         p, dev = self.plan, torch.device(tp.device)
         srcs = self.ckpts + ([self.pivot_base] if self.pivot_base is not None else [])
         m, defaults = p.rows.map_for(tp.name), self.default_rows(tp, srcs)
-        copies = FilledCopies(self.ckpts, tp.name, m, defaults, dev, p.sequence, self.row_pool)
-        base_x = FilledCopies([self.pivot_base], tp.name, m, defaults, dev)[0] if self.pivot_base is not None else None
+        copies = FilledCopies(self.ckpts, tp.name, m, defaults, dev, p.sequence, self.row_pool, p.rows.forced)
+        base_x = (FilledCopies([self.pivot_base], tp.name, m, defaults, dev, forced=p.rows.forced)[0]
+                  if self.pivot_base is not None else None)
         try:
             return merge_tensor(copies, p.config, p.steps, p.pivot, base=base_x, device=dev,
                                 out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup, block_size=None,

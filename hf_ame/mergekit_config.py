@@ -30,7 +30,7 @@ _SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters
 _NOT_YET = {
     "modules": "per-module merges",
 }
-_TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
+_TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
 # methods whose mergekit contract ignores the base role: base_model is merged as one more input
 _BASE_IS_INPUT = {"karcher", "linear"}
 _SLICE_KEYS = {"sources", "parameters", "base_model"}
@@ -271,6 +271,35 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
     return recipe
 
 
+def _token_source(value: Any, where: str) -> Any:
+    """mergekit's TokenEmbeddingConfig.source: a model (its row for the token), ``{kind: zero}`` or
+    ``{kind: model_token, model, token | token_id}``, as the recipe's ``tokens`` entry."""
+    if isinstance(value, str):
+        return _reference(value, where)["id"]
+    if isinstance(value, Mapping) and value.get("kind") == "zero" and set(value) == {"kind"}:
+        return "zero"
+    if isinstance(value, Mapping) and value.get("kind") == "model_token" and set(value) <= {"kind", "model", "token", "token_id"}:
+        picked = [k for k in ("token", "token_id") if value.get(k) is not None]
+        if len(picked) == 1 and "model" in value:
+            return {"model": _reference(value["model"], f"{where}.model")["id"], picked[0]: value[picked[0]]}
+    raise _fail(where, f"expected a model, {{kind: zero}} or {{kind: model_token, model, token or token_id}}, got {value!r}")
+
+
+def _tokens(tokens: Any) -> Dict[str, Dict[str, Any]]:
+    """``tokenizer.tokens``: {token: {source, force}} (mergekit's per-token embedding sources)."""
+    if not isinstance(tokens, Mapping):
+        raise _fail("tokenizer.tokens", f"expected a mapping of token -> {{source, force}}, got {tokens!r}")
+    out: Dict[str, Dict[str, Any]] = {}
+    for token, spec in tokens.items():
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(spec, Mapping) or not set(spec) <= {"source", "force"} or not isinstance(spec.get("force", False), bool):
+            raise _fail(where, f"expected {{source, force: true|false}}, got {spec!r}")
+        if spec.get("source") is None:
+            raise _fail(f"{where}.source", "required: where the token's embedding row comes from")
+        out[str(token)] = {"source": _token_source(spec["source"], f"{where}.source"), "force": bool(spec.get("force", False))}
+    return out
+
+
 def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
     """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}``, and ``chat_template``, as the
     recipe's output fields (mergekit's default source under ``tokenizer:`` is "union"). With slices the
@@ -280,8 +309,7 @@ def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
         raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
     if tok is not None and (not isinstance(tok, Mapping) or not set(tok) <= _TOKENIZER_KEYS):
         bad = sorted(set(tok) - _TOKENIZER_KEYS) if isinstance(tok, Mapping) else [tok]
-        raise _fail(f"tokenizer.{bad[0]}", "not supported yet (per-token embedding sources); supported: "
-                    + ", ".join(sorted(_TOKENIZER_KEYS)))
+        raise _fail(f"tokenizer.{bad[0]}", "not a tokenizer setting; expected " + ", ".join(sorted(_TOKENIZER_KEYS)))
     source = (tok or {}).get("source", "union") if tok is not None else data.get("tokenizer_source")
     out: Dict[str, Any] = {}
     if source is not None:
@@ -294,6 +322,8 @@ def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
         out["missing_tokens"] = "mergekit"  # a row some models lack: mergekit's default rows, tensors merged whole
     if (tok or {}).get("pad_to_multiple_of") is not None:
         out["pad_to_multiple_of"] = tok["pad_to_multiple_of"]
+    if (tok or {}).get("tokens") is not None:
+        out["tokens"] = _tokens(tok["tokens"])
     if data.get("chat_template") is not None:
         out["chat_template"] = data["chat_template"]
     return out

@@ -274,7 +274,8 @@ class AMEMerger:
             load.setdefault("dtype", recipe.output["dtype"])
         if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
             load.setdefault("min_models", 1)
-        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template"):
+        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads", "config_source",
+                    "chat_template"):
             if recipe.output.get(key) is not None:
                 load.setdefault(key, recipe.output[key])
         merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
@@ -301,6 +302,7 @@ class AMEMerger:
         tokenizer_source: Union[str, int, None] = None,
         pad_to_multiple_of: Optional[int] = None,
         missing_tokens: Optional[str] = None,
+        tokens: Optional[Mapping[str, Mapping[str, Any]]] = None,
         heads: Union[str, int, None] = None,
         config_source: Union[str, int, None] = None,
         chat_template: Optional[str] = None,
@@ -318,13 +320,13 @@ class AMEMerger:
                 default: the ingredients' own.
             base_model: a base checkpoint (Hub id or folder) for ``pivot="base"`` merges.
             endpoint: a Hub endpoint other than the default (``HF_ENDPOINT``).
-            min_models: the fewest ingredients accepted; default 2, or 1 with a ``base_model``
-                (slerp); a layer-stacking recipe may take layers of a single model.
+            min_models: the fewest ingredients accepted; default 2, or 1 with a ``base_model``.
             tokenizer_source: vocabularies that differ (added tokens): the output's, ``"first"``,
                 ``"base"``, ``"union"`` (the first tokenizer plus the others' added tokens) or an
                 ingredient's id or index; embedding rows are matched by token and each merged from
                 the models that have it. Default None: differing row counts are refused.
-            pad_to_multiple_of: round the output's embedding rows up to a multiple of this.
+            pad_to_multiple_of, tokens: round the output's embedding rows up to a multiple of this;
+                per-token row sources, mergekit's ``tokenizer.tokens`` ({token: {source, force}}).
             missing_tokens: a row some models lack: None (default) merged over its holders;
                 ``"mergekit"`` as mergekit does (lacking models take a default row, tensors merge whole).
             heads: label sets that differ (``id2label``): ``"union"``, ``"base"``, ``"drop"`` (the
@@ -346,15 +348,14 @@ class AMEMerger:
         everyone = ings + ([base] if base is not None else [])
 
         # 1. headers, tokenizers and configs checked before any weight is downloaded; 2. downloads
-        choices = {"tokenizer_source": tokenizer_source, "pad_to_multiple_of": pad_to_multiple_of, "heads": heads,
-                   "config_source": config_source, "chat_template": chat_template, "missing_tokens": missing_tokens}
+        choices = dict(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of, heads=heads, tokens=tokens,
+                       config_source=config_source, chat_template=chat_template, missing_tokens=missing_tokens)
         access = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, token=token, endpoint=endpoint)
         check = Preflight(everyone, len(ings), least, choices, access)
         t1 = check_and_download(check, local_files_only=local_files_only)
         t2 = time.perf_counter()
 
-        # 3. Placement from the reference ingredient's config (no weights materialised).
-        # (an adapter's config is its base's: place by the folder that holds config.json)
+        # 3. Placement from the reference ingredient's config (an adapter's: its base's), no weights materialised
         config_dir = open_ingredient(ings[0], Path(base.path) if base is not None else None).files_path
         dm = resolve_device_map(device_map, str(config_dir), max_memory=max_memory, dtype=out_dtype,
                                 trust_remote_code=trust_remote_code)

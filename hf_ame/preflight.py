@@ -116,6 +116,8 @@ class Preflight:
         self.everyone, self.n, self.least, self.choices, self.access = list(everyone), n, least, dict(choices), access
         if self.choices.get("missing_tokens") not in MISSING_TOKENS:
             raise ConfigError(f"missing_tokens: expected None or 'mergekit', got {self.choices['missing_tokens']!r}")
+        if self.choices.get("tokens") and self.choices.get("tokenizer_source") is None:
+            raise ConfigError("tokens: per-token row sources need tokenizer_source (the output's vocabulary)")
         self.rows: Optional[RowAlignment] = None
         self.renames: Dict[str, Dict[str, str]] = {}
         self.layouts: Dict[str, Any] = {}  # model id -> its tensors in the original layout (see hf_ame.layouts)
@@ -156,7 +158,7 @@ class Preflight:
             rows.update(align_vocab(headers, folders, c["tokenizer_source"], has_base=base is not None,
                                     pad_to_multiple_of=c["pad_to_multiple_of"],
                                     trust_remote_code=self.access["trust_remote_code"],
-                                    missing_tokens=c.get("missing_tokens")))
+                                    missing_tokens=c.get("missing_tokens"), tokens=c.get("tokens")))
         if c.get("chat_template") is not None:
             folders = [files_folder(i, h, **self.access) for i, h in zip(self.everyone, headers)]
             rows.chat_template, note = resolve_chat_template(c["chat_template"], folders, [h.name for h in headers],

@@ -39,8 +39,8 @@ _TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", 
 _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
-_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source",
-           "chat_template"}
+_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads",
+           "config_source", "chat_template"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
@@ -142,6 +142,8 @@ class Recipe:
                     f"{what}, an ingredient's id or index", v)
         _expect(output.get("missing_tokens") in (None, "mergekit"), "output.missing_tokens", "'mergekit' or absent",
                 output.get("missing_tokens"))
+        _expect(output.get("tokens") is None or isinstance(output["tokens"], Mapping), "output.tokens",
+                "a mapping of token -> {source, force}", output.get("tokens"))
         if output.get("chat_template") is not None:
             _expect(isinstance(output["chat_template"], str), "output.chat_template",
                     "'auto', a template name or Jinja text", output["chat_template"])

@@ -66,6 +66,8 @@ class RowAlignment:
     notes: List[str] = field(default_factory=list)
     fill: Optional[str] = None  # "mergekit": rows a model lacks are filled (:func:`fill_sources`), tensors merged whole
     fill_base: Optional[str] = None  # the base of that rule (its row is preferred)
+    fill_tokens: Dict[int, Tuple[Optional[str], int]] = field(default_factory=dict)  # row -> (model, its row); None: zero
+    forced: List[int] = field(default_factory=list)  # rows every model takes from fill_tokens (mergekit's force)
 
     def map_for(self, tensor: str) -> Optional[RowMap]:
         axis = self.tensors.get(tensor)
@@ -81,6 +83,8 @@ class RowAlignment:
         self.chat_template = other.chat_template or self.chat_template
         self.notes.extend(other.notes)
         self.fill, self.fill_base = other.fill or self.fill, other.fill_base or self.fill_base
+        self.fill_tokens.update(other.fill_tokens)
+        self.forced.extend(other.forced)
 
 
 def match_rows(axis: str, out_keys: Mapping[str, int], out_rows: int, source_keys: Mapping[str, Mapping[str, int]],
@@ -153,16 +157,25 @@ def subset_pivot(pivot: PivotSpec, members: Sequence[int], has_base: bool) -> Pi
     return pivot
 
 
-def fill_sources(row_map: RowMap, names: Sequence[str], base: Optional[str]) -> Dict[int, List[str]]:
-    """mergekit's default row (``PermutedVocabulary.assign_embedding_sources``) for each keyed output
-    row that some of ``names`` (the models merged) lack: the models whose rows are averaged into it:
-    the one holder; else ``base`` when it is merged and holds the row; else every holder; none: zero."""
-    out: Dict[int, List[str]] = {}
+def fill_sources(row_map: RowMap, names: Sequence[str], base: Optional[str],
+                 tokens: Optional[Mapping[int, Tuple[Optional[str], int]]] = None,
+                 forced: Sequence[int] = ()) -> Dict[int, List[Tuple[str, int]]]:
+    """mergekit's default row (``PermutedVocabulary``) for each keyed output row that some of ``names``
+    (the models merged) lack, or that is ``forced``: the (model, row) pairs averaged into it (none:
+    zero): the row ``tokens`` names for it (mergekit's ``tokenizer.tokens``); else the one holder's;
+    else ``base``'s when it is merged and holds the row; else every holder's."""
+    tokens, forced_rows, out = tokens or {}, set(forced), {}
     for i, key in enumerate(row_map.keys):
         if key is None:
             continue
-        holders = [n for n in names if row_map.sources.get(n, [-1] * row_map.rows)[i] >= 0]
-        if len(holders) == len(names):
+        rows = {n: row_map.sources.get(n, [-1] * row_map.rows)[i] for n in names}
+        holders = [n for n in names if rows[n] >= 0]
+        if len(holders) == len(names) and i not in forced_rows:
             continue
-        out[i] = holders if len(holders) <= 1 or base not in holders else [base]
+        if i in tokens:
+            model, row = tokens[i]
+            out[i] = [] if model is None else [(model, row)]
+            continue
+        pick = holders if len(holders) <= 1 or base not in holders else [base]
+        out[i] = [(n, rows[n]) for n in pick]
     return out

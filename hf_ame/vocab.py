@@ -10,7 +10,7 @@ in order); rows are matched by token string (:mod:`hf_ame.rows`). mergekit's nam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .architecture import embedding_tensors
 from .checks import resolve_model_choice
@@ -81,11 +81,14 @@ def _rows_of(header: Any, names: Sequence[str]) -> int:
 
 def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], source: Union[str, int], *,
                 has_base: bool, pad_to_multiple_of: Optional[int] = None,
-                trust_remote_code: bool = False, missing_tokens: Optional[str] = None) -> RowAlignment:
+                trust_remote_code: bool = False, missing_tokens: Optional[str] = None,
+                tokens: Optional[Mapping[str, Mapping[str, Any]]] = None) -> RowAlignment:
     """The :class:`RowAlignment` of the vocabulary: ``headers`` (name, config, tensors) and
     ``folders`` (with config and tokenizer files) of the ingredients, then the base when
     ``has_base``; ``missing_tokens`` (:data:`hf_ame.rows.MISSING_TOKENS`) says how a row that some
-    models lack is merged. Reads tokenizers only; no weight."""
+    models lack is merged, ``tokens`` (mergekit's ``tokenizer.tokens``, which implies its rule) where
+    some rows come from. Reads tokenizers only; no weight."""
+    missing_tokens = "mergekit" if tokens else missing_tokens
     names = [h.name for h in headers]
     chosen = resolve_tokenizer_source(source, names, has_base)
     emb = embedding_tensors(str(folders[0]), list(headers[0].tensors), trust_remote_code)
@@ -118,7 +121,8 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
         out.tokenizer_dir = str(folders[chosen])
         out.notes.append(f"vocabulary: {names[chosen]!r}'s ({len(out_vocab)} tokens, {out_rows} embedding rows)")
     out.maps["vocab"] = match_rows("vocab", out_vocab, out_rows, vocabs, rows)
-    if out.maps["vocab"].is_identity(names):  # one vocabulary: the rows merge as they are
+    out.fill_tokens, out.forced = token_rows(tokens or {}, out_vocab, out_rows, vocabs, rows)
+    if out.maps["vocab"].is_identity(names) and not out.forced:  # one vocabulary: the rows merge as they are
         out.tensors = {}
     elif missing_tokens:
         out.notes.append(f"rows some models lack (missing_tokens={missing_tokens!r}): {MISSING_TOKENS[missing_tokens]}")
@@ -136,6 +140,35 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
         if lost:
             out.notes.append(f"{lost} token(s) of {n!r} are not in the output vocabulary: their rows are left out")
     return out
+
+
+def token_rows(tokens: Mapping[str, Mapping[str, Any]], out_vocab: Mapping[str, int], out_rows: int,
+               vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int]) -> Tuple[Dict[int, Tuple[Optional[str], int]], List[int]]:
+    """mergekit's ``tokenizer.tokens`` as rows: {output row: (model, its row) or (None, -1) for zero}
+    and the forced rows. ``source`` is a model (its row for the same token), "zero", or {model, token
+    or token_id}; every name is checked here, from the tokenizers."""
+    fill: Dict[int, Tuple[Optional[str], int]] = {}
+    forced: List[int] = []
+    for token, spec in tokens.items():
+        i = out_vocab.get(token, -1)
+        if not 0 <= i < out_rows:
+            raise IncompatibleCheckpointsError(f"tokens: {token!r} is not in the output vocabulary")
+        src = spec.get("source")
+        if src == "zero":
+            fill[i] = (None, -1)
+        else:
+            model = src if isinstance(src, str) else (src or {}).get("model")
+            if model not in vocabs:
+                raise IncompatibleCheckpointsError(f"tokens.{token}.source: {model!r} is not one of the models "
+                                                   f"({', '.join(vocabs)})")
+            row = src["token_id"] if isinstance(src, Mapping) and "token_id" in src else \
+                vocabs[model].get(src["token"] if isinstance(src, Mapping) else token, -1)
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < rows[model]:
+                raise IncompatibleCheckpointsError(f"tokens.{token}.source: model {model!r} has no such row ({src!r})")
+            fill[i] = (model, row)
+        if spec.get("force"):
+            forced.append(i)
+    return fill, forced
 
 
 def resolve_chat_template(value: str, folders: Sequence[Union[str, Path]], names: Sequence[str],

@@ -152,7 +152,9 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
     cases = [
         ({**good, "modules": {}}, "modules: mergekit's per-module merges"),
         ({**good, "slices": []}, "slices: give either models or slices"),
-        ({**good, "tokenizer": {"tokens": {"<x>": {"source": "zero"}}}}, r"tokenizer.tokens: not supported yet"),
+        ({**good, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "mean"}}}}}, r"tokenizer.tokens.<x>.source: expected"),
+        ({**good, "tokenizer": {"tokens": {"<x>": {"force": True}}}}, r"tokenizer.tokens.<x>.source: required"),
+        ({**good, "tokenizer": {"lowercase": True}}, r"tokenizer.lowercase: not a tokenizer setting"),
         ({**good, "tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source or tokenizer.source"),
         ({**good, "merge_method": "dellla"}, "merge_method: 'dellla' is not supported by hf_ame yet; supported: "),
         ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
@@ -438,3 +440,29 @@ def test_models_with_a_tokenizer_union_equal_mergekit(vocab6, tmp_path, method):
     assert set(got) == set(want) and got["model.embed_tokens.weight"].shape[0] == 130
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
     assert load_recipe(tmp_path / "o" / "ame_recipe.yaml").output["missing_tokens"] == "mergekit"
+
+
+def test_tokenizer_tokens_equal_mergekit(vocab6, tmp_path):
+    """mergekit's tokenizer.tokens: a token's row from one model, zero, another token's row of a model
+    (forced on every model, also where all hold it); equal to mergekit 0.1.5. Bad names fail before any weight."""
+    b, f = vocab6[0], vocab6[1:]
+    tokens = {"<tool>": {"source": f[1]}, "</tool>": {"source": {"kind": "zero"}},
+              "w5": {"source": {"kind": "model_token", "model": b, "token": "w7"}, "force": True},
+              "w9": {"source": {"kind": "model_token", "model": f[0], "token_id": 3}}}
+    cfg = {"merge_method": "ties", "base_model": b, "dtype": "float32", "parameters": {"density": 0.5, "weight": 1.0},
+           "tokenizer": {"source": "union", "tokens": tokens}, "models": [{"model": p} for p in f]}
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, "tok", cfg), tmp_path / "o")
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    emb = got["model.embed_tokens.weight"]
+    torch.testing.assert_close(emb[5], read_state(b)["model.embed_tokens.weight"][7], rtol=0, atol=1e-6)  # forced
+    again = ours(tmp_path / "o" / "ame_recipe.yaml", tmp_path / "again")  # the recipe keeps the tokens
+    assert all(torch.equal(again[k], v) for k, v in got.items())
+    for bad, msg in ((f[0] + "x", r"tokens.<tool>.source: '.*x' is not one of the models"),):
+        cfg2 = {**cfg, "tokenizer": {"source": "union", "tokens": {"<tool>": {"source": bad}}}}
+        with pytest.raises(IncompatibleCheckpointsError, match=msg):
+            AMEMerger.from_recipe(write(tmp_path, "bad", cfg2), device_map="cpu")
+    cfg3 = {**cfg, "tokenizer": {"source": "union", "tokens": {"<nope>": {"source": f[0]}}}}
+    with pytest.raises(IncompatibleCheckpointsError, match="tokens: '<nope>' is not in the output vocabulary"):
+        AMEMerger.from_recipe(write(tmp_path, "bad3", cfg3), device_map="cpu")
