@@ -358,6 +358,20 @@ class Checkpoint:
         self.bytes_read += out.numel() * out.element_size()
         return out
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (indices along dim 0) of tensor ``name``: only the span from the first to the
+        last of them is read (:meth:`read_flat`), so a few added-token rows cost a few rows."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.name}: has no tensor {name!r}")
+        shape = tuple(info.shape)
+        if not rows.numel():
+            return torch.empty((0, *shape[1:]), dtype=info.dtype)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        width = math.prod(shape[1:])
+        span = self.read_flat(name, lo * width, hi * width).reshape(hi - lo, *shape[1:])
+        return span.index_select(0, rows - lo)
+
     def close(self) -> None:
         self._bin_state.clear()
         for fh in self._fds.values():

@@ -150,7 +150,7 @@ class GatheredRows(IngredientRow):
         self.rows = list(rows)
 
     def _read(self, j: int) -> torch.Tensor:
-        return self.ckpts[j].get_tensor(self.name).index_select(0, self.rows[j]).to(self.device)
+        return self.ckpts[j].read_rows(self.name, self.rows[j]).to(self.device)
 
 
 class FilledCopies(IngredientRow):

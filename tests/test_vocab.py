@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import read_state
 from hf_ame import AMEConfig, AMEMerger, ConfigError, IncompatibleCheckpointsError, NonFiniteWeightsError, ame_merge, load_recipe
+from hf_ame.checkpoints import Checkpoint
 from hf_ame.cli import main
 from hf_ame.testing import add_tokens, make_family, save_word_tokenizer
 
@@ -223,3 +224,16 @@ def test_missing_tokens_mergekit_fills_the_rows_a_model_lacks(fam, tmp_path):
     assert load_recipe(tmp_path / "mk" / "ame_recipe.yaml").output["missing_tokens"] == "mergekit"
     with pytest.raises(ConfigError, match="missing_tokens: expected None or 'mergekit'"):
         AMEMerger.from_pretrained(fam, tokenizer_source="union", missing_tokens="zero")
+
+
+def test_row_groups_read_only_their_rows(fam, tmp_path):
+    """Each group of rows reads only its span of each copy (Checkpoint.read_rows): the union soup reads
+    exactly the bytes its plan says (one copy of every tensor per source), not one whole copy per group."""
+    m = AMEMerger.from_pretrained(fam, tokenizer_source="union", device_map="cpu")
+    plan = m.plan(AMEConfig.soup(), output_dir=tmp_path / "s")
+    assert any(t.reader == "gather" for t in plan.tensors)
+    report = m.merge(AMEConfig.soup(), output_dir=tmp_path / "s", progress=False).report
+    assert report.bytes_read == plan.bytes_to_read
+    c = Checkpoint(fam[1])
+    rows = torch.tensor([129, 3, 128])
+    assert torch.equal(c.read_rows(EMB, rows), c.get_tensor(EMB)[rows])
