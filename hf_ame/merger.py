@@ -507,6 +507,9 @@ class AMEMerger:
         """Weights, config, card, chart and recipe, all written in one staging folder moved into place
         in one rename at the end (the old folder, with overwrite, deleted only after that)."""
         inputs = [i.path for i in self.ingredients] + ([self.base.path] if self.base is not None else [])
+        if self.recipe is not None and self.recipe.slices and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("slices: layer stacking and slice merges run in one process; run this recipe without "
+                              "torchrun / accelerate launch (WORLD_SIZE > 1)")
         if output_dir is not None:
             check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
         temp_root = None
@@ -638,6 +641,8 @@ class AMEMerger:
         result.max_shard_size = req.max_shard_size
         result.mergekit_config = (self.recipe.provenance or {}).get("mergekit_config")
         result.slices = self.recipe.slices
+        result.alignment = list(self.rows.notes) if self.rows is not None else []  # vocabulary, config choices
+        result.choices = dict(self.choices)  # tokenizer_source, missing_tokens, ...: the written recipe re-runs them
         return result
 
     def _choose(self, req: "_Request", timings: Dict[str, float], progress: bool):

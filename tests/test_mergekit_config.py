@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from hf_ame import AMEConfig, AMEMerger, IncompatibleCheckpointsError, RecipeError, load_recipe, merge_checkpoints
+from hf_ame import AMEConfig, AMEMerger, ConfigError, IncompatibleCheckpointsError, RecipeError, load_recipe, merge_checkpoints
 from hf_ame import writer as writer_module
 from hf_ame.cli import main
 from hf_ame.methods import layer_position
@@ -354,7 +354,7 @@ def test_slices_merged_by_a_method_equal_mergekit(fam6, tmp_path, name, monkeypa
     assert not list(Path(tempfile.gettempdir()).glob("hf_ame-slices-*"))
 
 
-def test_slices_are_checked_before_anything_is_written(fam6, tmp_path):
+def test_slices_are_checked_before_anything_is_written(fam6, tmp_path, monkeypatch):
     b, f = fam6[0], fam6[1:]
     good = SLICED["ties_two_slices"](b, f)
     uneven = json.loads(json.dumps(good))
@@ -375,6 +375,11 @@ def test_slices_are_checked_before_anything_is_written(fam6, tmp_path):
     with pytest.raises(RecipeError, match=r"slices\[0\].residual_weight: .*not supported by hf_ame yet"):
         load_recipe(write(tmp_path, "extra", extra))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with monkeypatch.context() as mp:  # every process would write the whole output: refused, nothing written
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="slices: layer stacking and slice merges run in one process"):
+            AMEMerger.from_recipe(write(tmp_path, "good", good), device_map="cpu").merge(output_dir=tmp_path / "o4")
+    assert not (tmp_path / "o4").exists()
     plan = AMEMerger.from_recipe(write(tmp_path, "good", good), device_map="cpu").plan(output_dir=tmp_path / "o3")
     assert "slice 1 of 2" in str(plan) and not (tmp_path / "o3").exists()
 
@@ -412,6 +417,9 @@ def test_slices_with_a_tokenizer_source_equal_mergekit(vocab6, tmp_path, source)
     out_cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     assert out_cfg["vocab_size"] == got["lm_head.weight"].shape[0] and out_cfg["num_hidden_layers"] == 4
     assert len(AutoTokenizer.from_pretrained(tmp_path / "o")) == got["model.embed_tokens.weight"].shape[0]
+    again = ours(tmp_path / "o" / "ame_recipe.yaml", tmp_path / "again")  # the recipe keeps the tokenizer choices
+    assert set(again) == set(got) and all(torch.equal(again[k], v) for k, v in got.items())
+    assert "vocabulary:" in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_passthrough_with_a_tokenizer_is_refused(fam, tmp_path):
