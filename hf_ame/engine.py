@@ -235,7 +235,7 @@ def merge_checkpoints(
         files: List[str] = []
 
         def finalize(tmp: Path) -> None:
-            files.extend(_finish(tmp, o, reference, plan, extra_files, tokenizer_from))
+            files.extend(_finish(tmp, o.ckpts, o.ckpts[reference].files_path, o.rows, plan, extra_files, tokenizer_from))
 
         report = run_plan(plan, o.ckpts, o.base, ranks, lambda: staged_output(output_dir, overwrite, o.inputs), finalize,
                           progress=progress)
@@ -250,12 +250,14 @@ def merge_checkpoints(
     return report
 
 
-def _finish(tmp: Path, o: _Opened, reference: int, plan: MergePlan, extra_files: Optional[Mapping[str, Union[str, bytes]]],
-            tokenizer_from: Union[str, Path, None]) -> List[str]:
-    """Config, tokenizer and extra files of a merge (the rows' config fields and tokenizer, if any)."""
-    r = o.rows or RowAlignment()
-    quantized = any(isinstance(c, FP8Checkpoint) for c in o.ckpts)  # written dequantized: no quantization_config
-    return finish_output(tmp, o.ckpts[reference].files_path, getattr(torch, plan.dtype), extra_files, r.config_changes,
+def _finish(tmp: Path, ckpts: Sequence[Checkpoint], files_from: Path, rows: Optional[RowAlignment], plan: MergePlan,
+            extra_files: Optional[Mapping[str, Union[str, bytes]]], tokenizer_from: Union[str, Path, None] = None,
+            config_changes: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Config, tokenizer and extra files of a merge: ``files_from``'s, with the rows' config fields and
+    tokenizer (if any) and ``config_changes`` on top."""
+    r = rows or RowAlignment()
+    quantized = any(isinstance(c, FP8Checkpoint) for c in ckpts)  # written dequantized: no quantization_config
+    return finish_output(tmp, files_from, getattr(torch, plan.dtype), extra_files, {**r.config_changes, **(config_changes or {})},
                          tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer,
                          config_drop=("quantization_config",) if quantized else (), chat_template=r.chat_template)
 
@@ -367,15 +369,10 @@ def merge_parts(
         if dry_run:
             return plan
         files: List[str] = []
-        quantized = any(isinstance(c, FP8Checkpoint) for c in sources)
-
-        r = rows or RowAlignment()
 
         def finalize(tmp: Path) -> None:
-            files.extend(finish_output(tmp, opened[0].ckpts[0].files_path, getattr(torch, plan.dtype), extra_files,
-                                       {**r.config_changes, **(config_changes or {})}, tokenizer_from=r.tokenizer_dir,
-                                       tokenizer=r.tokenizer, chat_template=r.chat_template,
-                                       config_drop=("quantization_config",) if quantized else ()))
+            files.extend(_finish(tmp, sources, opened[0].ckpts[0].files_path, rows, plan, extra_files,
+                                 config_changes=config_changes))
 
         inputs = list(dict.fromkeys(p for o in opened for p in o.inputs))
         report = run_parts([(pl, o.ckpts, o.base, p.rename) for pl, o, p in zip(plans, opened, parts)], plan,
