@@ -163,11 +163,11 @@ class FilledCopies(IngredientRow):
                  forced: Sequence[int] = ()):
         super().__init__(ckpts, name, device, sequence, pool)
         self.row_map, self.defaults, self.forced = row_map, defaults, list(forced)
+        self.keyed = torch.tensor([k is not None for k in row_map.keys])  # once, not per read
 
     def _read(self, j: int) -> torch.Tensor:
-        x, m = self.ckpts[j].get_tensor(self.name), self.row_map
+        x, m, keyed = self.ckpts[j].get_tensor(self.name), self.row_map, self.keyed
         idx = torch.tensor(m.sources[self.ckpts[j].name], dtype=torch.long)
-        keyed = torch.tensor([k is not None for k in m.keys])
         out = torch.zeros((m.rows, *x.shape[1:]), dtype=x.dtype)
         have = idx >= 0  # its own rows, padding matched by position included
         have[self.forced] = False  # every model takes the forced rows' defaults
