@@ -202,7 +202,8 @@ def is_exact_soup(config: AMEConfig, n_ingredients: int) -> bool:
 class AMEStepper:
     """The merge state of one or more tensors, advanced one :class:`AMEStep` at a time.
 
-    ``init`` holds w_0 for each tensor (float, any device); the stepper owns fresh copies.
+    ``init`` holds w_0 for each tensor (float, any device); the stepper owns fresh copies in the
+    config's state dtype (float32 for a half compute dtype: see :attr:`AMEConfig.torch_state_dtype`).
     ``state_dict`` / ``load_state_dict`` capture weights AND optimizer state (greedy AME).
     """
 
@@ -215,7 +216,10 @@ class AMEStepper:
         self.method_params = config.method_arguments()
         self.keys = list(keys) or [f"tensor{k}" for k in range(len(init))]
         self.positions = list(positions) or [0.0] * len(init)  # layer position 0..1 (mergekit's gradient t)
-        self.weights: List[torch.Tensor] = [w.detach().clone() for w in init]
+        # w_0 is rounded through the compute dtype first: the inputs a method sees are in that dtype (as
+        # mergekit loads them), so w = w_0 - g must start from the same value
+        self.weights: List[torch.Tensor] = [w.detach().to(config.torch_compute_dtype).to(config.torch_state_dtype, copy=True)
+                                            for w in init]
         # The fixed pivot is only kept when it is used.
         self.pivots: Optional[List[torch.Tensor]] = None if config.adaptive_pivot else [w.clone() for w in self.weights]
         self._grads = [torch.empty_like(w) for w in self.weights]
@@ -237,7 +241,7 @@ class AMEStepper:
             # g = scale * sum_j (p - x_j): each difference is exact 0 where x_j == p, so identical
             # ingredients give a zero pseudogradient (adaptive optimizers would amplify rounding).
             for i, j in enumerate(step.batch):
-                x = ingredients[k][j].to(device=g.device, non_blocking=True)
+                x = self._load(ingredients[k][j], g)
                 if i == 0:
                     torch.sub(p, x, out=g)
                 else:
@@ -251,11 +255,20 @@ class AMEStepper:
 
     def _method_gradient(self, p: torch.Tensor, copies: Sequence[torch.Tensor], step: AMEStep, k: int) -> torch.Tensor:
         def get(i: int) -> torch.Tensor:
-            return copies[step.batch[i]].to(device=p.device, dtype=p.dtype, copy=True)
+            return self._load(copies[step.batch[i]], p, copy=True)
 
         ctx = MethodContext(p, get, step.batch, self.method_params, int(self.config.seed), self.keys[k], step.t,
-                            self.positions[k], has_base=self.has_base)
+                            self.positions[k], has_base=self.has_base, dtype=self.config.torch_compute_dtype)
         return self.method.fn(ctx)
+
+    def _load(self, x: torch.Tensor, like: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """An ingredient's copy as the merge reads it: rounded to the compute dtype when that is
+        narrower than the stored one (mergekit's ``dtype`` is the dtype tensors are loaded in), then
+        in the state dtype on the merge's device."""
+        compute = self.config.torch_compute_dtype
+        if compute != like.dtype and x.dtype.itemsize > compute.itemsize:
+            x = x.to(compute)
+        return x.to(device=like.device, dtype=like.dtype, copy=copy, non_blocking=not copy)
 
     def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         for s in steps:
@@ -390,8 +403,8 @@ def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     """Merge one tensor, or one block of coordinates of it, through all ``steps`` at once
     (``ingredients[j]``: ingredient j's copy; ``key``: the tensor's name, seeding a method's
     random drops; ``position``: its layer, 0 to 1, for per-layer parameter gradients); returns the
-    compute dtype on ``device``."""
-    dtype = config.torch_compute_dtype
+    state dtype (:attr:`AMEConfig.torch_state_dtype`) on ``device``."""
+    dtype = config.torch_state_dtype
     if exact_soup:
         return soup(ingredients, dtype, device)
     stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key],
@@ -426,7 +439,8 @@ def ame_merge_many(
 ) -> List[torch.Tensor]:
     """Merge several tensors together: ``ingredients[k][j]`` is ingredient j's tensor k.
 
-    Returns the merged tensors in ``config.compute_dtype``. Equal, tensor for tensor, to calling
+    Returns the merged tensors in ``config.compute_dtype`` (computed in the state dtype, rounded
+    once). Equal, tensor for tensor, to calling
     :func:`ame_merge` on each tensor alone. ``names``: the ingredients' (a pivot may name one);
     ``keys`` and ``positions``: tensor k's name (seeding a method's random drops) and layer position
     (0 to 1, for per-layer parameter gradients), as a streamed merge passes them.
@@ -438,12 +452,12 @@ def ame_merge_many(
         raise ValueError("every tensor needs one copy per ingredient")
     config.validate()
     pivot = resolve_pivot(config.pivot, n, names)
-    dtype = config.torch_compute_dtype
+    dtype = config.torch_state_dtype
     init = [initial_merge(xs, pivot, base=None if bases is None else bases[k], dtype=dtype, device=device)
             for k, xs in enumerate(ingredients)]
     stepper = AMEStepper(init, config, keys, positions, has_base=pivot[0] == "base")
     stepper.run(plan_steps(n, config), ingredients)
-    return stepper.release()
+    return [w.to(config.torch_compute_dtype) for w in stepper.release()]
 
 
 def ame_merge(

@@ -66,6 +66,10 @@ class AMEConfig:
             (given in a dict as ``"module:function"``). Default 1.0.
         optimizer_kwargs: passed to the torch optimizer (betas, eps, weight_decay, momentum, ...).
         compute_dtype: dtype of the merge arithmetic, whatever the storage dtype. Default float32.
+            ``bfloat16`` / ``float16`` (a mergekit config's ``dtype``): the ingredients are read
+            rounded to that dtype, as mergekit loads them, and rankings break ties on values in it;
+            the arithmetic (a method's, the optimizer's and its state) stays float32 and is rounded
+            once, on output (a half-precision step w - lr g drops g under half an ulp of w).
         method: a merge method of :mod:`hf_ame.methods` (``ties``, ``dare_ties``, ``task_arithmetic``,
             ``slerp``, ``model_stock``, ...) that builds each step's pseudogradient from task
             vectors; None (default): the plain mean of (pivot - ingredient).
@@ -168,7 +172,16 @@ class AMEConfig:
     # ------------------------------------------------------------------ validation
     @property
     def torch_compute_dtype(self) -> torch.dtype:
+        """The dtype of a method's arithmetic (mergekit's ``dtype``)."""
         return parse_dtype(self.compute_dtype, "compute_dtype") or torch.float32
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        """The dtype of the merge state (the optimizer's weights and moments, the soup): float32 when
+        the compute dtype is a half type (a bf16 step w - lr g loses g where it is under half an ulp
+        of w, and torch 2.13's fused CPU SGD leaves most bf16 elements unchanged), else the compute dtype."""
+        dt = self.torch_compute_dtype
+        return torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
 
     def validate(self, prefix: str = "") -> "AMEConfig":
         """Check every field (and the optimizer's own argument checks) without touching any model."""

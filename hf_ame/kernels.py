@@ -65,7 +65,7 @@ def fused_supported(config: AMEConfig, device: Optional[torch.device], tensors: 
     dev = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
     if not (dev.type == "cuda" or (dev.type == "cpu" and interpreting())):
         return False
-    if config.torch_compute_dtype != torch.float32 or _kind(config) is None:
+    if config.torch_state_dtype != torch.float32 or _kind(config) is None:
         return False
     if tensors:
         dt = tensors[0].dtype

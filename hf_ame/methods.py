@@ -68,6 +68,8 @@ class MethodContext:
     step: int
     position: float = 0.0  # the tensor's layer, 0 to 1 (mergekit's t for gradients); 0 outside the layers
     has_base: bool = False  # the pivot is the base model (pivot="base"): methods with an optional base use it
+    dtype: torch.dtype = torch.float32  # the compute dtype (mergekit's ``dtype``): where a ranking has ties, they
+    # are broken on values rounded to it, as mergekit ranks them; the arithmetic itself is in the pivot's dtype
 
     @property
     def n(self) -> int:
@@ -332,7 +334,7 @@ def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
             keep |= tied
         else:  # an ambiguous tie: decide exactly as mergekit's argsort does
             keep.zero_()
-            keep[torch.argsort(a, descending=True)[:k]] = True
+            keep[torch.argsort(a.float() if a.device.type == "cpu" else a, descending=True)[:k]] = True  # as mergekit sorts
     return keep
 
 

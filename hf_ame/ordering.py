@@ -159,7 +159,7 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
     names = [n for n, i in ckpts[0].tensors.items() if i.is_floating]
     lazy = _Lazy(ckpts, names)
     pivot = resolve_pivot(config.pivot, len(ckpts), [c.name for c in ckpts])
-    dtype = config.torch_compute_dtype
+    dtype = config.torch_state_dtype
     init = [initial_merge(lazy[k], pivot, base=base.get_tensor(n) if base is not None else None, dtype=dtype)
             for k, n in enumerate(names)]
     # layer positions: per-layer (gradient) method parameters act as in a streamed merge

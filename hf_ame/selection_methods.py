@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .methods import MethodContext, register_method, top_k_mask
+from .methods import MethodContext, register_method
 
 __all__ = ["fusion_importance"]
 
@@ -32,8 +32,10 @@ def _sce(ctx: MethodContext) -> torch.Tensor:
     if squares is not None:
         var = squares.div_(n).sub_((total / n).square_()).clamp_(min=0)  # var(unbiased=False)
         k = int(int(torch.count_nonzero(var)) * topk)
-        keep = top_k_mask(var.reshape(-1), k).view(p.shape) if k > 0 else torch.zeros(p.shape, dtype=torch.bool,
-                                                                                      device=p.device)
+        keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        if k > 0:  # mergekit's torch.topk on the variance in its dtype: equal values are kept as it keeps them
+            keep[torch.topk(var.reshape(-1).to(ctx.dtype), k=k, largest=True).indices] = True
+        keep = keep.view(p.shape)
         del var, squares
         total.mul_(keep)
     positive = total >= 0
