@@ -14,17 +14,19 @@ ordering and checks see the base model's tensor names, shapes and dtypes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file
 
-from .checkpoints import Checkpoint, CheckpointError, TensorInfo, register_checkpoint_kind
+from .checkpoints import Checkpoint, CheckpointError, TensorInfo, read_safetensors_header, register_checkpoint_kind
+from .trust import check_folder, checked_file, hub_snapshot_repo
 
 __all__ = ["AdapterCheckpoint", "is_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -52,9 +54,12 @@ class AdapterCheckpoint(Checkpoint):
     def __init__(self, path: Union[str, Path], name: Optional[str] = None, base: Union[str, Path, None] = None):
         self.path = Path(path)
         self.name = name or str(path)
+        check_folder(self.path, self.name)  # links out of the folder, FIFOs: refused before any read
         self.lora = _read_lora_config(self.path, self.name)
+        # an adapter downloaded from the Hub names its base on the Hub: never a folder of this machine
         where = base if base is not None and Path(base).is_dir() else _resolve_base(
-            str(base) if base is not None else self.lora.base_model_name_or_path, self.name)
+            str(base) if base is not None else self.lora.base_model_name_or_path, self.name,
+            hub_only=base is None and hub_snapshot_repo(self.path) is not None)
         self.base = Checkpoint(where, name=f"{base or self.lora.base_model_name_or_path} (base of {self.name})")
         self.files_path = self.base.files_path
         self.config = self.base.config
@@ -62,13 +67,15 @@ class AdapterCheckpoint(Checkpoint):
         # offsets unknown (-1): the engine never reads adapter tensors by byte range
         self.tensors = {k: TensorInfo(k, i.dtype, i.shape, i.file) for k, i in self.base.tensors.items()}
         self._bin_state, self._fds = {}, {}
-        weights = load_file(str(self.path / ADAPTER_WEIGHTS)) if (self.path / ADAPTER_WEIGHTS).exists() else None
+        weights = _load_adapter(checked_file(self.path, ADAPTER_WEIGHTS, self.name), self.name) \
+            if os.path.lexists(self.path / ADAPTER_WEIGHTS) else None
         if weights is None:
             raise CheckpointError(f"{self.name}: adapter folder without {ADAPTER_WEIGHTS}")
         self._own_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         self._counted = False
         self.deltas, self.replaced = self._plan(weights)
         self._cache: Tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+        self._source: Dict[str, str] = {}  # merge name -> base tensor name, once rekeyed (a slice's layers)
 
     @property
     def bytes_read(self) -> int:  # type: ignore[override]
@@ -96,6 +103,9 @@ class AdapterCheckpoint(Checkpoint):
                 raise CheckpointError(f"{self.name}: module {module!r} needs a 2-D lora A and B pair (convolution "
                                       "and other layer kinds are not supported)")
             r = a.shape[0]
+            if b.shape[1] != r:  # B @ A would fail mid-merge, naming neither
+                raise CheckpointError(f"{self.name}/{ADAPTER_WEIGHTS}: module {module!r} has rank {r} in its A tensor "
+                                      f"{tuple(a.shape)} but {b.shape[1]} in its B tensor {tuple(b.shape)}")
             alpha = self.lora.alpha_pattern.get(_pattern_key(self.lora.alpha_pattern, module), self.lora.lora_alpha)
             scaling = alpha / (math.sqrt(r) if self.lora.use_rslora else r)
             transpose = embedding or bool(self.lora.fan_in_fan_out)
@@ -120,12 +130,13 @@ class AdapterCheckpoint(Checkpoint):
         if name not in self.tensors:
             raise CheckpointError(f"{self.name}: has no tensor {name!r}")
         self._counted = True
-        if name in self.replaced:
-            t = self.replaced[name].to(self.tensors[name].dtype)
+        src = self._source.get(name, name)
+        if src in self.replaced:
+            t = self.replaced[src].to(self.tensors[name].dtype)
         else:
-            t = self.base.get_tensor(name)
-            if name in self.deltas:
-                a, b, scaling, transpose = self.deltas[name]
+            t = self.base.get_tensor(src)
+            if src in self.deltas:
+                a, b, scaling, transpose = self.deltas[src]
                 delta = b.float() @ a.float()
                 delta = (delta.t() if transpose else delta) * scaling
                 t = t + delta.to(t.dtype)  # as peft's merge: the delta in the weight's dtype, added in it
@@ -135,9 +146,13 @@ class AdapterCheckpoint(Checkpoint):
     def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         return self._expanded(name).to(device, copy=True)
 
-    def rekey(self, names):  # type: ignore[override]
-        raise CheckpointError(f"{self.name}: a LoRA adapter's tensors cannot be renamed (base_model_prefix alignment, "
-                              "heads='drop'); merge its base's layout or the adapter merged into its base")
+    def rekey(self, names: Mapping[str, str]) -> "AdapterCheckpoint":  # type: ignore[override]
+        """Key the adapted tensors by other names (a slice's layers, a prefix alignment): reads still
+        expand the base tensor of the old name."""
+        self._source = {names[k]: self._source.get(k, k) for k in self.tensors if k in names}
+        self.tensors = {names[k]: dataclasses.replace(i, name=names[k]) for k, i in self.tensors.items() if k in names}
+        self._cache = (None, None)
+        return self
 
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
         return self._expanded(name).reshape(-1)[start:end].clone()
@@ -168,6 +183,8 @@ def _read_lora_config(path: Path, name: str) -> Any:
         raw = json.loads((path / ADAPTER_CONFIG).read_text())
     except ValueError as exc:
         raise CheckpointError(f"{name}: {ADAPTER_CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{name}: {ADAPTER_CONFIG} is a JSON {type(raw).__name__}, not an object")
     kind = raw.get("peft_type")
     if kind != "LORA":
         raise CheckpointError(f"{name}: peft adapter type {kind!r} is not supported (LoRA only); merge it into its "
@@ -184,8 +201,22 @@ def _read_lora_config(path: Path, name: str) -> Any:
     return cfg
 
 
-def _resolve_base(base: str, name: str) -> Path:
-    if Path(os.path.expanduser(base)).is_dir():
+def _load_adapter(path: Path, name: str) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors, its header checked first as every weight file's is (a truncated or
+    corrupt file is refused naming it, not with safetensors' bare error)."""
+    read_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type is not a ValueError
+        raise CheckpointError(f"{name}: cannot read {path}: {exc}") from None
+
+
+def _resolve_base(base: str, name: str, hub_only: bool = False) -> Path:
+    if hub_only and (base.startswith((".", "/", "~", "\\")) or os.path.isabs(base) or base.count("/") > 1):
+        raise CheckpointError(f"{name}: this adapter came from the Hub; its base_model_name_or_path {base!r} names a "
+                              "folder of this machine, which is never read for it: pass the base yourself "
+                              "(base_model=, or {id, base} in the models list)")
+    if not hub_only and Path(os.path.expanduser(base)).is_dir():
         return Path(os.path.expanduser(base))
     from huggingface_hub import snapshot_download
 

@@ -48,9 +48,10 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
                 greedy_log: Optional[List[Dict[str, Any]]] = None, dtype: str = "", parameters: int = 0,
                 seconds: float = 0.0, repo_id: Optional[str] = None, reproduce: Optional[str] = None,
                 mergekit_config: Optional[str] = None, alignment: Sequence[str] = (),
-                search: Optional[Dict[str, Any]] = None):
+                search: Optional[Dict[str, Any]] = None, warnings: Sequence[str] = ()):
     """Returns (huggingface_hub.ModelCard, svg text or None). ``alignment``: notes on rows matched
-    by token or label and on config choices (:class:`~hf_ame.rows.RowAlignment`)."""
+    by token or label and on config choices (:class:`~hf_ame.rows.RowAlignment`); ``warnings``: what
+    the merge warned about (tensors returned unchanged, config keys ignored)."""
     # huggingface_hub's card classes pull its HTTP stack (~8 MiB, 190 modules): imported when a card is made
     from huggingface_hub import ModelCard
     archs = model_config.get("architectures") or []
@@ -92,6 +93,7 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
         recipe_yaml=recipe_yaml,
         mergekit_config=mergekit_config,
         alignment=list(alignment),
+        merge_warnings=list(warnings),
         search_rows=_search_rows(search),
         metric_label=metric_name or "score",
     )

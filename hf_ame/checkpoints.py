@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from safetensors import safe_open
 from .errors import CheckpointError
+from .trust import check_folder, checked_file, open_regular
 
 __all__ = [
     "TensorInfo",
@@ -92,7 +93,7 @@ def _read_header(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, str]
     """(header, metadata, byte where the data starts: 8 + the header's length)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, str(path.parent)) as f:  # a FIFO would block the read forever
             raw = f.read(8)
             if len(raw) != 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -152,6 +153,17 @@ def validate_header(header: Any, data_len: int, where: str) -> Dict[str, str]:
     return metadata
 
 
+def _checked_weight_map(weight_map: Any, where: Path) -> Dict[str, str]:
+    """An index's weight_map: an object of tensor name -> weight file name (checked before any use,
+    so a number or a list as a file name is refused naming the tensor)."""
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{where}: weight_map is a JSON {type(weight_map).__name__}, not an object")
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(f"{where}: weight_map[{tensor!r}] is {file!r}, not the name of a weight file")
+    return weight_map
+
+
 def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -197,12 +209,16 @@ class Checkpoint:
                     return super().__new__(kind)
         return super().__new__(cls)
 
+    # the caller's consent to the folder's custom code: its .py files are copied into outputs only then
+    trust_remote_code = False
+
     def __init__(self, path: Union[str, Path], name: Optional[str] = None):
         self.path = Path(path)
         self.files_path = self.path  # where config, tokenizer and processor files are (an adapter: its base)
         self.name = name or str(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.name}: no such checkpoint folder: {self.path}")
+        check_folder(self.path, self.name)  # links out of the folder, FIFOs: refused before any read
         self._bin_state: Dict[str, Dict[str, torch.Tensor]] = {}
         self._fds: Dict[str, Any] = {}  # weight file -> open unbuffered file, for read_flat
         self.bytes_read = 0
@@ -212,24 +228,29 @@ class Checkpoint:
 
     # ---------------------------------------------------------------- discovery
     def _read_config(self) -> Dict[str, Any]:
-        cfg = self.path / "config.json"
-        if not cfg.exists():
+        if not os.path.lexists(self.path / "config.json"):
             return {}
         try:
-            return json.loads(cfg.read_text())
-        except ValueError as exc:
+            with open_regular(checked_file(self.path, "config.json", self.name), self.name) as fh:
+                data = json.loads(fh.read())
+        except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"{self.name}: config.json is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):  # every reader calls .get on it
+            raise CheckpointError(f"{self.name}: config.json is a JSON {type(data).__name__}, not an object of "
+                                  "config fields")
+        return data
 
     def _find_weights(self) -> Tuple[str, str]:
         explicit = self.config.get("transformers_weights")
         if isinstance(explicit, str):  # transformers loads this file when the config names it
-            target = (self.path / explicit).resolve()
-            if self.path.resolve() not in target.parents or not target.is_file():
+            checked_file(self.path, explicit, self.name, f"config.json's transformers_weights {explicit!r}")
+            if os.path.isabs(explicit) or not (self.path / explicit).is_file():
                 raise CheckpointError(f"{self.name}: config.json's transformers_weights {explicit!r} is not a file "
                                       "inside the folder")
             return explicit, ("safetensors" if ".safetensors" in explicit else "bin")
         for fname in WEIGHT_FILE_NAMES:
-            if (self.path / fname).exists():
+            if os.path.lexists(self.path / fname):
+                checked_file(self.path, fname, self.name)
                 return fname, ("safetensors" if "safetensors" in fname else "bin")
         present = sorted(p.name for p in self.path.iterdir())[:10]
         raise CheckpointError(
@@ -246,12 +267,16 @@ class Checkpoint:
     def _read_headers(self) -> Dict[str, TensorInfo]:
         if self.weight_file.endswith(".index.json"):
             try:
-                index = json.loads((self.path / self.weight_file).read_text())
-                weight_map: Dict[str, str] = index["weight_map"]
-            except (ValueError, KeyError) as exc:
+                with open_regular(self.path / self.weight_file, self.name) as fh:
+                    index = json.loads(fh.read())
+                weight_map: Dict[str, str] = _checked_weight_map(index["weight_map"], self.path / self.weight_file)
+                files = list(dict.fromkeys(weight_map.values()))
+            except CheckpointError:
+                raise
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{self.name}: {self.weight_file} is not a valid index ({exc})") from None
-            files = list(dict.fromkeys(weight_map.values()))
             for f in files:
+                self._check_listed(f)
                 if not (self.path / f).exists():
                     raise CheckpointError(f"{self.name}: {self.weight_file} lists {f}, which is missing")
         else:
@@ -272,6 +297,14 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(f"{self.name}: tensor {missing[0]!r} is in {self.weight_file} but not in {weight_map[missing[0]]}")
         return infos
+
+    def _check_listed(self, f: Any) -> None:
+        """A shard named by the index: a relative name of a regular file inside the folder (an index
+        naming ``../x.safetensors`` or ``/etc/...`` would read and merge a file the user never gave)."""
+        what = f"{self.weight_file} lists {f!r}, which"
+        if not isinstance(f, str) or not f or os.path.isabs(f) or ".." in Path(f).parts:
+            raise CheckpointError(f"{self.name}: {what} is not a file name inside the folder")
+        checked_file(self.path, f, self.name, what)
 
     def _load_bin(self, f: str) -> Dict[str, torch.Tensor]:
         # pickled checkpoints: mmap + weights_only, so nothing executes and pages load lazily.

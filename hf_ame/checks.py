@@ -172,8 +172,10 @@ def _tied_keys(config: Mapping[str, Any]) -> Dict[str, str]:
         return {}
     tie = config.get("tie_word_embeddings")
     if tie is None and config.get("model_type"):
-        try:
-            tie = transformers.AutoConfig.for_model(config["model_type"]).tie_word_embeddings
-        except (ValueError, KeyError):
+        try:  # through transformers' accessor: a multimodal config keeps it on its text config
+            cfg = transformers.AutoConfig.for_model(config["model_type"])
+            tie = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "tie_word_embeddings",
+                          getattr(cfg, "tie_word_embeddings", None))
+        except (ValueError, KeyError, AttributeError):
             tie = None
     return dict(tied) if tie else {}

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import yaml
 
 from .config import AMEConfig
-from .errors import HFAMEError, OutputExistsError
+from .errors import ConfigError, HFAMEError, Interrupted, OutputExistsError
 from .merger import AMEMerger
 from .optimizers import list_optimizers
 from .publish import push_folder
@@ -111,13 +114,18 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                    help="memory 'auto' may use for ingredient copies; default half the available memory")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--strict", action="store_true",
+                   help="a mergekit config: refuse keys and parameters mergekit ignores (default: ignored with a warning)")
+    m.add_argument("--allow-unchanged", action="store_true",
+                   help="write the output even if every merged tensor equals one input (the base or the pivot model); "
+                        "by default that is refused")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="allow the ingredients' custom code and, in a recipe, metric scripts and "
                         "module:function amplifications (a recipe cannot allow them itself)")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.add_argument("--push", metavar="REPO_ID", nargs="?", const="", default=None,
                    help="after merging, push the folder (weights, card, recipe) to this Hub repo in one commit; "
-                        "with a recipe and no value, to the recipe's hub.repo_id")
+                        "with a local recipe and no value, to its hub.repo_id (a recipe from the Hub: type the repo id)")
     m.add_argument("--private", action="store_true", default=None, help="with --push: create the repo private")
     m.add_argument("--revision", default=None, help="recipe from a Hub repo: its revision")
     m.add_argument("--dry-run", action="store_true",
@@ -197,7 +205,20 @@ def _search_args(path: Optional[str]) -> Dict[str, Any]:
     return out
 
 
+def _check_repo_id(repo_id: Optional[str]) -> None:
+    """--push's repo id, checked before the merge (a bad one would fail only after all the work)."""
+    if not repo_id:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"--push: {exc}") from None
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
+    _check_repo_id(args.push)
     if _is_recipe(args.models):
         kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
         for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template"):
@@ -205,20 +226,21 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 kwargs[key] = getattr(args, key)
         if args.trust_remote_code:
             kwargs["trust_remote_code"] = True
-        merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, **kwargs)
+        if args.push == "" and not Path(args.models[0]).expanduser().exists():  # a Hub recipe: before any download
+            raise ValueError(_BARE_PUSH.format(source=args.models[0], repo="its hub.repo_id"))
+        merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, strict=args.strict, **kwargs)
+        repo = _push_target(args.push, merger.recipe)  # refused before the merge, not after it
         if args.dry_run:
             return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, stream=args.stream,
                                            memory_budget=args.memory_budget), args.json)
         result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                              stream=args.stream, memory_budget=args.memory_budget, **_search_args(args.search))
+                              stream=args.stream, memory_budget=args.memory_budget,
+                              allow_unchanged=args.allow_unchanged, **_search_args(args.search))
         print(result.report.summary())
         if result.scores:
             print(f"scores ({result.metric['name']}): " + ", ".join(
                 f"{k}={v['score'] if isinstance(v, dict) else v:.4f}" for k, v in result.scores.items()))
-        if args.push is not None:
-            repo = args.push or merger.recipe.hub.get("repo_id")
-            if not repo:
-                raise ValueError("--push: give a repo id, or set hub.repo_id in the recipe")
+        if repo is not None:
             private = args.private if args.private is not None else merger.recipe.hub.get("private")
             info = result.push_to_hub(repo, private=private)
             print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
@@ -242,13 +264,30 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                                        memory_budget=args.memory_budget), args.json)
     result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
                           max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget,
-                          **_search_args(args.search))
+                          allow_unchanged=args.allow_unchanged, **_search_args(args.search))
     if result.report.rank == 0:
         print(result.report.summary())
     if args.push and result.report.rank == 0:
         info = result.push_to_hub(args.push, private=args.private)
         print(f"pushed to {args.push}: {getattr(info, 'commit_url', info)}")
     return 0
+
+
+_BARE_PUSH = ("--push: this recipe came from the Hub ({source}); {repo} is not pushed to without asking: type "
+              "the repo id to publish to (--push NAMESPACE/NAME)")
+
+
+def _push_target(push: Optional[str], recipe: Any) -> Optional[str]:
+    """Where ``--push`` publishes: the repo id typed, or a bare ``--push`` to a LOCAL recipe's
+    hub.repo_id. A recipe from the Hub never picks where the user's merge is published."""
+    if push is None or push:
+        return push
+    repo = recipe.hub.get("repo_id")
+    if recipe.remote:
+        raise ValueError(_BARE_PUSH.format(source=recipe.source, repo=f"its hub.repo_id {repo!r}"))
+    if not repo:
+        raise ValueError("--push: give a repo id, or set hub.repo_id in the recipe")
+    return repo
 
 
 def _config(args: argparse.Namespace) -> AMEConfig:
@@ -333,12 +372,53 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _signals_as_errors() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so the merge ends as an error
+    does (staging folder removed, lock released) instead of dying mid-write. The first one only: the
+    clean-up that follows is not interrupted again (kill -9 still ends it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    old: Dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in _SIGNALS:  # a signal the parent ignores (a background job's SIGINT) stays ignored, as Python leaves it
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with _signals_as_errors():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers,
                 "convert": _cmd_convert}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _signals_as_errors: one line, 128 + signal
+        if args.debug:
+            raise
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"hf-ame: interrupted by {signal.Signals(signum).name}: stopped; a partial output was removed, "
+              "existing outputs are untouched", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # `hf-ame optimizers | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -29,6 +29,7 @@ from .config import AMEConfig, ConfigError, parse_dtype
 from .devices import DeviceMap, device_lookup
 from .errors import IncompatibleCheckpointsError
 from .executor import MergeReport, Ranks, run_parts, run_plan
+from .limits import check_config_limits
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
 from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan, combine_plans
@@ -89,6 +90,7 @@ def _name_of(ckpt: Union[Checkpoint, str, Path]) -> str:
 def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows=None) -> _Opened:
     """Open and check everything a merge reads, from headers only; refuse a bad output folder first."""
     config = (config or AMEConfig()).validate()
+    check_config_limits(config, len(ingredients))
     out_dtype = parse_dtype(dtype, "dtype")
     ckpts = open_checkpoints(ingredients)
     for c in ckpts:
@@ -259,7 +261,8 @@ def _finish(tmp: Path, ckpts: Sequence[Checkpoint], files_from: Path, rows: Opti
     quantized = any(isinstance(c, FP8Checkpoint) for c in ckpts)  # written dequantized: no quantization_config
     return finish_output(tmp, files_from, getattr(torch, plan.dtype), extra_files, {**r.config_changes, **(config_changes or {})},
                          tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer,
-                         config_drop=("quantization_config",) if quantized else (), chat_template=r.chat_template)
+                         config_drop=("quantization_config",) if quantized else (), chat_template=r.chat_template,
+                         code=any(c.trust_remote_code for c in ckpts))
 
 
 def stack_checkpoints(
@@ -301,7 +304,8 @@ def stack_checkpoints(
     files: List[str] = []
 
     def finalize(tmp: Path) -> None:
-        files.extend(finish_output(tmp, first.files_path, getattr(torch, plan.dtype), extra_files, changes))
+        files.extend(finish_output(tmp, first.files_path, getattr(torch, plan.dtype), extra_files, changes,
+                                   code=first.trust_remote_code))
 
     try:
         report = run_plan(plan, ckpts, None, Ranks(False), lambda: staged_output(output_dir, overwrite, [c.path for c in ckpts]),
@@ -418,5 +422,6 @@ def save_state(
         except BaseException:
             writer.abort()
             raise
-        files += finish_output(tmp, reference.files_path, out_dtype or model_dtype(reference), extra_files)
+        files += finish_output(tmp, reference.files_path, out_dtype or model_dtype(reference), extra_files,
+                               code=reference.trust_remote_code)
     return sorted(files)

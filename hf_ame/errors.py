@@ -22,6 +22,8 @@ __all__ = [
     "MetricError",
     "OutputExistsError",
     "PushError",
+    "Interrupted",
+    "UnchangedMergeError",
 ]
 
 
@@ -73,6 +75,12 @@ class NonFiniteWeightsError(IncompatibleCheckpointsError):
         super().__init__(msg)
 
 
+class UnchangedMergeError(HFAMEError, ValueError):
+    """Every merged tensor equals one input (the base or the pivot ingredient) bit for bit although the
+    other ingredients differ from it: the merge would publish that input as "the merge". Refused
+    unless asked for (``merge(allow_unchanged=True)``, ``--allow-unchanged``)."""
+
+
 class IngredientError(HFAMEError, ValueError):
     """An ingredient that cannot be found, fetched or read; the message names it."""
 
@@ -91,3 +99,15 @@ class OutputExistsError(HFAMEError, FileExistsError):
 
 class PushError(HFAMEError, RuntimeError):
     """A push that failed; the local folder is untouched and the message says where it is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command-line run (``signum``): raised in the main thread so the
+    merge ends as an error does (staging folder removed, lock released). A ``KeyboardInterrupt``,
+    not an ``Exception``: no ``except Exception`` on the way may swallow it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

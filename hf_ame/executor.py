@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -28,7 +29,8 @@ from .rows import RowGroup, RowMap, fill_sources, row_groups, subset_config, sub
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
-__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer"]
+__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer",
+           "unchanged_note"]
 
 
 @dataclass
@@ -58,6 +60,8 @@ class MergeReport:
     world_size: int = 1
     exact_soup: bool = False
     counters_maxed: List[str] = field(default_factory=list)  # BatchNorm num_batches_tracked: the maximum
+    # merged tensors equal to their pivot (base or pivot ingredient) bit for bit while an ingredient differs
+    unchanged: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         how = ("the exact uniform soup (one pass)" if self.exact_soup else
@@ -361,17 +365,33 @@ class _Runner:
             base_x = xs[n] if self.pivot_base is not None else None
         try:
             # a streamed row is read whole per ingredient, so it is never split into blocks
-            return merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
-                                exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
-                                key=tp.name, position=tp.position)
+            out = merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
+                               exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
+                               key=tp.name, position=tp.position)
+            self.check_moved(tp.name, out, ing, base_x)
+            return out
         finally:
             if isinstance(ing, IngredientRow):
                 ing.close()
 
+    def check_moved(self, name: str, out: torch.Tensor, ing: Sequence[torch.Tensor], base_x: Optional[torch.Tensor]) -> None:
+        """Record ``name`` in ``report.unchanged`` when the merge returned its pivot (the base, or the pivot
+        ingredient when its copy is in memory) bit for bit although an ingredient differs from it: the
+        signature of a lost task vector (a half-precision step under the weights' ulp, a zero weight)."""
+        kind, idx = self.plan.pivot
+        pivot = base_x if kind == "base" else (ing[idx] if kind == "index" and isinstance(ing, list) else None)
+        if pivot is None or not torch.equal(out, pivot.to(device=out.device, dtype=out.dtype)):
+            return
+        if any(not torch.equal(ing[j].to(pivot.device), pivot) for j in range(len(ing)) if kind != "index" or j != idx):
+            self.report.unchanged.append(name)
+
     def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
         if tp.transform == "copy":
             self.report.copied_tensors += 1
-            return xs[0].to(getattr(torch, tp.dtype))
+            out = xs[0].to(getattr(torch, tp.dtype))
+            if tp.scale is not None and tp.scale != 1:  # mergekit's passthrough scale: on the tensor as loaded
+                out = (out.to(torch.promote_types(out.dtype, torch.float32)) * tp.scale).to(out.dtype)
+            return out
         if tp.transform == "integer":
             self.report.copied_tensors += 1
             return merge_integer(tp.name, self.ckpts, xs, self.plan.reference, self.report)
@@ -449,7 +469,23 @@ def run_plan(plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkp
     finally:
         runner.close()
     report.devices = sorted(runner.devices)
+    warn_unchanged(report)
     return report
+
+
+def unchanged_note(report: MergeReport) -> Optional[str]:
+    """One line naming the merged tensors that came out equal to their pivot (None if none did)."""
+    names = report.unchanged
+    if not names:
+        return None
+    return (f"{len(names)} of {report.merged_tensors} merged tensor(s) equal the pivot ({report.config.pivot}) bit for "
+            f"bit although the ingredients differ from it: {', '.join(names[:5])}" + (", ..." if len(names) > 5 else ""))
+
+
+def warn_unchanged(report: MergeReport) -> None:
+    note = unchanged_note(report)
+    if note is not None:
+        warnings.warn(note, stacklevel=3)
 
 
 def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", Optional[Callable[[str], str]]]],
@@ -490,6 +526,7 @@ def run_parts(parts: Sequence[Tuple[MergePlan, Sequence[Checkpoint], Optional[Ch
         for r in runners:
             r.close()
     report.devices = sorted(set().union(*(r.devices for r in runners)))
+    warn_unchanged(report)
     return report
 
 

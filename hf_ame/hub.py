@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .checkpoints import SAFETENSORS_DTYPES, TensorInfo
 from .errors import IngredientError
 
-__all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns"]
+__all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns",
+           "bound_timeouts", "timeout_hint"]
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -102,6 +103,47 @@ class RemoteHeader:
         return self
 
 
+def _fill_timeouts(request: Any) -> None:
+    """A request hook: every limit the call left unset (None: wait forever) gets huggingface_hub's
+    own, read now: HF_HUB_ETAG_TIMEOUT to connect, HF_HUB_DOWNLOAD_TIMEOUT between two reads or
+    writes (a pause, not a whole transfer: big files stream on)."""
+    from huggingface_hub import constants
+
+    limit = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    limits = {"connect": float(constants.HF_HUB_ETAG_TIMEOUT), "read": limit, "write": limit, "pool": limit}
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {k: given[k] if given.get(k) is not None else v for k, v in limits.items()}
+
+
+def bound_timeouts() -> None:
+    """huggingface_hub's shared HTTP client sends most calls (model_info, create_repo, create_commit,
+    ...) with no timeout: a Hub endpoint that accepts and never answers would hang a download or a
+    push forever. Add :func:`_fill_timeouts` to its request hooks (once per client; limits a caller
+    set are kept)."""
+    from huggingface_hub.utils import get_session
+
+    client = get_session()
+    hooks = client.event_hooks
+    if _fill_timeouts not in hooks.get("request", []):
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _fill_timeouts]}
+
+
+def timeout_hint(exc: BaseException) -> Optional[str]:
+    """A plain sentence when ``exc`` (or what caused it) is an HTTP timeout, else None."""
+    seen: List[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 8:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    timeouts = [e for e in seen if isinstance(e, TimeoutError)
+                or any(c.__name__ == "TimeoutException" for c in type(e).__mro__)]  # httpx's, whichever fork
+    if not timeouts:
+        return None
+    from huggingface_hub import constants
+
+    return (f"the Hub did not answer within {constants.HF_HUB_DOWNLOAD_TIMEOUT} s ({type(timeouts[0]).__name__}; "
+            "raise HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT for a slow connection)")
+
+
 def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
     from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
@@ -115,6 +157,8 @@ def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
         why = "revision not found"
     elif isinstance(exc, OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set and it is not in the local cache (download it first, or use a local folder)"
+    elif timeout_hint(exc):
+        why = timeout_hint(exc)
     else:
         why = f"{type(exc).__name__}: {exc}"
     return IngredientError(f"{ing.id!r}{rev}: cannot {what}: {why}")
@@ -125,6 +169,7 @@ def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, end
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
 
+    bound_timeouts()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(ing.id, revision=ing.revision)
@@ -186,6 +231,7 @@ def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: U
     # Ask for the revision as given (so the cache records refs/<branch> and local_files_only works
     # later), then check it is still the commit whose headers were checked.
     revision = ing.revision
+    bound_timeouts()
     pats = allow_patterns(files or ["model.safetensors"], trust_remote_code, weights) if (files is not None or not weights) else None
     try:
         folder = Path(snapshot_download(ing.id, revision=revision, cache_dir=cache_dir, token=token,

@@ -78,11 +78,14 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
     labelled = [t for t in head if all(h.tensors.get(t) is not None and h.tensors[t].shape[0] == rows[h.name] for h in headers)]
     if not labelled:
         return out, []
+    for h, lab in zip(headers, labels):
+        _check_unique(h.name, lab)
     if choice is None and len({frozenset(lab) for lab in labels}) > 1:
         raise _refusal(names, labels)
     if choice == "base":
         donor = _base_head(base, head)
         out_labels, keys = labels_of(donor.config) or [], {n: {} for n in names}
+        _check_unique(donor.name, out_labels)
         keys[donor.name], rows[donor.name] = {x: i for i, x in enumerate(out_labels)}, len(out_labels)
         _take_head(out, donor, [h.name for h in headers] + [donor.name], [t for t in head if t not in labelled])
         out.notes.append(f"heads: the base model {donor.name!r}'s head and labels ({', '.join(out_labels)})")
@@ -102,6 +105,7 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
                                            if moved else "") + (f"the union of the label sets ({', '.join(out_labels)})"
                                                                 if choice == "union" else f"labels {', '.join(out_labels)}"))
     if choice != "base" and base is not None and labels_of(base.config) is not None and all(t in base.tensors for t in labelled):
+        _check_unique(base.name, labels_of(base.config) or [])
         keys[base.name] = {name: i for i, name in enumerate(labels_of(base.config) or [])}
         rows[base.name] = len(labels_of(base.config) or [])
     if any(lab != labels[0] for lab in labels[1:]) or choice is not None:
@@ -114,6 +118,18 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
     out.config_changes.update(id2label={str(i): x for i, x in enumerate(out_labels)},
                               label2id={x: i for i, x in enumerate(out_labels)})
     return out, []
+
+
+def _check_unique(model: str, labels: Sequence[str]) -> None:
+    """Rows are matched by label name: two ids with one name would drop one row and take the other
+    from a single model, so they are refused, naming the model, the label and its ids."""
+    seen: Dict[str, int] = {}
+    for i, name in enumerate(labels):
+        if name in seen:
+            raise IncompatibleCheckpointsError(
+                f"model {model!r}: config.json's id2label names {name!r} twice (ids {seen[name]} and {i}); head rows "
+                "are matched by label name, so each label needs its own name (fix id2label, or heads='drop')")
+        seen[name] = i
 
 
 def _base_head(base: Any, head: Sequence[str]) -> Any:

@@ -11,7 +11,7 @@ before anything is read, each fused tensor converted when it is read. No table o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -27,22 +27,36 @@ def _revert(model: Any, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return revert_weight_conversion(model, state)
 
 
-def original_layout(model: Any, tensors: Mapping[str, TensorInfo]) -> Optional[Dict[str, Tuple[str, TensorInfo]]]:
-    """{name in the original layout: (its source tensor in the file, its info)} for a checkpoint
-    saved in the in-memory layout of ``model`` (an empty-weight skeleton); None when its names are
-    already the original ones. Computed on meta tensors: nothing is read."""
-    out: Dict[str, Tuple[str, TensorInfo]] = {}
+def original_layout(model: Any, tensors: Mapping[str, TensorInfo]) -> Optional[Dict[str, Tuple[Tuple[str, ...], TensorInfo]]]:
+    """{name in the original layout: (its source tensors in the file, its info)} for a checkpoint
+    saved (wholly or in part) in the in-memory layout of ``model`` (an empty-weight skeleton); None
+    when its names are already the original ones. Only tensors named as the skeleton names them are
+    converted (a name of the original layout is never converted twice), one module at a time (pieces
+    that the original layout fuses, or splits, are converted together). Computed on meta tensors."""
+    in_memory = set(model.state_dict())
+    out: Dict[str, Tuple[Tuple[str, ...], TensorInfo]] = {}
+    groups: Dict[str, List[str]] = {}
+    for name in tensors:
+        if name in in_memory:
+            groups.setdefault(name.rsplit(".", 2)[0], []).append(name)
+        else:
+            out[name] = ((name,), tensors[name])
     changed = False
-    for name, info in tensors.items():
+    for names in groups.values():
+        meta = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device="meta") for n in names}
         try:
-            got = _revert(model, {name: torch.empty(info.shape, dtype=info.dtype, device="meta")})
-        except Exception:  # noqa: BLE001 - a tensor the reverse conversion cannot take alone: keep it as it is
-            got = {name: None}
-        if set(got) != {name} or (got[name] is not None and tuple(got[name].shape) != tuple(info.shape)):
+            got = _revert(model, meta)
+        except Exception:  # noqa: BLE001 - a group the reverse conversion cannot take: keep it as it is
+            got = meta
+        if set(got) != set(names) or any(tuple(got[n].shape) != tuple(tensors[n].shape) for n in names):
             changed = True
+        info = tensors[names[0]]
         for new, t in got.items():
-            shape = tuple(t.shape) if t is not None else tuple(info.shape)
-            out[new] = (name, dataclasses.replace(info, name=new, shape=shape, offset=-1, stored_name=None))
+            src = (new,) if (new in tensors and new in names and tuple(t.shape) == tuple(tensors[new].shape)) else tuple(names)
+            base = tensors[new] if src == (new,) else info
+            out[new] = (src, dataclasses.replace(base, name=new, shape=tuple(t.shape), dtype=t.dtype,
+                                                 offset=base.offset if src == (new,) else -1,
+                                                 stored_name=base.stored_name if src == (new,) else None))
     return out if changed else None
 
 
@@ -58,11 +72,11 @@ class ConvertedCheckpoint(Checkpoint):
         self.inner, self.model = inner, model
         self.path, self.files_path, self.name, self.config = inner.path, inner.files_path, inner.name, inner.config
         self.weight_file, self.format = inner.weight_file, "converted"
-        self.sources = {k: src for k, (src, _) in layout.items()}  # merge name -> its source tensor in the file
+        self.sources = {k: src for k, (src, _) in layout.items()}  # merge name -> its source tensors in the file
         self.converted = {k: k for k in layout}  # merge name -> its name in the original layout
         self.tensors = {k: info for k, (_, info) in layout.items()}
         self._bin_state, self._fds = {}, {}
-        self._cache: Tuple[Optional[str], Dict[str, torch.Tensor]] = (None, {})
+        self._cache: Tuple[Optional[Tuple[str, ...]], Dict[str, torch.Tensor]] = (None, {})
 
     @property
     def bytes_read(self) -> int:  # type: ignore[override]
@@ -79,8 +93,10 @@ class ConvertedCheckpoint(Checkpoint):
         want = self.converted[name]
         if self._cache[0] != src:
             self._cache = (None, {})
-            raw = self.inner.get_tensor(src)
-            self._cache = (src, {want: raw} if src == want else _revert(self.model, {src: raw}))
+            if src == (want,):
+                self._cache = (src, {want: self.inner.get_tensor(want)})
+            else:  # the module's tensors converted together (one module in memory at a time)
+                self._cache = (src, _revert(self.model, {s: self.inner.get_tensor(s) for s in src}))
         t = self._cache[1].get(want)
         if t is None:
             raise CheckpointError(f"{self.name}: converting {src!r} gave no tensor {name!r}")

@@ -14,6 +14,7 @@ per-token embedding sources) is refused by name before anything is read.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping
 
 import yaml
@@ -30,10 +31,14 @@ _SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters
 _NOT_YET = {
     "modules": "per-module merges",
 }
+# every key mergekit 0.1.5's MergeConfiguration reads: any other top-level key it accepts and ignores (pydantic's
+# default), and so does hf_ame, with a warning (``strict``: refused)
+_MERGEKIT_KEYS = _SUPPORTED_KEYS | set(_NOT_YET)
 _TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
 # methods whose mergekit contract ignores the base role: base_model is merged as one more input
 _BASE_IS_INPUT = {"karcher", "linear"}
 _SLICE_KEYS = {"sources", "parameters", "base_model"}
+_MERGEKIT_SLICE_KEYS = _SLICE_KEYS | {"residual_weight"}  # mergekit's OutputSliceDefinition; residual_weight: not yet
 _AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "adaptive_pivot",
              "amplification", "optimizer_kwargs", "compute_dtype"}
 
@@ -89,12 +94,16 @@ def _with_fallback(model: Any, shared: Any) -> Any:
     return {"filters": list(model["filters"]) + [{"filter": None, "value": shared}]}
 
 
-def _parse_slices(data: Mapping[str, Any], method: str) -> List[Dict[str, Any]]:
+def _parse_slices(data: Mapping[str, Any], method: str, ignored: List[str]) -> List[Dict[str, Any]]:
     """``slices``: a list of {sources: [{model, layer_range, parameters}], parameters, base_model}."""
     slices = data["slices"]
     if not isinstance(slices, list) or not slices:
         raise _fail("slices", "expected a non-empty list of {sources: [...]}")
+    slices = [_known(sl, _MERGEKIT_SLICE_KEYS, f"slices[{i}]", ignored) for i, sl in enumerate(slices)]
     for i, sl in enumerate(slices):
+        if isinstance(sl, Mapping):
+            sl["sources"] = ([_known(src, {"model", "layer_range", "parameters"}, f"slices[{i}].sources[{j}]", ignored)
+                              for j, src in enumerate(sl["sources"])] if isinstance(sl.get("sources"), list) else sl.get("sources"))
         if not isinstance(sl, Mapping) or set(sl) - _SLICE_KEYS or not isinstance(sl.get("sources"), list) \
                 or not sl["sources"]:
             bad = sorted(set(sl) - _SLICE_KEYS) if isinstance(sl, Mapping) else []
@@ -106,12 +115,26 @@ def _parse_slices(data: Mapping[str, Any], method: str) -> List[Dict[str, Any]]:
             r = src.get("layer_range")
             if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r) and 0 <= r[0] < r[1]):
                 raise _fail(f"slices[{i}].sources[{j}].layer_range", f"expected [start, end], got {r!r}")
-        if method == "passthrough" and (len(sl["sources"]) != 1 or set(sl) - {"sources"}):
+        if method == "passthrough" and (len(sl["sources"]) != 1 or set(sl) - {"sources", "parameters"}):
             raise _fail(f"slices[{i}].sources", "passthrough takes exactly one source per slice")
     return slices
 
 
-def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], original: str) -> Dict[str, Any]:
+def _stacking_scale(sl: Mapping[str, Any], data: Mapping[str, Any], i: int, ignored: List[str]) -> Any:
+    """passthrough's one parameter, ``scale``, of a slice: its source's setting over the slice's over the
+    global one (mergekit's precedence); other parameters are ignored, as mergekit's passthrough ignores them."""
+    levels = [(sl["sources"][0].get("parameters"), f"slices[{i}].sources[0].parameters"),
+              (sl.get("parameters"), f"slices[{i}].parameters"), (data.get("parameters"), "parameters")]
+    scale = None
+    for params, where in levels:
+        settings = _settings(params, where)
+        ignored.extend(f"{where}.{k}" for k in settings if k != "scale" and (where != "parameters" or i == 0))
+        scale = _with_fallback(scale, settings.get("scale"))
+    return scale
+
+
+def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], original: str,
+                     ignored: List[str]) -> Dict[str, Any]:
     """passthrough slices as an hf_ame recipe: the models (in order of first use) and the slices by index."""
     for key in ("tokenizer", "tokenizer_source", "chat_template"):  # layers copied, not merged: no row to match
         if data.get(key) is not None:
@@ -124,12 +147,21 @@ def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], orig
         ref = _reference(src["model"], f"slices[{i}].sources[0].model")
         if ref not in refs:
             refs.append(ref)
-        out.append({"model": refs.index(ref), "layer_range": list(src["layer_range"])})
+        scale = _stacking_scale(sl, data, i, ignored)
+        out.append({"model": refs.index(ref), "layer_range": list(src["layer_range"]),
+                    **({"scale": scale} if scale is not None else {})})
     recipe: Dict[str, Any] = {"hf_ame": 1, "models": refs, "slices": out, "merge": AMEConfig.soup().to_dict(),
                               "provenance": {"mergekit_config": original}}
     if data.get("dtype") is not None or data.get("out_dtype") is not None:
         recipe["output"] = {"dtype": str(data.get("out_dtype") or data["dtype"])}
     return recipe
+
+
+def _declared(settings: Dict[str, Any], entry: Any, where: str, ignored: List[str]) -> Dict[str, Any]:
+    """``settings`` without the parameters ``entry``'s method does not declare: mergekit binds only its
+    method's parameters and ignores the rest (each listed in ``ignored``)."""
+    ignored.extend(f"{where}.{name}" for name in settings if name not in entry.defaults)
+    return {k: v for k, v in settings.items() if k in entry.defaults}
 
 
 def _method_kwargs(entry: Any, method: str, shared: Mapping[str, Any], per_model: List[Dict[str, Any]],
@@ -156,7 +188,7 @@ def _settings(params: Any, where: str) -> Dict[str, Any]:
 
 
 def _merge_slices_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], entry: Any, method: str,
-                         shared: Mapping[str, Any]) -> Dict[str, Any]:
+                         shared: Mapping[str, Any], ignored: List[str]) -> Dict[str, Any]:
     """Slices merged with a method: the models in order of first use; per slice its sources by index,
     which one is the base (mergekit's base must be among a slice's sources) and the method's parameters
     (source > slice > global precedence)."""
@@ -174,11 +206,13 @@ def _merge_slices_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], 
             if base is not None and ref == base and base_pos is None and method not in _BASE_IS_INPUT:
                 base_pos = j
             else:
-                per_model.append(_settings(src.get("parameters"), f"slices[{i}].sources[{j}].parameters"))
+                where = f"slices[{i}].sources[{j}].parameters"
+                per_model.append(_declared(_settings(src.get("parameters"), where), entry, where, ignored))
         if entry.needs_base and base_pos is None:
             raise _fail(f"slices[{i}].sources", f"{method!r} needs the base model among every slice's sources, as "
                                                 "mergekit does (give base_model and list it as a source)")
-        mine = _settings(sl.get("parameters"), f"slices[{i}].parameters")
+        mine = _declared(_settings(sl.get("parameters"), f"slices[{i}].parameters"), entry, f"slices[{i}].parameters",
+                         ignored)
         below = {n: _with_fallback(mine.get(n), shared.get(n)) for n in set(mine) | set(shared)}
         kwargs = _method_kwargs(entry, method, below, per_model, f"slices[{i}].parameters")
         out.append({"sources": sources, **({"base": base_pos} if base_pos is not None else {}),
@@ -206,7 +240,8 @@ def _merge_section(data: Mapping[str, Any], method: str, kwargs: Dict[str, Any],
     return start
 
 
-def _models_form(data: Mapping[str, Any], entry: Any, method: str, base: Any, shared: Mapping[str, Any]):
+def _models_form(data: Mapping[str, Any], entry: Any, method: str, base: Any, shared: Mapping[str, Any],
+                 ignored: List[str]):
     """``models``: the ingredients (the base left out unless the method takes it as an input) and their
     per-model parameter settings."""
     entries = data.get("models")
@@ -215,49 +250,74 @@ def _models_form(data: Mapping[str, Any], entry: Any, method: str, base: Any, sh
     models: List[Dict[str, Any]] = []
     per_model: List[Dict[str, Any]] = []
     for k, e in enumerate(entries):
-        e = {"model": e} if isinstance(e, str) else e
+        e = {"model": e} if isinstance(e, str) else _known(e, {"model", "parameters"}, f"models[{k}]", ignored)
         if not isinstance(e, Mapping) or "model" not in e or not set(e) <= {"model", "parameters"}:
             raise _fail(f"models[{k}]", f"expected {{model: ..., parameters: ...}}, got {e!r}")
         ref = _reference(e["model"], f"models[{k}].model")
         if base is not None and ref == base and method not in _BASE_IS_INPUT:
             continue  # the base listed among the models (mergekit's examples do): it is the base
         models.append(ref)
-        per_model.append(_settings(e.get("parameters"), f"models[{k}].parameters"))
+        where = f"models[{k}].parameters"
+        per_model.append(_declared(_settings(e.get("parameters"), where), entry, where, ignored))
     if method in _BASE_IS_INPUT and base is not None and base not in models:
         models.append(base)  # mergekit adds the base model to the inputs, last
         per_model.append({})
     return models, _method_kwargs(entry, method, shared, per_model)
 
 
-def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
-    """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means."""
-    unknown = sorted(set(data) - _SUPPORTED_KEYS)
-    for key in unknown:
-        if key in _NOT_YET:
-            raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
-    if unknown:
-        raise _fail(unknown[0], f"not a mergekit config key hf_ame knows; expected one of {', '.join(sorted(_SUPPORTED_KEYS))}")
-    method = str(data["merge_method"]).lower()
+def _known(entry: Any, keys: set, where: str, ignored: List[str]) -> Any:
+    """``entry`` without the keys mergekit's schema does not have (it accepts and ignores them)."""
+    if not isinstance(entry, Mapping):
+        return entry
+    extra = sorted(set(entry) - keys, key=str)
+    ignored.extend(f"{where}.{k}" for k in extra)
+    return {k: v for k, v in entry.items() if k in keys}
+
+
+def mergekit_to_recipe_dict(data: Mapping[str, Any], *, strict: bool = False) -> Dict[str, Any]:
+    """An hf_ame recipe (as a dict for :meth:`Recipe.from_dict`) meaning what the mergekit config means.
+
+    Keys and parameters mergekit 0.1.5 accepts and ignores (a key outside its schema, a typo such as
+    ``dype``, a parameter its method does not have) are ignored here too, each named in a warning and
+    in ``provenance.mergekit_ignored`` (the card lists them); ``strict``: refused instead, by name."""
+    ignored: List[str] = []
+    for key in sorted(set(data) & set(_NOT_YET)):
+        raise _fail(key, f"mergekit's {_NOT_YET[key]} is not supported by hf_ame yet")
     original = yaml.safe_dump(dict(data), sort_keys=False)  # shown in the card as the user wrote it
+    data = _known(data, _MERGEKIT_KEYS, "", ignored)
+    ignored[:] = [k.lstrip(".") for k in ignored]
+    recipe = _translate(data, original, ignored)
+    if ignored:
+        if strict:
+            raise _fail(ignored[0], "mergekit accepts and ignores this; refused in strict mode (ignored: "
+                        + ", ".join(ignored) + ")")
+        for key in ignored:
+            warnings.warn(f"mergekit config: {key} is ignored (mergekit 0.1.5 ignores it too)", stacklevel=4)
+        recipe["provenance"]["mergekit_ignored"] = list(ignored)
+    return recipe
+
+
+def _translate(data: Mapping[str, Any], original: str, ignored: List[str]) -> Dict[str, Any]:
+    method = str(data["merge_method"]).lower()
     if data.get("slices") is not None and data.get("models") is not None:
         raise _fail("slices", "give either models or slices, as mergekit requires")
-    slices = _parse_slices(data, method) if data.get("slices") is not None else None
+    slices = _parse_slices(data, method, ignored) if data.get("slices") is not None else None
     if method == "passthrough" and slices is not None:
-        return _stacking_recipe(slices, data, original)
+        return _stacking_recipe(slices, data, original, ignored)
     try:
         entry = get_method(method)
     except Exception:  # noqa: BLE001 - re-raised with the field and the choices
         raise _fail("merge_method", f"{method!r} is not supported by hf_ame yet; supported: "
                                     f"{', '.join(m.name for m in list_methods())}") from None
     base = _reference(data["base_model"], "base_model") if data.get("base_model") is not None else None
-    shared = _settings(data.get("parameters"), "parameters")
+    shared = _declared(_settings(data.get("parameters"), "parameters"), entry, "parameters", ignored)
     recipe: Dict[str, Any] = {"hf_ame": 1, "provenance": {"mergekit_config": original}}
     if slices is not None:
-        recipe.update(_merge_slices_recipe(slices, data, entry, method, shared))
+        recipe.update(_merge_slices_recipe(slices, data, entry, method, shared, ignored))
         recipe["merge"] = _merge_section(data, method, {}, False)
         recipe["merge"]["pivot"] = "first"  # each slice with a base among its sources pivots on it
     else:
-        models, kwargs = _models_form(data, entry, method, base, shared)
+        models, kwargs = _models_form(data, entry, method, base, shared, ignored)
         recipe["models"] = models
         recipe["merge"] = _merge_section(data, method, kwargs, entry.optional_base and base is not None
                                          and method not in _BASE_IS_INPUT)
@@ -265,7 +325,7 @@ def mergekit_to_recipe_dict(data: Mapping[str, Any]) -> Dict[str, Any]:
             recipe["base_model"] = base
     out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe["output"] = {"dtype": str(out_dtype)} if out_dtype is not None else {}
-    recipe["output"].update(_tokenizer(data, slices is not None))
+    recipe["output"].update(_tokenizer(data, ignored, slices is not None))
     if not recipe["output"]:
         del recipe["output"]
     return recipe
@@ -300,11 +360,11 @@ def _tokens(tokens: Any) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _tokenizer(data: Mapping[str, Any], sliced: bool = False) -> Dict[str, Any]:
+def _tokenizer(data: Mapping[str, Any], ignored: List[str], sliced: bool = False) -> Dict[str, Any]:
     """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}``, and ``chat_template``, as the
     recipe's output fields (mergekit's default source under ``tokenizer:`` is "union"). With slices the
     recipe has no base model apart from the slices' sources: "base" names ``base_model`` itself."""
-    tok = data.get("tokenizer")
+    tok = _known(data.get("tokenizer"), _TOKENIZER_KEYS, "tokenizer", ignored)
     if tok is not None and data.get("tokenizer_source") is not None:
         raise _fail("tokenizer", "give tokenizer_source or tokenizer.source, not both")
     if tok is not None and (not isinstance(tok, Mapping) or not set(tok) <= _TOKENIZER_KEYS):

@@ -21,10 +21,12 @@ from .checkpoints import Checkpoint
 from .checks import model_dtype
 from .config import AMEConfig, parse_dtype
 from .engine import MergeReport, merge_checkpoints, plan_merge, save_state, stack_checkpoints
-from .errors import ConfigError, IngredientError
+from .errors import ConfigError, IngredientError, UnchangedMergeError
+from .executor import unchanged_note
 from .held import HELD_LIMIT, HeldIngredients, held_bytes
 from .hub import Ingredient
 from .layouts import ConvertedCheckpoint
+from .limits import check_config_limits
 from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
 from .output import check_output_dir, staged_output
@@ -34,6 +36,7 @@ from .plan import MergePlan
 from .publish import push_folder
 from .recipe import RECIPE_FILE, Recipe, load_recipe
 from .rows import RowAlignment
+from .scratch import scratch_dir
 from .slice_merge import MergeSlice, SliceSource, merge_slices
 from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
@@ -85,6 +88,7 @@ class MergeResult:
     mergekit_config: Optional[str] = None  # the mergekit config this merge was read from (shown in the card)
     slices: Optional[List[Dict[str, Any]]] = None  # a layer stacking's slices (recorded in the recipe)
     alignment: List[str] = field(default_factory=list)  # notes: rows matched by token / label, config choices
+    warnings: List[str] = field(default_factory=list)  # what the merge warned about: listed in the card
     choices: Dict[str, Any] = field(default_factory=dict)  # tokenizer_source, ... (recorded in the recipe)
     search: Optional[Dict[str, Any]] = None  # merge(search=...): the space, every trial and its score, the chosen one
     _model: Any = field(default=None, repr=False)
@@ -200,7 +204,7 @@ class MergeResult:
                                 dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
                                 dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
                                 repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config,
-                                alignment=self.alignment, search=self.search)
+                                alignment=self.alignment, search=self.search, warnings=self.warnings)
         (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
         card.save(self.output_dir / "README.md")
         written = ["README.md", RECIPE_FILE]
@@ -261,13 +265,16 @@ class AMEMerger:
 
     @classmethod
     def from_recipe(cls, path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None,
-                    token: Union[bool, str, None] = None, endpoint: Optional[str] = None, **kwargs: Any) -> "AMEMerger":
+                    token: Union[bool, str, None] = None, endpoint: Optional[str] = None, strict: bool = False,
+                    **kwargs: Any) -> "AMEMerger":
         """Read a recipe (a local YAML file, or ``ame_recipe.yaml`` of a Hub repo at ``revision``) and
         resolve its ingredients like :meth:`from_pretrained` (``kwargs`` override its ``load`` section).
-        :meth:`merge` then defaults to the recipe's config, ordering and output settings."""
+        :meth:`merge` then defaults to the recipe's config, ordering and output settings. A mergekit
+        config's keys that mergekit ignores are ignored with a warning (listed in the card); ``strict``
+        (default False) refuses them."""
         # the caller's trust_remote_code, never the recipe's own, allows a recipe to run code
         recipe = load_recipe(path_or_repo_id, revision=revision, token=token, endpoint=endpoint,
-                             trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+                             trust_remote_code=bool(kwargs.get("trust_remote_code", False)), strict=strict)
         load = dict(recipe.load)
         load.update(kwargs)
         if recipe.output.get("dtype") is not None:
@@ -457,6 +464,7 @@ class AMEMerger:
         memory_budget: Optional[int] = None,
         search: Optional[Mapping[str, Any]] = None,
         n_trials: Optional[int] = None,
+        allow_unchanged: bool = False,
         **overrides: Any,
     ) -> MergeResult:
         """Run AME over the ingredients and return a :class:`MergeResult`.
@@ -490,6 +498,10 @@ class AMEMerger:
                 a tie), so the result never scores below the soup on that split.
                 ``result.search`` lists every trial.
             n_trials: the number of Optuna trials besides the soup (None: the grid).
+            allow_unchanged: write the output even when every merged tensor equals one input (the
+                base or the pivot ingredient) while the others differ from it; default False: that
+                is refused (:class:`~hf_ame.errors.UnchangedMergeError`) before the output lands.
+                Some tensors unchanged is a warning either way, listed in the card.
 
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
@@ -499,7 +511,7 @@ class AMEMerger:
             greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
             input_column=input_column, label_column=label_column, score_batch_size=score_batch_size,
             score_cache=score_cache, compare_soup=compare_soup, max_shard_size=max_shard_size, stream=stream,
-            memory_budget=memory_budget, search=search, n_trials=n_trials))
+            memory_budget=memory_budget, search=search, n_trials=n_trials, allow_unchanged=allow_unchanged))
         return self._write(req, output_dir, overwrite=overwrite, progress=progress, write_card=write_card)
 
     def _write(self, req: "_Request", output_dir: Union[str, os.PathLike, None], *, overwrite: bool, progress: bool,
@@ -514,7 +526,7 @@ class AMEMerger:
             check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
         temp_root = None
         if output_dir is None:  # owned by the result: removed with it unless saved (save_pretrained moves it)
-            temp_root = Path(tempfile.mkdtemp(prefix="hf_ame-"))
+            temp_root = scratch_dir("merge")
             output_dir = temp_root / "merged"
         with _staging(output_dir, overwrite, inputs, temp_root) as target:
             if self.recipe is not None and self.recipe.slices:  # mergekit's slices: stacked, or merged and stacked
@@ -524,7 +536,9 @@ class AMEMerger:
             if temp_root is not None:
                 result.own_temporary(temp_root)
             if write_card and result.report.rank == 0:
-                result.write_card(self.recipe.hub.get("repo_id") if self.recipe is not None else None)
+                # a Hub recipe's repo id is not carried into the output's recipe (a local file a bare --push trusts)
+                result.write_card(self.recipe.hub.get("repo_id") if self.recipe is not None and not self.recipe.remote
+                                  else None)
         result.output_dir = result.report.output_dir = Path(output_dir)
         return result
 
@@ -571,6 +585,7 @@ class AMEMerger:
         if overrides:
             cfg = cfg.replace(**overrides)
         cfg.validate()
+        check_config_limits(cfg, req.top_k or len(self.ingredients))  # before anything is read or planned
         if req.greedy not in GREEDY_MODES:
             raise ConfigError(f"greedy: expected one of None, 'soup', 'ame', got {req.greedy!r}")
         if req.greedy is not None and self.rows is not None and self.rows.tensors:
@@ -611,6 +626,7 @@ class AMEMerger:
         ckpt = open_ingredient(ing, Path(self.base.path) if (self.base is not None and ing is not self.base) else None)
         if ing.id in self.layouts:
             ckpt = ConvertedCheckpoint(ckpt, self.skeleton, self.layouts[ing.id])
+        ckpt.trust_remote_code = self.trust_remote_code  # its .py files reach the output only with consent
         return ckpt.rekey(self.renames[ing.id]) if ing.id in self.renames else ckpt
 
     def _slices_run(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool, dry_run: bool = False):
@@ -620,7 +636,7 @@ class AMEMerger:
         slices = self.recipe.slices
         if not self._merges_slices():
             return stack_checkpoints([self._open(i) for i in self.ingredients],
-                                     [LayerSlice(s["model"], *s["layer_range"]) for s in slices], target,
+                                     [LayerSlice(s["model"], *s["layer_range"], s.get("scale")) for s in slices], target,
                                      dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
                                      progress=progress, dry_run=dry_run)
         merged = [MergeSlice([SliceSource(s["model"], *s["layer_range"]) for s in sl["sources"]], sl.get("base"),
@@ -643,6 +659,7 @@ class AMEMerger:
         result.slices = self.recipe.slices
         result.alignment = list(self.rows.notes) if self.rows is not None else []  # vocabulary, config choices
         result.choices = dict(self.choices)  # tokenizer_source, missing_tokens, ...: the written recipe re-runs them
+        result.warnings = self._ignored_keys() + ([unchanged_note(report)] if report.unchanged else [])
         return result
 
     def _choose(self, req: "_Request", timings: Dict[str, float], progress: bool):
@@ -704,10 +721,31 @@ class AMEMerger:
                                     f"{len(report.counters_maxed)} tensor(s) ({', '.join(report.counters_maxed[:3])}"
                                     + (", ..." if len(report.counters_maxed) > 3 else "") + ")")
         result.choices = dict(self.choices)
+        result.warnings.extend(self._ignored_keys() + self._unchanged_warnings(report, req, ckpts, base))
         if metric is not None:
             self._score_result(result, req, metric, run, chosen, device, ings)
             result.ordering = req.ordering_record()
         return result
+
+    def _ignored_keys(self) -> List[str]:
+        ignored = ((self.recipe.provenance or {}).get("mergekit_ignored") or []) if self.recipe is not None else []
+        return [f"mergekit config: ignored {', '.join(ignored)} (mergekit 0.1.5 ignores them too)"] if ignored else []
+
+    def _unchanged_warnings(self, report: MergeReport, req: "_Request", ckpts: List[Checkpoint],
+                            base: Optional[Checkpoint]) -> List[str]:
+        """The card's note on tensors returned equal to their pivot; every merged tensor so is refused
+        unless ``allow_unchanged`` (the output is still staged: nothing lands)."""
+        note = unchanged_note(report)
+        if note is None:
+            return []
+        if len(report.unchanged) == report.merged_tensors and not req.allow_unchanged:
+            kind, idx = resolve_pivot(req.cfg.pivot, len(ckpts), [c.name for c in ckpts])
+            which = base.name if (kind == "base" and base is not None) else (ckpts[idx].name if kind == "index" else "?")
+            raise UnchangedMergeError(f"every merged tensor ({report.merged_tensors}) equals {which!r} bit for bit "
+                                      f"although the other models differ from it: the output would be that model, "
+                                      f"not a merge; nothing was written (allow_unchanged=True / --allow-unchanged "
+                                      f"writes it anyway)")
+        return [note]
 
     def _load(self, path: Path) -> Any:
         return load_model(path, self.device_map, trust_remote_code=self.trust_remote_code)
@@ -716,7 +754,7 @@ class AMEMerger:
                       score: Any, target: Path, kw: Dict[str, Any]) -> Tuple[AMEConfig, MergeReport]:
         """Each trial merged (streamed) into a folder of its own and scored; the best one's files
         are moved into ``target``, the others removed as soon as they lose."""
-        root = Path(tempfile.mkdtemp(prefix="hf_ame-search-"))
+        root = scratch_dir("search")
         best: Optional[Tuple[float, Path, MergeReport]] = None
         try:
             for trial in search:
@@ -820,7 +858,7 @@ class AMEMerger:
         best = max(ings, key=lambda i: (i.score if metric.greater_is_better else -i.score, -ings.index(i)))
         scores["best_ingredient"] = {"id": best.id, "score": best.score}
         if req.compare_soup:
-            soup_root = Path(tempfile.mkdtemp(prefix="hf_ame-soup-"))
+            soup_root = scratch_dir("soup")
             try:
                 merge_checkpoints([self._open(i) for i in chosen], soup_root / "soup", AMEConfig.soup(),
                                   dtype=self.dtype, progress=False, device_map=device, min_ingredients=1, rows=self.rows)
@@ -881,6 +919,7 @@ class _Request:
     write_card: bool = True
     search: Optional[Mapping[str, Any]] = None
     n_trials: Optional[int] = None
+    allow_unchanged: bool = False
     cfg: Optional[AMEConfig] = None
 
     def from_recipe_ordering(self, o: Mapping[str, Any]) -> None:

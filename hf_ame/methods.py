@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .errors import ConfigError
+from .limits import MAX_ITER
 
 __all__ = ["MethodEntry", "MethodContext", "register_method", "get_method", "list_methods", "method_parameters",
            "PER_MODEL"]
@@ -243,7 +244,7 @@ _RANGES = {  # name: (test, what it must be)
     "t": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "weight": (math.isfinite, "a finite number"),
     "lambda": (math.isfinite, "a finite number"),
-    "max_iter": (lambda v: v >= 1 and int(v) == v, "a whole number >= 1"),
+    "max_iter": (lambda v: math.isfinite(v) and 1 <= v <= MAX_ITER and int(v) == v, f"a whole number from 1 to {MAX_ITER:,}"),
     "tol": (lambda v: v >= 0, "a number >= 0"),
     "select_topk": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "r": (lambda v: v >= 0, "a number >= 0"),
@@ -307,6 +308,23 @@ def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: 
     for k, v in params.items():
         if isinstance(v, list) and len(v) != n_models:
             raise ConfigError(f"method_kwargs.{k}: {len(v)} values for {n_models} ingredients")
+    _check_weight_sum(entry.name, params, n_models)
+
+
+def _check_weight_sum(method: str, params: Mapping[str, Any], n_models: int) -> None:
+    """One rule for every method that divides by the sum of the weights (``normalize`` /
+    ``normalize_weights``): weights summing to 0 are refused (mergekit's linear gives NaN; a silent
+    fallback would write one model as "the merge"). Gradients and filters are checked per tensor."""
+    if not (params.get("normalize") is True or params.get("normalize_weights") is True) or "weight" not in params:
+        return
+    w = params["weight"]
+    values = w if isinstance(w, list) else [w] * n_models
+    if any(isinstance(v, (Mapping, bool)) or not isinstance(v, (int, float)) for v in values):
+        return
+    if abs(sum(values)) < 1e-8:
+        flag = "normalize_weights" if params.get("normalize_weights") is True else "normalize"
+        raise ConfigError(f"method_kwargs.weight: the weights {w!r} sum to 0 and {method!r} divides by their sum "
+                          f"({flag}: true); give weights with a non-zero sum (or {flag}: false)")
 
 
 # ---------------------------------------------------------------------------------------------- sparsification
@@ -491,7 +509,10 @@ def _linear(ctx: MethodContext) -> torch.Tensor:
         w = float(ctx.param("weight", i))
         g.add_(ctx.get(i).sub_(p), alpha=w)
         total += w
-    if ctx.param("normalize") and abs(total) >= 1e-8:
+    if ctx.param("normalize"):
+        if abs(total) < 1e-8:  # mergekit divides into NaN; the sum without the division is no average either
+            raise ConfigError(f"method_kwargs.weight: the weights of the models in step {ctx.step} sum to 0 on "
+                              f"tensor {ctx.key!r} and 'linear' divides by their sum (normalize: true)")
         g.div_(total)
     return g.neg_()
 

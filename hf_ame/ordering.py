@@ -8,7 +8,6 @@ Adam) plus one snapshot of them to restore a rejected step, plus the evaluated m
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -22,6 +21,7 @@ from .errors import NonFiniteWeightsError
 from .engine import save_state
 from .executor import IngredientRow
 from .methods import layer_positions
+from .scratch import scratch_dir
 from .architecture import file_to_model_renamer
 
 __all__ = ["ORDERS", "GREEDY_MODES", "rank", "ModelSlot", "greedy_soup", "greedy_ame", "GreedyLog"]
@@ -85,7 +85,7 @@ class ModelSlot:
                 t.data.copy_(state[n].to(device=t.device, dtype=t.dtype))
         else:  # reload path: correct for any naming, slower
             if self._tmp is None:
-                self._tmp = Path(tempfile.mkdtemp(prefix="hf_ame-greedy-"))
+                self._tmp = scratch_dir("greedy")
             out = self._tmp / "state"
             save_state(state, self.reference, out, overwrite=True)
             self.model = self._load(out)

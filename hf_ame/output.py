@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; writers ar
     fcntl = None
 
 import torch
-from .errors import OutputExistsError
+from .errors import CheckpointError, OutputExistsError
+from .trust import checked_file, is_read_file, unsafe_reason
 
 __all__ = ["OutputExistsError", "check_output_dir", "staged_output", "target_lock", "stale_siblings", "copy_aux_files",
            "update_config", "write_files", "write_error", "finish_output", "copy_tokenizer_files", "TOKENIZER_FILES", "AUX_SKIP"]
@@ -38,6 +39,7 @@ def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Un
     or if it is, or contains, one of the ``inputs`` (an overwrite would delete an ingredient)."""
     out = Path(out)
     target = out.resolve()
+    _refuse_cwd(out, target)
     for inp in inputs:
         src = Path(inp).resolve()
         if src == target or target in src.parents:
@@ -48,6 +50,18 @@ def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Un
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output folder {out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     return out
+
+
+def _refuse_cwd(out: Path, target: Path) -> None:
+    """The output is staged beside it and swapped in by rename: the current folder (``--out .``) or
+    one of its parents has no usable name for that and would be swapped from under the shell."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was removed: nothing to swap from under anyone
+        cwd = None
+    if (cwd is not None and (target == cwd or target in cwd.parents)) or out.name in ("", ".", ".."):
+        raise OutputExistsError(f"output {str(out)!r} is the current folder or one of its parents; write the merge "
+                                "into a new folder (e.g. --out merged)")
 
 
 @contextlib.contextmanager
@@ -145,12 +159,23 @@ def write_error(exc: OSError, path: Union[str, Path]) -> OSError:
     return OSError(code, f"{os.strerror(code)} while writing", str(path))
 
 
-def copy_aux_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:
-    """Copy config, tokenizer, processor and generation files (every top-level non-weight file)."""
+def copy_aux_files(src: Union[str, Path], dst: Union[str, Path], code: bool = False) -> List[str]:
+    """Copy config, tokenizer, processor and generation files (every top-level non-weight file).
+    Custom code (``.py``) only with ``code`` (the caller's trust_remote_code). Only regular files
+    inside ``src`` are copied (see :mod:`hf_ame.trust`): another file that loading reads is refused,
+    naming it; any other (a README, a licence) is skipped with a warning naming it."""
     src, dst = Path(src), Path(dst)
     copied = []
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name in AUX_SKIP or p.name.endswith(_WEIGHT_SUFFIXES):
+        if p.name.startswith(".") or p.name in AUX_SKIP or p.name.endswith(_WEIGHT_SUFFIXES) or p.is_dir():
+            continue
+        if p.name.endswith(".py") and not code:
+            continue  # the ingredient's custom code travels only with the user's consent
+        why = unsafe_reason(src, p.name)
+        if why is not None and is_read_file(p.name):
+            raise CheckpointError(f"{src}: {p.name!r} {why}; only regular files inside the model folder are read")
+        if why is not None:
+            warnings.warn(f"{src}: {p.name!r} {why}: not copied into the output", stacklevel=2)
             continue
         shutil.copy2(p, dst / p.name)
         copied.append(p.name)
@@ -190,8 +215,8 @@ def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[s
             (dst / name).unlink()
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        if os.path.lexists(src / name):
+            shutil.copy2(checked_file(src, name, str(src)), dst / name)
             copied.append(name)
     return copied
 
@@ -213,12 +238,14 @@ def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype
                   extra_files: Optional[Mapping[str, Union[str, bytes]]] = None,
                   config_changes: Optional[Mapping[str, object]] = None,
                   tokenizer_from: Union[str, Path, None] = None, tokenizer: Any = None,
-                  config_drop: Iterable[str] = (), chat_template: Optional[str] = None) -> List[str]:
+                  config_drop: Iterable[str] = (), chat_template: Optional[str] = None,
+                  code: bool = False) -> List[str]:
     """Complete a folder of merged weights: the reference's config, tokenizer, processor and
     generation files (``files_from``), config.json's dtype, then ``extra_files``. The tokenizer
     files come from ``tokenizer_from`` (a folder) or ``tokenizer`` (a transformers tokenizer,
-    saved with ``save_pretrained``) when given. Returns the names written."""
-    aux = copy_aux_files(files_from, folder)
+    saved with ``save_pretrained``) when given; custom code (``.py``) only with ``code``. Returns the
+    names written."""
+    aux = copy_aux_files(files_from, folder, code)
     if tokenizer_from is not None:
         aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | set(copy_tokenizer_files(tokenizer_from, folder)))
     if tokenizer is not None:

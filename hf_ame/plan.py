@@ -74,6 +74,7 @@ class TensorPlan:
     position: float = 0.0  # the tensor's layer, 0 to 1 (a method's per-layer parameter gradients)
     source_names: List[str] = field(default_factory=list)  # "copy": the source tensor (renamed layers)
     source_models: List[int] = field(default_factory=list)  # "copy": its checkpoint (index)
+    scale: Optional[float] = None  # "copy": multiplied by this (mergekit's passthrough ``scale``)
 
     @property
     def numel(self) -> int:
@@ -348,12 +349,13 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers))
 
 
-def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str]], output_dir: Path, *,
+def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]], output_dir: Path, *,
                      out_dtype: Optional[torch.dtype], model_dtype: torch.dtype, max_shard_size: Any = "5GB",
                      prefetch: bool = True) -> MergePlan:
-    """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name)
-    (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole."""
-    infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src in entries]
+    """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name, scale)
+    (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole (and scaled)."""
+    scales = {out: scale for out, _, _, scale in entries}
+    infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src, _ in entries]
     target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape) for out, i, _, _ in infos]
     shards = plan_shards(target, max_shard_size)
     tensors = []
@@ -362,7 +364,8 @@ def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, i
         source = Source(ckpts[k].name, info.file, info.offset, _name(info.dtype), info.nbytes)
         tensors.append(TensorPlan(out, tuple(info.shape), _name(dtype), "copy", "tensors", "cpu",
                                   shards.entries[out].shard, 0, [source], info.nbytes, write, info.nbytes + write,
-                                  source_names=[src], source_models=[k]))
+                                  source_names=[src], source_models=[k],
+                                  scale=scales[out] if info.is_floating else None))
     config = AMEConfig.soup()
     return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, ("index", 0), [], False, "tensor", None,
                      prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))

@@ -21,6 +21,7 @@ from .errors import IncompatibleCheckpointsError, IngredientError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
 from .labels import align_labels, drop_renames, prefix_renames
 from .layouts import original_layout
+from .limits import MAX_PAD_TO_MULTIPLE_OF, check_count
 from .output import TOKENIZER_FILES
 from .quantization import check_quantization, dequantized_infos, is_fp8
 from .rows import MISSING_TOKENS, RowAlignment
@@ -116,6 +117,8 @@ class Preflight:
         self.everyone, self.n, self.least, self.choices, self.access = list(everyone), n, least, dict(choices), access
         if self.choices.get("missing_tokens") not in MISSING_TOKENS:
             raise ConfigError(f"missing_tokens: expected None or 'mergekit', got {self.choices['missing_tokens']!r}")
+        if self.choices.get("pad_to_multiple_of") is not None:  # rows are padded up to it: bounded
+            check_count(self.choices["pad_to_multiple_of"], "pad_to_multiple_of", 1, MAX_PAD_TO_MULTIPLE_OF)
         if self.choices.get("tokens") and self.choices.get("tokenizer_source") is None:
             raise ConfigError("tokens: per-token row sources need tokenizer_source (the output's vocabulary)")
         self.rows: Optional[RowAlignment] = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 from .errors import PushError
+from .hub import bound_timeouts, timeout_hint
 
 __all__ = ["PushError", "push_folder"]
 
@@ -21,6 +22,7 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, private: Optional[boo
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise PushError(f"push: {folder} is not a merged model folder")
+    bound_timeouts()  # a Hub that accepts and never answers: an error after HF_HUB_DOWNLOAD_TIMEOUT, not a hang
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repository"
     try:
@@ -36,6 +38,6 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, private: Optional[boo
                                  commit_message=commit_message or "Upload AME merge (hf_ame)",
                                  commit_description=commit_description)
     except Exception as exc:  # noqa: BLE001 - every failure leaves the folder as it was
-        raise PushError(f"push to {repo_id!r} failed while trying to {step}: {type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:300]}. The merged model is intact at {folder}; retry with "
+        why = timeout_hint(exc) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        raise PushError(f"push to {repo_id!r} failed while trying to {step}: {why}. The merged model is intact at {folder}; retry with "
                         f"`hf-ame push {folder} {repo_id}`") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -20,8 +21,11 @@ from safetensors import safe_open
 
 from .checkpoints import Checkpoint, TensorInfo, register_checkpoint_kind
 from .errors import CheckpointError, IncompatibleCheckpointsError
+from .limits import MAX_FP8_BLOCK
+from .trust import unsafe_reason
 
-__all__ = ["FP8Checkpoint", "quant_method", "check_quantization", "is_fp8", "dequantized_infos", "dequantize"]
+__all__ = ["FP8Checkpoint", "quant_method", "check_quantization", "check_scales", "block_size", "is_fp8",
+           "dequantized_infos", "dequantize"]
 
 _FP8 = ("fp8", "compressed-tensors")
 _SCALES = ("weight_scale_inv", "weight_scale")
@@ -30,7 +34,7 @@ _DROPPED = ("input_scale", "activation_scale", "k_scale", "v_scale")  # activati
 
 def quant_method(config: Mapping[str, Any]) -> Optional[str]:
     """The quantization scheme a config.json declares (``quantization_config.quant_method``), or None."""
-    q = config.get("quantization_config")
+    q = config.get("quantization_config") if isinstance(config, Mapping) else None  # a bad config.json: named later
     if isinstance(q, Mapping):
         return str(q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown"))
     return None
@@ -47,10 +51,59 @@ def check_quantization(name: str, config: Mapping[str, Any], tensors: Mapping[st
         return
     fp8_weights = any(str(i.dtype).startswith("torch.float8") for i in tensors.values())
     if method in _FP8 and (fp8_weights or method == "fp8"):
+        check_scales(name, config, tensors)
         return
     raise IncompatibleCheckpointsError(
         f"model {name!r} is quantized ({method}): hf_ame merges full-precision weights and dequantizes only FP8 "
         "(transformers' fp8, compressed-tensors float8); merge its unquantized original instead")
+
+
+_DEFAULT_BLOCK = [128, 128]  # transformers' FineGrainedFP8Config when weight_block_size is not given
+
+
+def block_size(name: str, config: Mapping[str, Any]) -> Optional[List[int]]:
+    """The tile of transformers' fp8 ``weight_scale_inv`` ([rows, cols]; None: one scale per tensor),
+    checked: two whole numbers from 1 to :data:`~hf_ame.limits.MAX_FP8_BLOCK` (a 0 would divide by zero)."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        return None
+    block = q.get("weight_block_size", _DEFAULT_BLOCK)
+    if block is None:
+        return None
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_FP8_BLOCK for b in block)):
+        raise CheckpointError(f"{name}: config.json's quantization_config.weight_block_size must be two whole numbers "
+                              f"from 1 to {MAX_FP8_BLOCK:,} (rows, columns of a scale's tile), got {block!r}")
+    return list(block)
+
+
+def check_scales(name: str, config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """Every FP8 weight's scale has a shape its weight and tile explain, from the headers (a scale of
+    another shape would be broadcast wrongly: one entry for every tile)."""
+    block = block_size(name, config)
+    tiles = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    for weight, scale in dequantized_infos(tensors)[1].items():
+        w, sc = tuple(tensors[weight].shape), tuple(tensors[scale].shape)
+        ok, need = _tile_scale(w, sc, block) if tiles and scale.endswith("_scale_inv") else _channel_scale(w, sc)
+        if not ok:
+            raise CheckpointError(f"{name}: tensor {scale!r} has shape {list(sc)}, but its weight {weight!r} of shape "
+                                  f"{list(w)} needs {need}")
+
+
+def _tile_scale(w: Tuple[int, ...], sc: Tuple[int, ...], block: Optional[List[int]]) -> Tuple[bool, str]:
+    """transformers' fp8: one scale per tensor without a block size, else one per tile (as its FP8Linear)."""
+    if block is None:
+        return math.prod(sc) == 1, "one scale (weight_block_size: null)"
+    if len(w) != 2:
+        return math.prod(sc) == 1, f"one scale (only 2-D weights are read in tiles of {block})"
+    grid = (-(-w[0] // block[0]), -(-w[1] // block[1]))
+    return sc == grid or (grid == (1, 1) and math.prod(sc) == 1), f"shape {list(grid)} (tiles of {block})"
+
+
+def _channel_scale(w: Tuple[int, ...], sc: Tuple[int, ...]) -> Tuple[bool, str]:
+    """compressed-tensors' float8: per tensor, per channel or per group; never more scales than weights."""
+    ok = math.prod(sc) == 1 or (len(w) == 2 and len(sc) == 2 and 1 <= sc[0] <= w[0] and 1 <= sc[1] <= w[1])
+    return ok, "one scale, or at most one per entry of a 2-D weight"
 
 
 def dequantized_infos(tensors: Mapping[str, TensorInfo]) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
@@ -100,8 +153,8 @@ class FP8Checkpoint(Checkpoint):
         super().__init__(path, name)
         self.raw_tensors = self.tensors
         self.tensors, self.scales = dequantized_infos(self.raw_tensors)
-        q = self.config.get("quantization_config") or {}
-        self.block = q.get("weight_block_size")
+        check_scales(self.name, self.config, self.raw_tensors)
+        self.block = block_size(self.name, self.config)
         self.format = "fp8"  # not plain safetensors: no byte-range block reads
 
     def _read_raw(self, name: str) -> torch.Tensor:
@@ -123,6 +176,8 @@ class FP8Checkpoint(Checkpoint):
 
 def _detect(path: Path) -> bool:
     cfg = path / "config.json"
+    if unsafe_reason(path, "config.json") is not None:
+        return False  # a link out of the folder or a FIFO: Checkpoint refuses it, naming it
     try:
         return cfg.is_file() and is_fp8(json.loads(cfg.read_text()))
     except ValueError:

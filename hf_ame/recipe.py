@@ -16,6 +16,7 @@ Every error names the field: ``merge.lr: expected a positive number, got 'fast'`
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import yaml
 
 from .config import AMEConfig, ConfigError, parse_dtype
 from .errors import RecipeError
+from .hub import bound_timeouts, timeout_hint
+from .limits import MAX_PAD_TO_MULTIPLE_OF, MAX_SCORE_BATCH, check_config_limits, check_count
 from .mergekit_config import MERGEKIT_FILE, is_mergekit_config, mergekit_to_recipe_dict
 from .methods import get_method
 from .ordering import GREEDY_MODES, ORDERS
@@ -73,6 +76,48 @@ def _expect(cond: bool, where: str, what: str, got: Any) -> None:
         raise RecipeError(f"{where}: expected {what}, got {got!r}")
 
 
+_ENV_REF = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _text(value: str, where: str, remote: bool) -> str:
+    """A path-like field: ``~`` and ``${VAR}`` expand in a local recipe. A recipe from the Hub may not
+    read this machine's environment (a token in a URL it names would be sent to that host)."""
+    if not remote:
+        return os.path.expanduser(os.path.expandvars(value))
+    if _ENV_REF.search(value):
+        raise RecipeError(f"{where}: {value!r} reads an environment variable, which a recipe from the Hub cannot do; "
+                          "write the value itself in a local copy of the recipe")
+    return value
+
+
+def _hub_only(value: str, where: str) -> None:
+    """A recipe from the Hub names Hub repos only: no folder or file of this machine, no URL."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise RecipeError(f"{where}: {value!r} is not a Hub repo id; a recipe from the Hub may only name Hub repos "
+                          "(no folders, files or URLs): use a local copy of the recipe to name others") from None
+    if os.path.lexists(value):  # resolved as a local path before the Hub would be asked
+        raise RecipeError(f"{where}: {value!r} is also a path here, which a recipe from the Hub may not read; run it "
+                          "from another folder")
+
+
+def _hub_data_files(ds: Mapping[str, Any]) -> None:
+    """A Hub recipe's data files: hf:// URLs, or files of the Hub dataset it names (never local
+    files or other hosts, unless the caller passes eval_dataset= itself)."""
+    where, files = "ordering.dataset.data_files", ds.get("data_files")
+    values = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping) else list(files or [])
+    for f in (v for x in values for v in (x if isinstance(x, list) else [x])):
+        _expect(isinstance(f, str), where, "file names or hf:// URLs", f)
+        _text(f, where, remote=True)
+        local = "://" in f or os.path.isabs(f) or f.startswith("~") or ".." in Path(f).parts or "/" not in ds["path"]
+        if local and not f.startswith("hf://"):
+            raise RecipeError(f"{where}: {f!r}: a recipe from the Hub reads data files from the Hub only (hf:// URLs, "
+                              "or files of the Hub dataset in dataset.path); pass eval_dataset= yourself for others")
+
+
 def _mapping(value: Any, where: str, allowed: set) -> Dict[str, Any]:
     _expect(isinstance(value, Mapping), where, "a mapping", value)
     unknown = sorted(set(value) - allowed)
@@ -95,16 +140,21 @@ class Recipe:
     provenance: Optional[Dict[str, Any]] = None
     source: Optional[str] = None  # where it was read from
     slices: Optional[List[Dict[str, Any]]] = None  # layer stacking: [{model: index, layer_range: [a, b]}]
+    remote: bool = False  # read from the Hub: no environment variables, no local paths, no other hosts
 
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None,
-                  trust_remote_code: bool = False) -> "Recipe":
-        """Validate ``data`` completely. A recipe cannot turn on code execution by itself: remote
+                  trust_remote_code: bool = False, remote: bool = False, strict: bool = False) -> "Recipe":
+        """Validate ``data`` completely. ``strict``: a mergekit config's keys that mergekit ignores are
+        refused instead of ignored with a warning (see ``mergekit_to_recipe_dict``). A recipe cannot turn
+        on code execution by itself: remote
         code (``load.trust_remote_code``), ``module:function`` amplifications and metric scripts
-        (a path or a Hub metric repo) are refused unless the caller passes ``trust_remote_code=True``."""
+        (a path or a Hub metric repo) are refused unless the caller passes ``trust_remote_code=True``.
+        ``remote`` (a recipe from the Hub): no ``${VAR}``, and only Hub repo ids (see :func:`_hub_only`)."""
+        base_dir = None if remote else base_dir
         if is_mergekit_config(data):  # a mergekit_config.yml: translated field by field
-            data = mergekit_to_recipe_dict(data)
+            data = mergekit_to_recipe_dict(data, strict=strict)
         data = _mapping(data, "recipe", _TOP)
         if not trust_remote_code:
             _refuse_code(data)
@@ -112,19 +162,20 @@ class Recipe:
         _expect(version == RECIPE_VERSION, "hf_ame", f"schema version {RECIPE_VERSION}", version)
         models_raw = data.get("models")
         _expect(isinstance(models_raw, list) and len(models_raw) >= 1, "models", "a non-empty list", models_raw)
-        models = [cls._model(m, f"models[{i}]", base_dir) for i, m in enumerate(models_raw)]
-        base = cls._model(data["base_model"], "base_model", base_dir) if data.get("base_model") is not None else None
+        models = [cls._model(m, f"models[{i}]", base_dir, remote) for i, m in enumerate(models_raw)]
+        base = cls._model(data["base_model"], "base_model", base_dir, remote) if data.get("base_model") is not None else None
         try:
             raw = data.get("merge") or {}
             # a method's parameters may sit beside the fields, as in mergekit configs (merge: {method: ties, density: 0.5})
             method = raw.get("method") if isinstance(raw, Mapping) else None
             allowed = set(AMEConfig.__dataclass_fields__) | (set(get_method(method).defaults) if method else set())
             merge = AMEConfig.from_dict(_mapping(raw, "merge", allowed), prefix="merge.")
+            check_config_limits(merge, len(models), prefix="merge.")
         except RecipeError:
             raise
         except ConfigError as exc:
             raise RecipeError(str(exc)) from None
-        ordering = cls._ordering(data["ordering"], base_dir) if data.get("ordering") is not None else None
+        ordering = cls._ordering(data["ordering"], base_dir, remote) if data.get("ordering") is not None else None
         output = _mapping(data.get("output") or {}, "output", _OUTPUT)
         if output.get("dtype") is not None:
             try:
@@ -133,8 +184,8 @@ class Recipe:
                 raise RecipeError(str(exc)) from None
         if output.get("pad_to_multiple_of") is not None:
             v = output["pad_to_multiple_of"]
-            _expect(isinstance(v, int) and not isinstance(v, bool) and v > 0, "output.pad_to_multiple_of",
-                    "a positive integer", v)
+            _expect(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PAD_TO_MULTIPLE_OF,
+                    "output.pad_to_multiple_of", f"a whole number from 1 to {MAX_PAD_TO_MULTIPLE_OF:,}", v)
         for key, what in (("tokenizer_source", "'first', 'base', 'union'"), ("heads", "'union', 'drop'"),
                           ("config_source", "'first', 'base'")):
             v = output.get(key)
@@ -171,7 +222,8 @@ class Recipe:
         if prov is not None:
             _expect(isinstance(prov, Mapping), "provenance", "a mapping", prov)
         slices = cls._slices(data["slices"], len(models)) if data.get("slices") is not None else None
-        return cls(models, merge, base, ordering, output, hub, load, dict(prov) if prov else None, source, slices)
+        return cls(models, merge, base, ordering, output, hub, load, dict(prov) if prov else None, source, slices,
+                   remote=remote)
 
     @staticmethod
     def _slices(value: Any, n_models: int) -> List[Dict[str, Any]]:
@@ -182,8 +234,12 @@ class Recipe:
         merged = isinstance(value[0], Mapping) and "sources" in value[0]
         out = []
         for i, sl in enumerate(value):
-            if not merged:
-                out.append(Recipe._source(sl, f"slices[{i}]", n_models))
+            if not merged:  # a stacked slice may scale its tensors (mergekit's passthrough ``scale``)
+                scale = sl.get("scale") if isinstance(sl, Mapping) else None
+                out.append(Recipe._source({k: v for k, v in sl.items() if k != "scale"} if scale is not None else sl,
+                                          f"slices[{i}]", n_models))
+                if scale is not None:
+                    out[-1]["scale"] = _scale_setting(scale, f"slices[{i}].scale")
                 continue
             sl = _mapping(sl, f"slices[{i}]", {"sources", "base", "method_kwargs"})
             srcs = sl.get("sources")
@@ -212,7 +268,7 @@ class Recipe:
         return {"model": m, "layer_range": list(r)}
 
     @staticmethod
-    def _model(entry: Any, where: str, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
+    def _model(entry: Any, where: str, base_dir: Union[str, Path, None], remote: bool = False) -> Dict[str, Any]:
         if isinstance(entry, str):
             entry = {"id": entry}
         m = _mapping(entry, where, {"id", "revision", "path", "base"})
@@ -220,27 +276,34 @@ class Recipe:
         _expect(isinstance(ident, str) and ident.strip() != "", f"{where}.id", "a Hub repo id or a folder", ident)
         rev = m.get("revision")
         _expect(rev is None or isinstance(rev, str), f"{where}.revision", "a branch, tag or commit sha", rev)
-        ident = os.path.expanduser(os.path.expandvars(ident))
+        ident = _text(ident, f"{where}.id", remote)
+        if remote:
+            _hub_only(ident, f"{where}.id")
         if base_dir is not None and ident.startswith((".", "..")) and not os.path.isabs(ident):
             ident = str((Path(base_dir) / ident).resolve())
         if m.get("base") is not None:  # a LoRA adapter over this base (mergekit's model+lora)
             base = m["base"]
             _expect(isinstance(base, str) and base.strip() != "", f"{where}.base", "a Hub repo id or a folder", base)
+            if remote:
+                _hub_only(_text(base, f"{where}.base", remote), f"{where}.base")
             if base_dir is not None and base.startswith((".", "..")) and not os.path.isabs(base):
                 base = str((Path(base_dir) / base).resolve())
             return {"id": ident, "revision": rev, "base": base}
         return {"id": ident, "revision": rev}
 
     @staticmethod
-    def _ordering(value: Any, base_dir: Union[str, Path, None]) -> Dict[str, Any]:
+    def _ordering(value: Any, base_dir: Union[str, Path, None], remote: bool = False) -> Dict[str, Any]:
         o = _mapping(value, "ordering", _ORDERING)
         _expect(isinstance(o.get("metric"), str), "ordering.metric", "an evaluate metric name", o.get("metric"))
         ds = _mapping(o.get("dataset"), "ordering.dataset", _DATASET)
         _expect(isinstance(ds.get("path"), str), "ordering.dataset.path", "a Hub dataset id, a builder name or a folder",
                 ds.get("path"))
-        ds["path"] = os.path.expanduser(os.path.expandvars(ds["path"]))
+        ds["path"] = _text(ds["path"], "ordering.dataset.path", remote)
         if isinstance(ds.get("data_files"), str):
-            ds["data_files"] = os.path.expanduser(os.path.expandvars(ds["data_files"]))
+            ds["data_files"] = _text(ds["data_files"], "ordering.dataset.data_files", remote)
+        if remote:
+            _hub_only(ds["path"], "ordering.dataset.path")
+            _hub_data_files(ds)
         if base_dir is not None and ds["path"].startswith("."):
             ds["path"] = str((Path(base_dir) / ds["path"]).resolve())
         if isinstance(ds.get("data_files"), str) and base_dir is not None and ds["data_files"].startswith("."):
@@ -256,25 +319,33 @@ class Recipe:
         _expect(gib is None or isinstance(gib, bool), "ordering.greater_is_better", "true or false", gib)
         mk = o.get("metric_kwargs")
         _expect(mk is None or isinstance(mk, Mapping), "ordering.metric_kwargs", "a mapping", mk)
+        if o.get("batch_size") is not None:
+            try:
+                check_count(o["batch_size"], "ordering.batch_size", 1, MAX_SCORE_BATCH)
+            except ConfigError as exc:
+                raise RecipeError(str(exc)) from None
         return o
 
     @classmethod
     def from_yaml(cls, text: str, *, base_dir: Union[str, Path, None] = None, source: Optional[str] = None,
-                  trust_remote_code: bool = False) -> "Recipe":
+                  trust_remote_code: bool = False, remote: bool = False, strict: bool = False) -> "Recipe":
         try:
             data = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError) as exc:
             raise RecipeError(f"recipe{' ' + source if source else ''}: not valid YAML: {exc}") from None
-        return cls.from_dict(data, base_dir=base_dir, source=source, trust_remote_code=trust_remote_code)
+        return cls.from_dict(data, base_dir=base_dir, source=source, trust_remote_code=trust_remote_code, remote=remote,
+                             strict=strict)
 
     @classmethod
-    def from_file(cls, path: Union[str, Path], *, trust_remote_code: bool = False) -> "Recipe":
+    def from_file(cls, path: Union[str, Path], *, trust_remote_code: bool = False, remote: bool = False,
+                  strict: bool = False) -> "Recipe":
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise RecipeError(f"recipe: no such file: {path}") from None
-        return cls.from_yaml(text, base_dir=path.parent, source=str(path), trust_remote_code=trust_remote_code)
+        return cls.from_yaml(text, base_dir=path.parent, source=str(path), trust_remote_code=trust_remote_code,
+                             remote=remote, strict=strict)
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> Dict[str, Any]:
@@ -299,22 +370,63 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
 
 
+def _scale_setting(value: Any, where: str) -> Any:
+    """A stacked slice's ``scale``: a number, a gradient {gradient: [numbers]} or {filters: [{filter, value}]}
+    (mergekit's setting, resolved per tensor as :func:`hf_ame.methods.resolve_setting`)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if number(value):
+        return float(value)
+    if isinstance(value, Mapping) and set(value) == {"gradient"} and isinstance(value["gradient"], list) \
+            and value["gradient"] and all(number(v) for v in value["gradient"]):
+        return {"gradient": [float(v) for v in value["gradient"]]}
+    if isinstance(value, Mapping) and set(value) == {"filters"} and isinstance(value["filters"], list):
+        conds = []
+        for k, c in enumerate(value["filters"]):
+            _expect(isinstance(c, Mapping) and set(c) <= {"filter", "value"} and "value" in c
+                    and (c.get("filter") is None or isinstance(c["filter"], str)), f"{where}.filters[{k}]",
+                    "{filter: <substring or null>, value: <setting>}", c)
+            conds.append({"filter": c.get("filter"), "value": _scale_setting(c["value"], f"{where}.filters[{k}].value")})
+        return {"filters": conds}
+    raise RecipeError(f"{where}: expected a finite number, {{gradient: [...]}} or {{filters: [...]}}, got {value!r}")
+
+
+def _reachable(repo_id: str, revision: Optional[str], token: Union[bool, str, None], endpoint: Optional[str]) -> None:
+    """One bounded call before hf_hub_download, which retries a Hub that never answers for minutes
+    (5 tries of 60 s per file): a silent endpoint fails here within HF_HUB_DOWNLOAD_TIMEOUT."""
+    from huggingface_hub import HfApi, constants
+
+    bound_timeouts()
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - only a timeout is reported here; the download reports the rest
+        hint = timeout_hint(exc)
+        if hint:
+            raise RecipeError(f"recipe: {repo_id!r}: {hint}") from None
+
+
 def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None, token: Union[bool, str, None] = None,
-                endpoint: Optional[str] = None, filename: str = RECIPE_FILE, trust_remote_code: bool = False) -> Recipe:
+                endpoint: Optional[str] = None, filename: str = RECIPE_FILE, trust_remote_code: bool = False,
+                strict: bool = False) -> Recipe:
     """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``); a
     mergekit config (a file, or a repo's ``mergekit_config.yml``) is read as the same merge.
-    ``trust_remote_code``: allow the recipe to run code (see :meth:`Recipe.from_dict`); default False."""
+    ``trust_remote_code``: allow the recipe to run code (see :meth:`Recipe.from_dict`); default False.
+    ``strict``: refuse a mergekit config's keys that mergekit ignores (default: ignored with a warning)."""
     p = Path(str(path_or_repo_id)).expanduser()
     if p.is_file():
-        return Recipe.from_file(p, trust_remote_code=trust_remote_code)
+        return Recipe.from_file(p, trust_remote_code=trust_remote_code, strict=strict)
     for name in (filename, MERGEKIT_FILE):  # a merge's folder: its hf_ame recipe, else its mergekit config
         if p.is_dir() and (p / name).is_file():
-            return Recipe.from_file(p / name, trust_remote_code=trust_remote_code)
+            return Recipe.from_file(p / name, trust_remote_code=trust_remote_code, strict=strict)
     text = str(path_or_repo_id)
     if text.endswith((".yaml", ".yml")):  # a YAML name is a file, never a repo id
         raise RecipeError(f"recipe: no such file: {text}")
     from huggingface_hub import hf_hub_download
 
+    _reachable(text, revision, token, endpoint)
     try:
         local = hf_hub_download(text, filename, revision=revision, token=token, endpoint=endpoint)
     except Exception as exc:  # noqa: BLE001
@@ -323,6 +435,6 @@ def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = 
         except Exception:  # noqa: BLE001 - the recipe's own error is the one to report
             raise RecipeError(f"recipe: {text!r} is not a file and neither its {filename} nor its {MERGEKIT_FILE} "
                               f"could be read from the Hub ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    r = Recipe.from_file(local, trust_remote_code=trust_remote_code)
+    r = Recipe.from_file(local, trust_remote_code=trust_remote_code, remote=True, strict=strict)  # a stranger's
     r.source = f"{text}@{revision or 'main'}"
     return r

@@ -349,10 +349,25 @@ class ScoreCache:
                                        default=str).encode()).hexdigest()
 
     def _read(self) -> Dict[str, Any]:
+        """The cache's entries, checked: a malformed file is named (not silently overwritten, nor a
+        bare AttributeError or KeyError later)."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError, RecursionError) as exc:
+            raise self._malformed(f"cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+        if not isinstance(data, dict):
+            raise self._malformed(f"is a JSON {type(data).__name__}, not an object of entries")
+        for key, entry in data.items():
+            score = entry.get("score") if isinstance(entry, dict) else None
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise self._malformed(f"entry {key!r} has no numeric score ({repr(entry)[:80]})")
+        return data
+
+    def _malformed(self, what: str) -> MetricError:
+        return MetricError(f"score cache {self.path} {what}; delete the file, or score without the cache "
+                           "(score_cache=False, hf-ame score --no-cache)")
 
     def get(self, key: str) -> Optional[float]:
         if not self.enabled:

@@ -11,11 +11,13 @@ caller's (:class:`~hf_ame.merger.AMEMerger`).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .config import AMEConfig
 from .errors import ConfigError
+from .limits import MAX_EPOCHS, MAX_TRIALS, SEED_RANGE, check_config_limits, check_count
 
 __all__ = ["Search", "Trial", "check_space"]
 
@@ -48,9 +50,25 @@ def check_space(space: Any, n_trials: Optional[int]) -> Dict[str, Any]:
                 raise ConfigError(f"search.{key}: a range is {{low, high, log}}, got {dict(values)!r}")
         elif not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"search.{key}: expected a non-empty list of values, got {values!r}")
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise ConfigError(f"n_trials: expected a positive integer, got {n_trials!r}")
+        _check_bounded(key, values)
+    if n_trials is not None:
+        check_count(n_trials, "n_trials", 1, MAX_TRIALS)
+    elif math.prod(len(v) for v in space.values()) > MAX_TRIALS:  # every trial is a full merge
+        points = math.prod(len(v) for v in space.values())
+        raise ConfigError(f"search: the grid has {points:,} points, more than the {MAX_TRIALS:,} trials allowed; "
+                          "search fewer values or use n_trials")
     return dict(space)
+
+
+_BOUNDED = {"epochs": (1, MAX_EPOCHS), "seed": SEED_RANGE}
+
+
+def _check_bounded(key: str, values: Any) -> None:
+    """Counts a search may try (epochs, seed) within the limits every merge has, checked before trial 0."""
+    if key not in _BOUNDED:
+        return
+    for v in ([values["low"], values["high"]] if isinstance(values, Mapping) else values):
+        check_count(v, f"search.{key}", *_BOUNDED[key])
 
 
 class Search:
@@ -99,6 +117,7 @@ class Search:
         for params in (self._optuna() if self.n_trials is not None else self._grid()):
             try:
                 cfg = self.config.replace(**params).validate()
+                check_config_limits(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"search: {params!r}: {exc}") from None
             t = Trial(len(self.trials), cfg, params=params)

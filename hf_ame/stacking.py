@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import IncompatibleCheckpointsError
+from .methods import resolve_setting
 
 __all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index", "is_pre_layer"]
 
@@ -23,11 +24,13 @@ _PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|rotary_emb
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """Layers ``[start, end)`` of ingredient ``model`` (an index into the merge's checkpoints)."""
+    """Layers ``[start, end)`` of ingredient ``model`` (an index into the merge's checkpoints); ``scale``:
+    mergekit's passthrough ``scale`` (a number, gradient or filter list; None: copied as they are)."""
 
     model: int
     start: int
     end: int
+    scale: Any = None
 
 
 def layer_index(name: str) -> Optional[Tuple[str, int, str]]:
@@ -42,10 +45,12 @@ def is_pre_layer(name: str) -> bool:
 
 
 def stack_names(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]], num_layers: Sequence[int],
-                model_names: Sequence[str]) -> List[Tuple[str, int, str]]:
-    """(output name, source model index, source name) for every output tensor, in output order:
+                model_names: Sequence[str]) -> List[Tuple[str, int, str, Optional[float]]]:
+    """(output name, source model index, source name, scale) for every output tensor, in output order:
     the pre-layer tensors, the layers slice by slice, the post-layer tensors. ``names[k]``: model
-    k's tensor names in file order; ``num_layers[k]``: its layer count."""
+    k's tensor names in file order; ``num_layers[k]``: its layer count. The scale is the slice's
+    setting on the output name, as mergekit evaluates it: layer i of a slice of L at t = i / (L - 1)
+    (1 when L == 1); the pre-layer tensors with the first slice's at t = 0, the post-layer with the last's."""
     for i, s in enumerate(slices):
         if not 0 <= s.start < s.end <= num_layers[s.model]:
             raise IncompatibleCheckpointsError(
@@ -53,7 +58,7 @@ def stack_names(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]], nu
                 f"{model_names[s.model]!r}")
     first, last = slices[0].model, slices[-1].model
     outside = [n for n in names[first] if layer_index(n) is None]
-    out: List[Tuple[str, int, str]] = [(n, first, n) for n in outside if _PRE.search(n)]
+    out = [(n, first, n, _scale(slices[0], n, 0.0)) for n in outside if _PRE.search(n)]
     o = 0
     for s in slices:
         layer_tensors: Dict[int, List[Tuple[str, str, str]]] = {}
@@ -62,15 +67,22 @@ def stack_names(slices: Sequence[LayerSlice], names: Sequence[Sequence[str]], nu
             if li is not None and s.start <= li[1] < s.end:
                 layer_tensors.setdefault(li[1], []).append(li)
         for src in range(s.start, s.end):
+            t = (src - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
             for prefix, _, suffix in layer_tensors.get(src, []):
-                out.append((f"{prefix}{o}{suffix}", s.model, f"{prefix}{src}{suffix}"))
+                name = f"{prefix}{o}{suffix}"
+                out.append((name, s.model, f"{prefix}{src}{suffix}", _scale(s, name, t)))
             o += 1
     post = [n for n in names[last] if layer_index(n) is None and not _PRE.search(n)]
     missing = [n for n in post if n not in names[last]]
     if missing:  # pragma: no cover - post names come from the last model itself
         raise IncompatibleCheckpointsError(f"{model_names[last]!r} lacks {missing[0]!r}")
-    out += [(n, last, n) for n in post]
+    out += [(n, last, n, _scale(slices[-1], n, 0.0)) for n in post]
     return out
+
+
+def _scale(s: LayerSlice, name: str, t: float) -> Optional[float]:
+    value = resolve_setting(s.scale, name, t) if s.scale is not None else None
+    return None if value is None else float(value)
 
 
 def stacked_config(configs: Sequence[Mapping[str, Any]], slices: Sequence[LayerSlice]) -> Dict[str, Any]:

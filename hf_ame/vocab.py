@@ -9,6 +9,7 @@ in order); rows are matched by token string (:mod:`hf_ame.rows`). mergekit's nam
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -105,6 +106,9 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
                        fill_base=names[-1] if (has_base and missing_tokens) else None)
     if chosen == "union":
         tok, added = union_tokenizer(toks[0], toks[1:])
+        # mergekit builds the union on the base model's tokenizer (else the first model's): its chat
+        # template, or none, is the output's unless the config names one (chat_template)
+        tok.chat_template = toks[-1 if has_base else 0].chat_template
         out_vocab = tok.get_vocab()
         n_tok = max(out_vocab.values()) + 1
         out_rows = max(n_tok, rows[names[0]] if not added else 0)
@@ -192,6 +196,8 @@ def resolve_chat_template(value: str, folders: Sequence[Union[str, Path]], names
     try:
         from importlib.resources import files
 
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", value):
+            raise ModuleNotFoundError  # a bundled template has a plain name: no path out of mergekit's folder
         bundled = files("mergekit._data.chat_templates").joinpath(value + ".jinja")
         if bundled.is_file():
             return bundled.read_text(), f"chat template: mergekit's {value!r}"

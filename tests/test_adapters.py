@@ -146,3 +146,44 @@ def test_mergekit_model_plus_lora_reference(bert, tmp_path):
             torch.testing.assert_close(v, (expanded[k] + other[k]) / 2, atol=1e-6, rtol=1e-5)
     recipe = yaml.safe_load((tmp_path / "o" / "ame_recipe.yaml").read_text())
     assert recipe["models"][0]["base"] == bert[0]
+
+
+@pytest.mark.parametrize("method", ["passthrough", "linear", "ties"])
+def test_model_plus_lora_in_slices_and_as_base_equals_mergekit(tmp_path, method):
+    """mergekit's "model+lora" as a slice source, and as the base_model of slices merged by a method:
+    the adapter's tensors are read under the slice's layer names; every tensor equals mergekit 0.1.5's."""
+    import mergekit.merge as mergekit_merge
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from transformers import AutoModelForCausalLM
+
+    a, b = [str(p) for p in make_family("llama", tmp_path / "fam", 2, seed=3, num_hidden_layers=4)]
+    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(a),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(tmp_path / "ad")
+    lora = f"{a}+{tmp_path / 'ad'}"
+    if method == "passthrough":
+        cfg = {"slices": [{"sources": [{"model": lora, "layer_range": [0, 3]}]},
+                          {"sources": [{"model": b, "layer_range": [1, 4]}]}]}
+    else:
+        cfg = {"slices": [{"sources": [{"model": lora, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}],
+               "parameters": {"weight": 0.5, **({"density": 0.6} if method == "ties" else {})},
+               **({"base_model": lora} if method == "ties" else {})}
+    cfg.update(merge_method=method, dtype="float32")
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+                             mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
+                                                         lora_merge_cache=str(tmp_path / "mk-cache")))
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    got = read_state(AMEMerger.from_recipe(path).merge(output_dir=tmp_path / "o", progress=False).output_dir)
+    want = read_state(tmp_path / "mk")
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+    plain = read_state(a)  # the adapter really acted: layer 0's q_proj is not the plain base's
+    assert not torch.allclose(got["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])

@@ -187,3 +187,33 @@ def test_half_precision_ties_moves_as_far_as_float32(tmp_path):
     assert norms["float32"] > 0
     for dtype in ("bfloat16", "float16"):
         assert abs(norms[dtype] / norms["float32"] - 1) < 0.02, norms
+
+
+def test_a_merge_that_returns_the_base_is_refused_and_partly_unchanged_tensors_are_warned(tmp_path):
+    """The guard for any method, any config: merged tensors equal to the base bit for bit while the
+    fine-tunes differ are named in a warning and in the card; every tensor so is an error (nothing
+    lands) unless allow_unchanged."""
+    from hf_ame import UnchangedMergeError
+
+    base, fts = save_family(tmp_path / "fam", "bfloat16")
+    models = [{"model": str(m)} for m in fts]
+    zero = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "bfloat16", "models": models,
+            "parameters": {"weight": 0.0}}
+    path = tmp_path / "zero.yml"
+    path.write_text(yaml.safe_dump(zero))
+    with pytest.raises(UnchangedMergeError, match="equals .*base.* bit for bit"):
+        AMEMerger.from_recipe(path).merge(output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="equal the pivot"):
+        result = AMEMerger.from_recipe(path).merge(output_dir=tmp_path / "out", progress=False, allow_unchanged=True)
+    assert "## Warnings" in (result.output_dir / "README.md").read_text()
+
+    part = dict(zero, parameters={"weight": [{"filter": "mlp", "value": 0.0}, {"value": 1.0}]})
+    path.write_text(yaml.safe_dump(part))
+    with pytest.warns(UserWarning, match=r"9 of \d+ merged tensor\(s\) equal the pivot .*mlp"):
+        result = AMEMerger.from_recipe(path).merge(output_dir=tmp_path / "part", progress=False)
+    card = (result.output_dir / "README.md").read_text()
+    assert "## Warnings" in card and "model.layers.0.mlp.down_proj.weight" in card
+    moved = read_state(result.output_dir)
+    b = read_state(base)
+    assert not torch.equal(moved["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])

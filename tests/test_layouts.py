@@ -37,3 +37,56 @@ def test_fused_and_per_expert_layouts_merge_as_transformers_loads_them(arch, mod
     # AdamW-AME streams the converted tensors one at a time too
     merger.merge(optimizer="adamw", lr=1e-3, output_dir=tmp_path / "ame", progress=False)
     assert set(read_state(tmp_path / "ame")) == set(want)
+
+
+def _mixed_layouts(arch, model_type, tmp_path):
+    """a (default layout) + b (in-memory layout) soup against a + b (both default): bit-equal. None
+    when the family's two layouts are the same (nothing to align)."""
+    try:
+        model = tiny_model(arch, model_type, seed=3)
+    except Exception:  # noqa: BLE001 - a family this transformers cannot build tiny
+        return None
+    model.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "b-mem", save_original_format=False)
+    model.save_pretrained(tmp_path / "b")
+    if set(read_state(tmp_path / "b-mem")) == set(read_state(tmp_path / "b")):
+        return None
+    AMEMerger.from_pretrained([str(tmp_path / "a"), str(tmp_path / "b-mem")], device_map="cpu").merge(
+        AMEConfig.soup(), output_dir=tmp_path / "m", progress=False)
+    AMEMerger.from_pretrained([str(tmp_path / "a"), str(tmp_path / "b")], device_map="cpu").merge(
+        AMEConfig.soup(), output_dir=tmp_path / "ref", progress=False)
+    got, want = read_state(tmp_path / "m"), read_state(tmp_path / "ref")
+    assert set(got) == set(want), (model_type, sorted(set(got) ^ set(want))[:4])
+    assert all(torch.equal(got[k], want[k]) for k in want), model_type
+    return model_type
+
+
+EXTRA_LAYOUT_FAMILIES = [("Mistral3ForConditionalGeneration", "mistral3"), ("InternVLForConditionalGeneration", "internvl"),
+                         ("Qwen2AudioForConditionalGeneration", "qwen2_audio"), ("AyaVisionForConditionalGeneration", "aya_vision"),
+                         ("OlmoeForCausalLM", "olmoe"), ("Glm4MoeForCausalLM", "glm4_moe"), ("DeepseekV2ForCausalLM", "deepseek_v2")]
+
+
+def test_mixed_layouts_across_families(tmp_path):
+    """Every family of tests/test_families.py (and the multimodal and MoE families transformers'
+    conversion mapping renames) whose in-memory layout differs from its default one: a fine-tune
+    saved each way merges as if both were saved the default way (a name of the original layout is
+    never converted twice)."""
+    from test_families import FAMILIES
+
+    done = [f for i, (arch, mt) in enumerate(FAMILIES + EXTRA_LAYOUT_FAMILIES)
+            if (f := _mixed_layouts(arch, mt, tmp_path / str(i))) is not None]
+    print("aligned:", done)
+    assert {"mixtral", "qwen2_moe", "llava", "paligemma", "gemma3", "mistral3", "qwen2_audio"} <= set(done), done
+
+
+def test_tied_keys_read_through_transformers_accessors():
+    """Inkling's text config has no tie_word_embeddings attribute at all: the tied-keys check (run when
+    ingredients store different tensor sets) read it directly and crashed with AttributeError instead
+    of naming the missing tensor; now read as transformers reads it (absent: not tied)."""
+    from hf_ame.checks import _tied_keys
+
+    assert _tied_keys({"architectures": ["InklingForCausalLM"], "model_type": "inkling_text"}) == {}
+    assert _tied_keys({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": True})

@@ -154,17 +154,47 @@ def test_unsupported_is_refused_by_name_before_reading(fam, tmp_path):
         ({**good, "slices": []}, "slices: give either models or slices"),
         ({**good, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "mean"}}}}}, r"tokenizer.tokens.<x>.source: expected"),
         ({**good, "tokenizer": {"tokens": {"<x>": {"force": True}}}}, r"tokenizer.tokens.<x>.source: required"),
-        ({**good, "tokenizer": {"lowercase": True}}, r"tokenizer.lowercase: not a tokenizer setting"),
         ({**good, "tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source or tokenizer.source"),
         ({**good, "merge_method": "dellla"}, "merge_method: 'dellla' is not supported by hf_ame yet; supported: "),
-        ({**good, "dtyp": "float32"}, "dtyp: not a mergekit config key"),
-        ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: not a parameter of 'ties'"),
         ({**good, "models": [{"model": str(fts[0]) + "+a+b"}]}, "expected model\\+lora"),
         ({**good, "parameters": {"density": 1.5}}, r"density: expected a number in \(0, 1\]"),
     ]
     for cfg, msg in cases:
         with pytest.raises(RecipeError, match=msg):
             load_recipe(write(tmp_path, "bad", cfg))
+    # what mergekit accepts and ignores is refused in strict mode, by name
+    strict = [({**good, "tokenizer": {"lowercase": True}}, r"tokenizer.lowercase: mergekit accepts and ignores"),
+              ({**good, "dtyp": "float32"}, "dtyp: mergekit accepts and ignores"),
+              ({**good, "parameters": {"densty": 0.5}}, r"parameters.densty: mergekit accepts and ignores")]
+    for cfg, msg in strict:
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(write(tmp_path, "bad", cfg), strict=True)
+
+
+def test_keys_mergekit_ignores_are_ignored_with_a_warning_and_listed_in_the_card(fam, tmp_path, capsys):
+    """Published configs carry keys mergekit 0.1.5 accepts and ignores (a per-model weight under
+    model_stock, normalize under sce, a typo, a top-level method parameter): hf_ame ignores them too,
+    naming each in a warning and in the card, and writes the tensors of the config without them;
+    --strict refuses them. mergekit itself is run on the config with the keys: same output."""
+    base, fts = fam
+    clean = {"merge_method": "sce", "base_model": str(base), "dtype": "float32", "parameters": {"select_topk": 0.5},
+             "models": [{"model": str(m)} for m in fts]}
+    noisy = {**clean, "dype": "bfloat16", "density": 0.5, "parameters": {"select_topk": 0.5, "normalize": True},
+             "models": [{"model": str(fts[0]), "parameters": {"weight": 0.3}}] + clean["models"][1:]}
+    want = ours(write(tmp_path, "clean", clean), tmp_path / "clean")
+    assert all(torch.allclose(mergekit(noisy, tmp_path / "mk")[k], want[k], atol=1e-6) for k in want)
+    with pytest.warns(UserWarning) as caught:
+        result = AMEMerger.from_recipe(write(tmp_path, "noisy", noisy)).merge(output_dir=tmp_path / "noisy", progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    for key in ("dype", "density", "parameters.normalize", "models[0].parameters.weight"):
+        assert key in said, key
+    got = read_state(result.output_dir)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    card = (result.output_dir / "README.md").read_text()
+    assert "## Warnings" in card and "models[0].parameters.weight" in card
+    assert main(["merge", str(write(tmp_path, "noisy", noisy)), "--out", str(tmp_path / "strict"), "--strict",
+                 "--no-progress"]) == 2
+    assert "mergekit accepts and ignores" in capsys.readouterr().err and not (tmp_path / "strict").exists()
 
 
 def test_cli_runs_converts_and_the_card_shows_the_config(fam, tmp_path, capsys):
@@ -206,6 +236,30 @@ def test_passthrough_stacking_equals_mergekit(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert model.config.num_hidden_layers == 7 and len(model.model.layers) == 7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_passthrough_scale_with_filters_equals_mergekit(tmp_path, dtype):
+    """An interleaved-layer frankenmerge: the copied layers' o_proj and down_proj scaled to 0 by a
+    filtered ``scale`` on the source, a slice-level scalar scale, a gradient at the top level (the
+    pre/post-layer tensors take the first/last slice's setting at t = 0): every tensor equals mergekit's."""
+    a = make_family("llama", tmp_path / "a", 1, seed=1, num_hidden_layers=4, tie_word_embeddings=False)[0]
+    b = make_family("llama", tmp_path / "b", 1, seed=2, num_hidden_layers=4, tie_word_embeddings=False)[0]
+    zero_out = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+    cfg = {"merge_method": "passthrough", "dtype": dtype, "parameters": {"scale": [0.5, 1.5]},
+           "slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+                      {"sources": [{"model": str(b), "layer_range": [1, 3], "parameters": {"scale": zero_out}}]},
+                      {"sources": [{"model": str(a), "layer_range": [2, 4]}], "parameters": {"scale": 0.9}}]}
+    want = mergekit(cfg, tmp_path / "mk")
+    got = ours(write(tmp_path, "stack", cfg), tmp_path / "o")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want), \
+        [k for k in want if not torch.equal(got[k], want[k].to(got[k].dtype))][:3]
+    assert not got["model.layers.2.self_attn.o_proj.weight"].any() and got["model.layers.2.mlp.up_proj.weight"].any()
+    sa = read_state(a)
+    half = getattr(torch, dtype)  # the tensor as loaded in the config's dtype, then scaled (as mergekit)
+    assert torch.equal(got["model.layers.5.mlp.up_proj.weight"],
+                       (sa["model.layers.3.mlp.up_proj.weight"].to(half).float() * 0.9).to(half))
 
 
 def test_passthrough_rebuilds_per_layer_config_lists(tmp_path):

@@ -237,3 +237,33 @@ def test_row_groups_read_only_their_rows(fam, tmp_path):
     c = Checkpoint(fam[1])
     rows = torch.tensor([129, 3, 128])
     assert torch.equal(c.read_rows(EMB, rows), c.get_tensor(EMB)[rows])
+
+
+def test_union_without_chat_template_keeps_the_base_models_as_mergekit(tmp_path):
+    """tokenizer_source union and no chat_template key: mergekit 0.1.5 builds the union on the base
+    model's tokenizer, so the output has the base's chat template (not the first model's), checked
+    against mergekit on the same config. With no base, mergekit's root is ``list(set(models))[0]``
+    (an order that changes with PYTHONHASHSEED); hf_ame takes the first model's, deterministically."""
+    import mergekit.merge as mergekit_merge
+    from mergekit.config import MergeConfiguration
+
+    paths = make_family("llama", tmp_path / "chat", 3, seed=5)
+    for p, t in zip(paths, (T2, T1, T1)):
+        save_word_tokenizer(p, 128)
+        tok = AutoTokenizer.from_pretrained(p)
+        tok.chat_template = t
+        tok.save_pretrained(p)
+    add_tokens(paths[2], ["<tool>"], seed=2)
+    base, fts = str(paths[0]), [str(p) for p in paths[1:]]
+    with_base = {"merge_method": "task_arithmetic", "base_model": base, "tokenizer_source": "union", "dtype": "float32",
+                 "models": [{"model": m, "parameters": {"weight": 0.5}} for m in fts]}
+    no_base = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32",
+               "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [fts[0], base]]}
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(with_base), str(tmp_path / "mk"),
+                             mergekit_merge.MergeOptions(quiet=True, write_model_card=False))
+    for name, cfg, want in (("base", with_base, T2), ("first", no_base, T1)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["merge", str(path), "--out", str(tmp_path / name), "--no-progress"]) == 0
+        assert AutoTokenizer.from_pretrained(tmp_path / name).chat_template.strip() == want.strip(), name
+    assert AutoTokenizer.from_pretrained(tmp_path / "mk").chat_template.strip() == T2.strip()
