@@ -5,7 +5,8 @@
 The grid covers the executor's paths on CPU: exact soup, AdamW/Adagrad/SGD-momentum AME with each
 pivot (soup, first, index, base), both stream modes, whole tensors (block_size=None), a bf16 output,
 mixed fp32/bf16 ingredients, sharded inputs and outputs, .bin inputs, a LoRA-free BERT and a ViT, and
-the greedy soup / greedy AME of ``AMEMerger`` (scored by a deterministic callable). Only public
+the greedy soup / greedy AME of ``AMEMerger`` (scored by a deterministic callable), a validation
+search, a one-shot and an AME-composed method, and a mergekit config in bfloat16. Only public
 entry points are used, so the same script runs on any commit since the public API settled.
 """
 from __future__ import annotations
@@ -106,6 +107,32 @@ def greedy(fam: dict, out: Path) -> dict:
         res[f"greedy_{mode}"] = digest(r.output_dir)
     r = merger.merge(optimizer="adamw", lr=1e-3, output_dir=out / "merger_adamw", progress=False)
     res["merger_adamw"] = digest(r.output_dir)
+    r = merger.merge(optimizer="adamw", lr=1e-3, order_by=score, eval_dataset=ds, search={"lr": [1e-4, 1e-3]},
+                     output_dir=out / "search", progress=False, score_cache=False)
+    res["search"] = digest(r.output_dir)
+    res.update(methods(fam, out))
+    return res
+
+
+def methods(fam: dict, out: Path) -> dict:
+    """A one-shot method, a method composed with AME, and a mergekit config in bfloat16."""
+    import yaml
+
+    from hf_ame import AMEConfig, AMEMerger
+
+    lls, base = [str(p) for p in fam["llama"]], str(fam["llama_base"])
+    merger = AMEMerger.from_pretrained(lls, base_model=base, device_map="cpu")
+    res = {}
+    for name, cfg in (("ties_one_shot", AMEConfig.one_shot("ties", density=0.5)),
+                      ("ties_adamw", AMEConfig(optimizer="adamw", lr=1e-3, method="ties", pivot="base",
+                                               method_kwargs={"density": 0.5}))):
+        res[name] = digest(merger.merge(cfg, output_dir=out / name, progress=False).output_dir)
+    mk = out / "mergekit.yml"
+    mk.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": base, "dtype": "bfloat16",
+                                  "parameters": {"density": 0.6, "weight": [0.5, 1.0]},
+                                  "models": [{"model": m} for m in lls]}))
+    res["mergekit_dare_ties_bf16"] = digest(AMEMerger.from_recipe(mk, device_map="cpu").merge(
+        output_dir=out / "mergekit", progress=False).output_dir)
     return res
 
 

@@ -163,15 +163,25 @@ def build_llama() -> list:
     return paths
 
 
+# Started by a small python process, not by this one: Linux counts a forked child's copy of its
+# parent's pages in the child's ru_maxrss (kept across exec), so a child forked from a benchmark that
+# holds loaded tensors reports at least the benchmark's own RSS.
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
 def run_timed(cmd: list) -> tuple:
-    """Run ``cmd`` in its own process: (wall seconds, peak RSS in MiB from wait4); raises with its stderr on failure."""
+    """Run ``cmd`` in its own process: (wall seconds, peak RSS in MiB from wait4, measured by a small
+    launcher process); raises with its stderr on failure."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()[-2000:]
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {err}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    rc, maxrss = (int(x) for x in proc.stdout.split()[-2:])
+    if rc != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
+    return seconds, maxrss / 1024
 
 
 def speed(reps: int) -> dict:

@@ -6,13 +6,16 @@ pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for th
 Public API: :class:`AMEMerger` (``from_pretrained`` / ``from_recipe`` -> ``plan`` / ``merge``),
 :class:`MergeResult`, :class:`AMEConfig`, recipes (mergekit configs too), the optimizer and merge-method
 registries, the lower-level folder-to-folder :func:`merge_checkpoints` / :func:`plan_merge` /
-:func:`stack_checkpoints`, the pure tensor functions
+:func:`stack_checkpoints`, mixtures of experts from mergekit-moe configs (:func:`build_moe` /
+:func:`plan_moe`), the pure tensor functions
 :func:`ame_merge` / :func:`soup`, and the errors (all derive from :class:`HFAMEError`).
 """
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
+from . import gguf  # noqa: F401 - registers GGUF files (dequantized as read, as transformers does) as a checkpoint kind
 from . import quantization  # noqa: F401 - registers FP8 checkpoints (dequantized as read) as a checkpoint kind
 from . import selection_methods  # noqa: F401 - registers sce, ram, ramplus_tl, nearswap, arcee_fusion
 from . import sphere_methods  # noqa: F401 - registers nuslerp, multislerp, karcher
+from . import svd_methods  # noqa: F401 - registers tsv, iso_c, iso_cts
 from .algorithm import ame_merge, ame_merge_many, soup
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
@@ -35,8 +38,11 @@ from .errors import (
 )
 from .executor import MergeReport
 from .hub import Ingredient
-from .merger import AMEMerger, MergeResult
+from .merger import AMEMerger
+from .result import MergeResult
 from .methods import get_method, list_methods, register_method
+from .moe import MoEPlan, MoEResult, build_moe, plan_moe
+from .moe_config import MoEConfig
 from .optimizers import build_optimizer, get_optimizer, list_optimizers, register_optimizer
 from .plan import MergePlan, TensorPlan
 from .recipe import Recipe, load_recipe
@@ -56,6 +62,11 @@ __all__ = [
     "merge_checkpoints",
     "plan_merge",
     "stack_checkpoints",
+    "build_moe",
+    "plan_moe",
+    "MoEConfig",
+    "MoEPlan",
+    "MoEResult",
     "ame_merge",
     "ame_merge_many",
     "soup",

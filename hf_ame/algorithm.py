@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = [
     "AMEStep",
     "plan_steps",
     "resolve_pivot",
+    "Pivot",
     "soup",
     "initial_merge",
     "AMEStepper",
@@ -112,11 +113,28 @@ def plan_steps(n_ingredients: int, config: AMEConfig) -> List[AMEStep]:
     return steps
 
 
-PivotSpec = Tuple[str, Optional[int]]
+class Pivot(NamedTuple):
+    """``config.pivot`` resolved once: ``kind`` "soup", "index" (ingredient ``index`` in merge
+    order) or "base" (a separate base checkpoint). A config's pivot string may be a folder path or an
+    ingredient's name; code past :func:`resolve_pivot` tests these properties, never the string."""
+
+    kind: str
+    index: Optional[int] = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.kind == "base"
+
+    @property
+    def is_soup(self) -> bool:
+        return self.kind == "soup"
 
 
-def resolve_pivot(pivot: Union[str, int], n: int, names: Sequence[str] = ()) -> PivotSpec:
-    """Map ``config.pivot`` to ("soup", None), ("index", i) or ("base", None).
+PivotSpec = Pivot  # the older name
+
+
+def resolve_pivot(pivot: Union[str, int], n: int, names: Sequence[str] = ()) -> Pivot:
+    """Map ``config.pivot`` to Pivot("soup"), Pivot("index", i) or Pivot("base").
 
     ``"first"`` is index 0 of the given order; a string equal to an ingredient's name selects that
     ingredient; any other string names a separate base checkpoint.
@@ -124,14 +142,14 @@ def resolve_pivot(pivot: Union[str, int], n: int, names: Sequence[str] = ()) -> 
     if isinstance(pivot, int) and not isinstance(pivot, bool):
         if not -n <= pivot < n:
             raise ConfigError(f"pivot: ingredient index {pivot} is out of range for {n} ingredients")
-        return ("index", pivot % n)
+        return Pivot("index", pivot % n)
     if pivot == "soup":
-        return ("soup", None)
+        return Pivot("soup")
     if pivot == "first":
-        return ("index", 0)
+        return Pivot("index", 0)
     if isinstance(pivot, str) and pivot in names:
-        return ("index", list(names).index(pivot))
-    return ("base", None)
+        return Pivot("index", list(names).index(pivot))
+    return Pivot("base")
 
 
 def soup(ingredients: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -404,11 +422,11 @@ def merge_block(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     (``ingredients[j]``: ingredient j's copy; ``key``: the tensor's name, seeding a method's
     random drops; ``position``: its layer, 0 to 1, for per-layer parameter gradients); returns the
     state dtype (:attr:`AMEConfig.torch_state_dtype`) on ``device``."""
-    dtype = config.torch_state_dtype
+    dtype, pivot = config.torch_state_dtype, Pivot(*pivot)  # a plain (kind, index) tuple too
     if exact_soup:
         return soup(ingredients, dtype, device)
     stepper = AMEStepper([initial_merge(ingredients, pivot, base=base, dtype=dtype, device=device)], config, [key],
-                         [position], has_base=pivot[0] == "base")
+                         [position], has_base=pivot.is_base)
     stepper.run(steps, [ingredients])
     return stepper.release()[0]
 
@@ -420,7 +438,7 @@ def merge_fused(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     the soup pivot and the exact soup in one kernel over the N inputs, then one kernel per step."""
     if exact_soup:
         return fused_soup(ingredients, out_dtype)
-    if pivot[0] == "soup":
+    if Pivot(*pivot).is_soup:
         init = fused_soup(ingredients, torch.float32)
     else:
         init = initial_merge(ingredients, pivot, base=base, dtype=torch.float32, device=ingredients[0].device)
@@ -455,7 +473,7 @@ def ame_merge_many(
     dtype = config.torch_state_dtype
     init = [initial_merge(xs, pivot, base=None if bases is None else bases[k], dtype=dtype, device=device)
             for k, xs in enumerate(ingredients)]
-    stepper = AMEStepper(init, config, keys, positions, has_base=pivot[0] == "base")
+    stepper = AMEStepper(init, config, keys, positions, has_base=pivot.is_base)
     stepper.run(plan_steps(n, config), ingredients)
     return [w.to(config.torch_compute_dtype) for w in stepper.release()]
 

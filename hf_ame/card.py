@@ -164,7 +164,8 @@ def _ingredient_rows(ingredients: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         link = f"[{ident}](https://huggingface.co/{ident})" if not ing.get("local") else f"`{Path(ident).name}` (local)"
         rev = ing.get("sha") or ing.get("revision") or ""
         rows.append({"order": ing.get("order"), "link": link, "revision_short": f"`{rev[:10]}`" if rev else "",
-                     "dtype": ing.get("dtype") or "",
+                     "dtype": (ing.get("dtype") or "") + (f" (GGUF `{ing['gguf_file']}`, {ing.get('quantization')})"
+                                                          if ing.get("gguf_file") else ""),
                      "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}", "kept": ing.get("kept", True)})
     return rows
 

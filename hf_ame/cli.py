@@ -9,13 +9,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import yaml
 
-from .config import AMEConfig
-from .errors import ConfigError, HFAMEError, Interrupted, OutputExistsError
+from .errors import ConfigError, Interrupted, OutputExistsError, error_line
+from .cli_args import key_values, parse_value
 from .merger import AMEMerger
+from .lora_cli import add_lora_merge_arguments, add_lora_parser, cmd_extract_lora, lora_merge_kwargs
+from .moe_cli import add_moe_parser, cmd_moe
+from .methods import get_method, list_methods
 from .optimizers import list_optimizers
 from .publish import push_folder
 from .recipe import load_recipe
@@ -36,24 +39,11 @@ EXAMPLES = """examples:
   hf-ame optimizers
   hf-ame convert mergekit_config.yml --out ame_recipe.yaml      # a mergekit config as an hf_ame recipe
   hf-ame merge mergekit_config.yml --out merged                  # or run it as it is
+  hf-ame ui                                                      # a web page on 127.0.0.1: compose, preview, run, push
+  hf-ame moe moe.yml --out my-moe                                # a mixture of experts (mergekit-moe config)
+  hf-ame extract-lora ./ft --base ./base --rank 16 --out ft-lora  # a fine-tune as a peft LoRA adapter
+  hf-ame merge ./lora-a ./lora-b --out merged-lora --output-format lora   # adapters merged into one adapter
 """
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _opt_kwargs(items: List[str], flag: str = "--opt") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"hf-ame: {flag} expects KEY=VALUE (e.g. {flag} betas=[0.9,0.999]), got {item!r}")
-        out[key] = _parse_value(value)
-    return out
 
 
 def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
@@ -76,9 +66,9 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                    help="optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]")
     m.add_argument("--base-model", default=None, metavar="PATH", help="base checkpoint (folder or Hub id): the pivot of "
                    "--pivot base, and where --method measures task vectors from")
-    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient (ties, dare_ties, "
-                   "dare_linear, task_arithmetic, breadcrumbs, breadcrumbs_ties, slerp, model_stock); alone (no "
-                   "optimizer option given) it is mergekit's one-shot merge of that name")
+    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient ("
+                   + ", ".join(m.name for m in list_methods()) + "); alone (no optimizer option given) it is "
+                   "mergekit's one-shot merge of that name")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
     m.add_argument("--tokenizer-source", default=None, metavar="SOURCE",
@@ -103,9 +93,10 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                    help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
                         "with mergekit (chatml, llama3, ...)")
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
-    m.add_argument("--compute-dtype", default="float32", help="dtype of the merge arithmetic; default float32")
-    m.add_argument("--max-shard-size", default="5GB", help="output shard size; default 5GB")
-    m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default cpu")
+    m.add_argument("--compute-dtype", default=None, help="dtype of the merge arithmetic; default float32 (or the recipe's)")
+    m.add_argument("--max-shard-size", default=None, help="output shard size; default 5GB (or the recipe's)")
+    m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default auto "
+                   "(Accelerate's placement: a GPU when there is one)")
     m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
                    help="ingredient: on CPU, one block of every ingredient at a time, each input read once "
                         "(elsewhere one ingredient's copy at a time): memory independent of N; tensor: the N "
@@ -132,6 +123,7 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                    help="print the merge plan (tensors, readers, bytes to read and write, peak memory estimate, "
                         "shards, devices) from the headers alone, and stop: no weight is read, nothing is written")
     m.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON (every tensor)")
+    add_lora_merge_arguments(m)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("config", help="a mergekit_config.yml (or a folder or Hub repo holding one)")
     c.add_argument("--out", default=None, help="where to write the recipe (refused if it exists); default: print it")
+    add_moe_parser(sub)
+    _add_ui_parser(sub)
+    add_lora_parser(sub)
     return parser
+
+
+def _add_ui_parser(sub: Any) -> None:
+    u = sub.add_parser("ui", help="a local web page to compose, check, preview, run and publish a merge (Gradio; "
+                       "pip install 'hf_ame[ui]')")
+    u.add_argument("--host", default="127.0.0.1", help="address to serve on; default 127.0.0.1 (this machine only)")
+    u.add_argument("--port", type=int, default=None, help="port; default 7860 or the next free one")
+    u.add_argument("--share-safe", action="store_true",
+                   help="for a public page (a Space): Hub repos only (no local paths), no remote code, never the "
+                        "server's Hub token, sizes capped")
 
 
 def _is_recipe(models: List[str]) -> bool:
@@ -218,59 +223,64 @@ def _check_repo_id(repo_id: Optional[str]) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    """One rule for checkpoints and recipes: the AMEConfig fields given as flags are merge()'s overrides.
+    With a recipe they replace the recipe's values (the written recipe records them); a method alone
+    (no optimizer flag, no recipe) is its one-shot merge, as ``merge(method=...)``."""
     _check_repo_id(args.push)
+    overrides = _overrides(args)
     if _is_recipe(args.models):
-        kwargs: Dict[str, Any] = {"device_map": args.device} if args.device else {}
-        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template"):
-            if getattr(args, key) is not None:
-                kwargs[key] = getattr(args, key)
-        if args.trust_remote_code:
-            kwargs["trust_remote_code"] = True
-        if args.push == "" and not Path(args.models[0]).expanduser().exists():  # a Hub recipe: before any download
-            raise ValueError(_BARE_PUSH.format(source=args.models[0], repo="its hub.repo_id"))
-        merger = AMEMerger.from_recipe(args.models[0], revision=args.revision, strict=args.strict, **kwargs)
+        merger = _recipe_merger(args)
         repo = _push_target(args.push, merger.recipe)  # refused before the merge, not after it
-        if args.dry_run:
-            return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, stream=args.stream,
-                                           memory_budget=args.memory_budget), args.json)
-        result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                              stream=args.stream, memory_budget=args.memory_budget,
-                              allow_unchanged=args.allow_unchanged, **_search_args(args.search))
-        print(result.report.summary())
-        if result.scores:
-            print(f"scores ({result.metric['name']}): " + ", ".join(
-                f"{k}={v['score'] if isinstance(v, dict) else v:.4f}" for k, v in result.scores.items()))
-        if repo is not None:
-            private = args.private if args.private is not None else merger.recipe.hub.get("private")
-            info = result.push_to_hub(repo, private=private)
-            print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
+    else:
+        merger, repo = _models_merger(args, overrides), args.push
+    kw = dict(stream=args.stream, memory_budget=args.memory_budget,
+              **({"max_shard_size": args.max_shard_size} if args.max_shard_size is not None else {}))
+    if args.dry_run:
+        return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, **kw, **overrides), args.json)
+    result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
+                          allow_unchanged=args.allow_unchanged, **kw, **_search_args(args.search), **overrides,
+                          **lora_merge_kwargs(args))
+    if result.report.rank != 0:
         return 0
+    print(result.report.summary())
+    if result.scores:
+        print(f"scores ({result.metric['name']}): " + ", ".join(
+            f"{k}={v['score'] if isinstance(v, dict) else v:.4f}" for k, v in result.scores.items()))
+    if repo:
+        private = args.private if (args.private is not None or merger.recipe is None) else merger.recipe.hub.get("private")
+        info = result.push_to_hub(repo, private=private)
+        print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
+    return 0
 
-    config = _config(args)
+
+_LOAD_FLAGS = ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template",
+               "dtype", "base_model")
+
+
+def _recipe_merger(args: argparse.Namespace) -> AMEMerger:
+    """The recipe's merger, the loading flags given replacing its ``load`` / ``output`` values."""
+    kwargs: Dict[str, Any] = {k: getattr(args, k) for k in _LOAD_FLAGS if getattr(args, k) is not None}
+    if args.device:
+        kwargs["device_map"] = args.device
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if args.push == "" and not Path(args.models[0]).expanduser().exists():  # a Hub recipe: before any download
+        raise ValueError(_BARE_PUSH.format(source=args.models[0], repo="its hub.repo_id"))
+    return AMEMerger.from_recipe(args.models[0], revision=args.revision, strict=args.strict, **kwargs)
+
+
+def _models_merger(args: argparse.Namespace, overrides: Mapping[str, Any]) -> AMEMerger:
     if args.push == "":
         raise ValueError("--push: give a repo id (only a recipe can supply one)")
-    if config.pivot == "base" and args.base_model is None:
-        raise ValueError(f"--method {args.method}: measures task vectors from a base model: give it with --base-model"
-                         if args.method else "--pivot base: give the base checkpoint with --base-model")
-    merger = AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
-                                       trust_remote_code=args.trust_remote_code, base_model=args.base_model,
-                                       tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
-                                       missing_tokens=args.missing_tokens,
-                                       heads=args.heads, config_source=args.config_source,
-                                       chat_template=args.chat_template)
-    if args.dry_run:
-        return _print_plan(merger.plan(config, output_dir=args.out, overwrite=args.overwrite,
-                                       max_shard_size=args.max_shard_size, stream=args.stream,
-                                       memory_budget=args.memory_budget), args.json)
-    result = merger.merge(config, output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
-                          max_shard_size=args.max_shard_size, stream=args.stream, memory_budget=args.memory_budget,
-                          allow_unchanged=args.allow_unchanged, **_search_args(args.search))
-    if result.report.rank == 0:
-        print(result.report.summary())
-    if args.push and result.report.rank == 0:
-        info = result.push_to_hub(args.push, private=args.private)
-        print(f"pushed to {args.push}: {getattr(info, 'commit_url', info)}")
-    return 0
+    method = overrides.get("method")
+    if (overrides.get("pivot") == "base" or (method and get_method(method).needs_base)) and args.base_model is None:
+        raise ValueError(f"--method {method}: measures task vectors from a base model: give it with --base-model"
+                         if method else "--pivot base: give the base checkpoint with --base-model")
+    return AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
+                                     trust_remote_code=args.trust_remote_code, base_model=args.base_model,
+                                     tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
+                                     missing_tokens=args.missing_tokens, heads=args.heads,
+                                     config_source=args.config_source, chat_template=args.chat_template)
 
 
 _BARE_PUSH = ("--push: this recipe came from the Hub ({source}); {repo} is not pushed to without asking: type "
@@ -290,11 +300,12 @@ def _push_target(push: Optional[str], recipe: Any) -> Optional[str]:
     return repo
 
 
-def _config(args: argparse.Namespace) -> AMEConfig:
-    """The AMEConfig of the options given. ``--method`` with no optimizer option is the method's
-    one-shot merge (:meth:`AMEConfig.one_shot`); with one, it is composed with AME."""
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The AMEConfig fields given as flags (merge()'s keyword overrides): a method's parameters
+    (``--param``) beside them, as ``merge(method="ties", density=0.5)`` takes them."""
     given: Dict[str, Any] = {k: getattr(args, k) for k in ("optimizer", "lr", "lr_schedule", "lr_power", "epochs",
-                                                          "batch_size", "shuffle", "seed", "adaptive_pivot")
+                                                          "batch_size", "shuffle", "seed", "adaptive_pivot",
+                                                          "compute_dtype", "method")
                              if getattr(args, k) is not None}
     if given.get("batch_size") == 0:
         given["batch_size"] = None  # all ingredients in one step
@@ -304,20 +315,16 @@ def _config(args: argparse.Namespace) -> AMEConfig:
         except ValueError:
             raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', got {args.amplification!r}") from None
     if args.opt:
-        given["optimizer_kwargs"] = _opt_kwargs(args.opt)
+        given["optimizer_kwargs"] = key_values(args.opt)
     if args.pivot is not None:
         given["pivot"] = int(args.pivot) if args.pivot.lstrip("-").isdigit() else args.pivot
-    params = _opt_kwargs(args.param, "--param")
-    if args.method is None:
-        if params:
-            raise SystemExit("hf-ame: --param needs --method")
-        return AMEConfig(compute_dtype=args.compute_dtype, **given)
-    ame = set(given) - {"seed", "pivot", "shuffle"}
-    if not ame:
-        base = AMEConfig.one_shot(args.method, **params)
-        return base.replace(compute_dtype=args.compute_dtype, **given)
-    given.setdefault("pivot", "base")
-    return AMEConfig(compute_dtype=args.compute_dtype, method=args.method, method_kwargs=params, **given).validate()
+    params = key_values(args.param, "--param")
+    if params and args.method is None and not _is_recipe(args.models):
+        raise SystemExit("hf-ame: --param needs --method")
+    clash = sorted(set(params) & set(given))
+    if clash:
+        raise SystemExit(f"hf-ame: --param {clash[0]}: not a method parameter (an AMEConfig field: use its own flag)")
+    return {**given, **{("lambda_" if k == "lambda" else k): v for k, v in params.items()}}
 
 
 def _print_plan(plan: Any, as_json: bool) -> int:
@@ -372,6 +379,16 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the page until Ctrl-C; gradio is imported here only (the ``ui`` extra)."""
+    try:
+        from .ui import serve
+    except ImportError as exc:
+        raise ConfigError(f"hf-ame ui needs gradio: pip install 'hf_ame[ui]' ({exc})") from None
+    serve(args.host, args.port, share_safe=args.share_safe)
+    return 0
+
+
 @contextlib.contextmanager
 def _signals_as_errors() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so the merge ends as an error
@@ -409,7 +426,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     handlers = {"merge": _cmd_merge, "push": _cmd_push, "score": _cmd_score, "optimizers": _cmd_optimizers,
-                "convert": _cmd_convert}
+                "convert": _cmd_convert, "moe": cmd_moe, "ui": _cmd_ui, "extract-lora": cmd_extract_lora}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _signals_as_errors: one line, 128 + signal
@@ -425,9 +442,7 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure is one line and exit code 2 (--debug: traceback)
         if args.debug:
             raise
-        known = isinstance(exc, (HFAMEError, ValueError, OSError, KeyError))  # ours name the field/file/tensor
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"hf-ame: error: {msg if known else f'{type(exc).__name__}: {msg}'}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 

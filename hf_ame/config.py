@@ -14,7 +14,11 @@ from .methods import get_method, method_parameters
 from .optimizers import OptimizerArgumentError, UnknownOptimizerError, build_optimizer, get_optimizer
 from .schedules import LR_SCHEDULES
 
-__all__ = ["AMEConfig", "ConfigError", "COMPUTE_DTYPES", "parse_dtype"]
+__all__ = ["AMEConfig", "ConfigError", "COMPUTE_DTYPES", "parse_dtype", "AME_FIELDS"]
+
+# the fields that make a method's merge an AME run rather than its one-shot merge (AMEConfig.from_options)
+AME_FIELDS = frozenset({"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "amplification",
+                        "optimizer_kwargs", "adaptive_pivot"})
 
 COMPUTE_DTYPES = {
     "float32": torch.float32,
@@ -110,6 +114,20 @@ class AMEConfig:
         return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=1, batch_size=None, shuffle=False,
                    pivot="base" if get_method(method).needs_base else "first", adaptive_pivot=False, amplification=1.0, method=method,
                    method_kwargs=_lambda_name(params)).validate()
+
+    @classmethod
+    def from_options(cls, prefix: str = "", **fields: Any) -> "AMEConfig":
+        """The one rule for a merge asked for by its fields (``merge(...)``'s overrides, CLI flags, a
+        recipe's ``merge:`` section): a ``method`` with no optimizer field (optimizer, lr, lr_schedule,
+        lr_power, epochs, batch_size, amplification, optimizer_kwargs, adaptive_pivot) is the method's
+        one-shot merge (:meth:`one_shot`) with the other fields given; otherwise the defaults of this
+        class with the fields given (a method composed with AME). A method's parameters may sit beside
+        the fields. ``prefix``: where the fields come from, for error messages (``merge.``)."""
+        if fields.get("method") is not None and not set(fields) & AME_FIELDS:
+            start = cls.one_shot(fields["method"]).to_dict()
+            start.pop("method_kwargs")  # the method's defaults, unless given
+            fields = {**start, **fields}
+        return cls.from_dict(fields, prefix=prefix) if fields else cls()
 
     @classmethod
     def robust(cls, epochs: int = 20, delta: float = 1.5) -> "AMEConfig":

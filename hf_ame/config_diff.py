@@ -20,6 +20,7 @@ HARMLESS_FIELDS = frozenset({
     "architectures", "finetuning_task", "problem_type", "_attn_implementation", "attn_implementation",
     "output_attentions", "output_hidden_states", "return_dict", "torchscript", "tokenizer_class",
     "task_specific_params", "transformers_weights", "_commit_hash", "quantization_config",
+    "_model_name_or_path",  # a GGUF's general.name, as transformers reads it into the config
 })
 _VOCAB_FIELDS = ("vocab_size",)
 _MISSING = object()

@@ -101,7 +101,7 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
     check_output_dir(output_dir, overwrite, inputs)  # before reading anything big
     names = [c.name for c in ckpts]
     base_ckpt: Optional[Checkpoint] = None
-    if resolve_pivot(config.pivot, len(ckpts), names)[0] == "base":
+    if resolve_pivot(config.pivot, len(ckpts), names).is_base:
         if base is None:
             if not Path(str(config.pivot)).is_dir():
                 raise ConfigError(
@@ -113,7 +113,7 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
     elif base is not None and rows is not None and any(_name_of(base) in m.sources for m in rows.maps.values()):
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))  # rows taken from it
     if config.method is not None:  # a method's model count and base (slerp: one model and the base)
-        pivot_base = resolve_pivot(config.pivot, len(ckpts), names)[0] == "base"
+        pivot_base = resolve_pivot(config.pivot, len(ckpts), names).is_base
         check_counts(config.method, config.method_arguments(), len(ckpts), pivot_base and base_ckpt is not None)
         min_ingredients = min(min_ingredients, get_method(config.method).models[0])
     check_compatible(ckpts, base_ckpt, min_ingredients=min_ingredients, varying_rows=rows.tensors if rows else ())

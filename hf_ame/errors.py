@@ -24,6 +24,7 @@ __all__ = [
     "PushError",
     "Interrupted",
     "UnchangedMergeError",
+    "error_line",
 ]
 
 
@@ -111,3 +112,10 @@ class Interrupted(KeyboardInterrupt):
 
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an error prints (the CLI and ``hf-ame ui`` alike): ours name the field, file or tensor."""
+    known = isinstance(exc, (HFAMEError, ValueError, OSError, KeyError))
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return f"hf-ame: error: {msg if known else f'{type(exc).__name__}: {msg}'}"

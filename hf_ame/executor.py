@@ -229,7 +229,7 @@ class _Runner:
     def __init__(self, plan: MergePlan, ckpts: Sequence[Checkpoint], base: Optional[Checkpoint], report: MergeReport):
         self.plan, self.ckpts, self.base, self.report = plan, list(ckpts), base, report
         # the base as the pivot of every tensor; else only as a source of rows ("gather" tensors)
-        self.pivot_base = base if (base is not None and plan.pivot[0] == "base") else None
+        self.pivot_base = base if (base is not None and plan.pivot.is_base) else None
         self.srcs = self.ckpts + ([base] if self.pivot_base is not None else [])
         self.uploader = DeviceUploader()
         streams_rows = any(t.reader in ("rows", "blocks") for t in plan.tensors)

@@ -38,12 +38,16 @@ class Ingredient:
     kept: bool = True
     dtype: Optional[str] = None  # the floating dtype most of its weights are stored in
     adapter_base: Optional[str] = None  # a LoRA adapter's base (mergekit's "model+lora"), a folder or Hub id
+    gguf_file: Optional[str] = None  # a GGUF ingredient: the file's name in ``path`` (transformers' gguf_file)
+    quantization: Optional[str] = None  # a GGUF ingredient: its file type and tensor types (see hf_ame.gguf)
 
     def to_dict(self) -> Dict[str, Any]:
         out = {"id": self.id, "revision": self.revision, "sha": self.sha, "path": str(self.path) if self.path else None,
                "local": self.local, "order": self.order, "score": self.score, "kept": self.kept, "dtype": self.dtype}
         if self.adapter_base:
             out["base"] = self.adapter_base
+        if self.gguf_file:
+            out.update(gguf_file=self.gguf_file, quantization=self.quantization)
         return out
 
 
@@ -52,9 +56,11 @@ def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_
     """``"org/name"``, ``"./folder"``, or ``{"id": ..., "revision": ...}`` (``path`` / ``repo_id`` also
     accepted; ``base``: the base model of a LoRA adapter, mergekit's ``model+lora``)."""
     if isinstance(entry, Mapping):
-        unknown = set(entry) - {"id", "path", "repo_id", "revision", "base"}
+        unknown = set(entry) - {"id", "path", "repo_id", "revision", "base", "gguf_file"}
         if unknown:
             raise IngredientError(f"{where}: unknown key {sorted(unknown)[0]!r} in {dict(entry)!r}; use id and revision")
+        if entry.get("gguf_file") is not None:  # a GGUF file of a folder or Hub repo (transformers' gguf_file)
+            return _gguf_entry(entry, default_revision, where)
         ing = parse_ingredient({k: v for k, v in entry.items() if k != "base"}, default_revision, where) \
             if entry.get("base") is not None else None
         if ing is not None:
@@ -72,6 +78,8 @@ def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_
     path = Path(ident).expanduser()
     if path.is_dir():
         return Ingredient(ident, revision=None, path=path, local=True)
+    if path.is_file() and path.suffix.lower() == ".gguf":  # a GGUF file: its folder, and its name in it
+        return Ingredient(ident, revision=None, path=path.parent, local=True, gguf_file=path.name)
     looks_local = ident.startswith((".", "/", "~")) or ident.count("/") > 1 or os.sep in ident.replace("/", "")
     if looks_local:
         raise IngredientError(f"{where}: {ident!r}: no such folder")
@@ -82,6 +90,17 @@ def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_
     except Exception as exc:  # HFValidationError
         raise IngredientError(f"{where}: {ident!r} is neither a folder nor a valid Hub repo id ({exc})") from None
     return Ingredient(ident, revision=revision)
+
+
+def _gguf_entry(entry: Mapping[str, Any], default_revision: Optional[str], where: str) -> Ingredient:
+    """``{"id": folder or repo, "gguf_file": name}``: the named GGUF file of a folder or Hub repo."""
+    name = entry["gguf_file"]
+    if (not isinstance(name, str) or not name.lower().endswith(".gguf") or os.path.isabs(name)
+            or ".." in Path(name).parts):
+        raise IngredientError(f"{where}: gguf_file {name!r} must be the name of a .gguf file inside the folder or repo")
+    ing = parse_ingredient({k: v for k, v in entry.items() if k != "gguf_file"}, default_revision, where)
+    ing.gguf_file = name
+    return ing
 
 
 @dataclass
@@ -233,6 +252,8 @@ def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: U
     revision = ing.revision
     bound_timeouts()
     pats = allow_patterns(files or ["model.safetensors"], trust_remote_code, weights) if (files is not None or not weights) else None
+    if ing.gguf_file:  # a GGUF repo holds many quantizations: only the one named (config and tokenizer are in it)
+        pats = [ing.gguf_file]
     try:
         folder = Path(snapshot_download(ing.id, revision=revision, cache_dir=cache_dir, token=token,
                                         local_files_only=local_files_only, allow_patterns=pats, endpoint=endpoint,

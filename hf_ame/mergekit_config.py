@@ -23,7 +23,7 @@ from .config import AMEConfig
 from .errors import RecipeError
 from .methods import get_method, list_methods
 
-__all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "MERGEKIT_FILE"]
+__all__ = ["is_mergekit_config", "mergekit_to_recipe_dict", "merge_section", "MERGEKIT_FILE"]
 
 MERGEKIT_FILE = "mergekit_config.yml"
 _SUPPORTED_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "ame", "name",
@@ -220,7 +220,7 @@ def _merge_slices_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], 
     return {"models": refs, "slices": out}
 
 
-def _merge_section(data: Mapping[str, Any], method: str, kwargs: Dict[str, Any], pivot_base: bool) -> Dict[str, Any]:
+def merge_section(data: Mapping[str, Any], method: str, kwargs: Dict[str, Any], pivot_base: bool) -> Dict[str, Any]:
     """One-shot settings of the method (or, with an ``ame:`` section, the same transforms through AME)."""
     merge = AMEConfig.one_shot(method).to_dict()
     merge["method_kwargs"] = kwargs
@@ -314,12 +314,12 @@ def _translate(data: Mapping[str, Any], original: str, ignored: List[str]) -> Di
     recipe: Dict[str, Any] = {"hf_ame": 1, "provenance": {"mergekit_config": original}}
     if slices is not None:
         recipe.update(_merge_slices_recipe(slices, data, entry, method, shared, ignored))
-        recipe["merge"] = _merge_section(data, method, {}, False)
+        recipe["merge"] = merge_section(data, method, {}, False)
         recipe["merge"]["pivot"] = "first"  # each slice with a base among its sources pivots on it
     else:
         models, kwargs = _models_form(data, entry, method, base, shared, ignored)
         recipe["models"] = models
-        recipe["merge"] = _merge_section(data, method, kwargs, entry.optional_base and base is not None
+        recipe["merge"] = merge_section(data, method, kwargs, entry.optional_base and base is not None
                                          and method not in _BASE_IS_INPUT)
         if base is not None and method not in _BASE_IS_INPUT:
             recipe["base_model"] = base

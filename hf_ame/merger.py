@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -16,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithm import plan_steps, resolve_pivot
-from .card import CHART_FILE, render_card
 from .checkpoints import Checkpoint
 from .checks import model_dtype
 from .config import AMEConfig, parse_dtype
@@ -26,6 +23,7 @@ from .executor import unchanged_note
 from .held import HELD_LIMIT, HeldIngredients, held_bytes
 from .hub import Ingredient
 from .layouts import ConvertedCheckpoint
+from .lora_out import check_rank, lora_output
 from .limits import check_config_limits
 from .methods import check_counts, get_method
 from .ordering import GREEDY_MODES, GreedyLog, ModelSlot, greedy_ame, greedy_soup, rank
@@ -33,8 +31,8 @@ from .output import check_output_dir, staged_output
 from .preflight import Preflight, check_and_download, open_ingredient, parse_models
 from .placement import load_model, resolve_device_map, tensor_device_lookup
 from .plan import MergePlan
-from .publish import push_folder
-from .recipe import RECIPE_FILE, Recipe, load_recipe
+from .recipe import load_recipe
+from .result import MergeResult
 from .rows import RowAlignment
 from .scratch import scratch_dir
 from .slice_merge import MergeSlice, SliceSource, merge_slices
@@ -42,201 +40,10 @@ from .stacking import LayerSlice
 from .scoring import (DatasetRef, ScoreCache, checkpoint_fingerprint, dataset_fingerprint, release_memory, resolve_dataset,
                       resolve_metric, score_model)
 from .search import Search, check_space
-from .version import __version__
-from .writer import ShardedWriter, plan_shards
 
 __all__ = ["AMEMerger", "MergeResult"]
 
 ModelEntry = Union[str, os.PathLike, Mapping[str, Any]]
-
-
-@dataclass
-class MergeResult:
-    """A finished merge.
-
-    Attributes:
-        output_dir: the folder holding the merged checkpoint. When ``merge`` was given no
-            ``output_dir``, a temporary folder owned by this result: removed when the result is
-            garbage-collected or the interpreter exits; :meth:`save_pretrained` moves it to keep it.
-        config: the AME config actually used.
-        ingredients: every ingredient (id, revision, resolved sha, local path, order, score, kept).
-        report: the engine's :class:`MergeReport` (tensor counts, bytes, timings in seconds).
-        device_map: the {module prefix: device} map the merge ran on.
-        timings: seconds spent per phase ("resolve", "download", "placement", "score", "merge", "score_merged").
-        scores: with ``order_by``: {"merged": float, "best_ingredient": {"id", "score"}, "soup": float (with
-            ``compare_soup``)}; each ingredient's own score is in ``ingredients``.
-        metric: {"name", "greater_is_better", "shipped"} of the ranking metric, or None.
-        greedy, greedy_log: the greedy mode and one entry per candidate / step (score, accepted).
-    """
-
-    output_dir: Path
-    config: AMEConfig
-    ingredients: List[Ingredient]
-    report: MergeReport
-    device_map: Dict[str, str]
-    dtype: Optional[torch.dtype] = None
-    timings: Dict[str, float] = field(default_factory=dict)
-    trust_remote_code: bool = False
-    scores: Dict[str, Any] = field(default_factory=dict)
-    metric: Optional[Dict[str, Any]] = None
-    greedy: Optional[str] = None
-    greedy_log: Optional[List[Dict[str, Any]]] = None
-    ordering: Optional[Dict[str, Any]] = None
-    candidates: List[str] = field(default_factory=list)
-    max_shard_size: Union[int, str] = "5GB"
-    base_id: Optional[str] = None
-    mergekit_config: Optional[str] = None  # the mergekit config this merge was read from (shown in the card)
-    slices: Optional[List[Dict[str, Any]]] = None  # a layer stacking's slices (recorded in the recipe)
-    alignment: List[str] = field(default_factory=list)  # notes: rows matched by token / label, config choices
-    warnings: List[str] = field(default_factory=list)  # what the merge warned about: listed in the card
-    choices: Dict[str, Any] = field(default_factory=dict)  # tokenizer_source, ... (recorded in the recipe)
-    search: Optional[Dict[str, Any]] = None  # merge(search=...): the space, every trial and its score, the chosen one
-    _model: Any = field(default=None, repr=False)
-    _cleanup: Any = field(default=None, repr=False)  # weakref.finalize removing a temporary output
-
-    def own_temporary(self, root: Path) -> None:
-        """Mark ``root`` (holding ``output_dir``) as this result's temporary folder: it is removed
-        when the result is garbage-collected or the interpreter exits, unless saved first."""
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(root), True)
-
-    @property
-    def is_temporary(self) -> bool:
-        """True while the merge lives in a temporary folder that :meth:`save_pretrained` moves."""
-        return self._cleanup is not None and self._cleanup.alive
-
-    @property
-    def model(self):
-        """The merged model (a transformers ``PreTrainedModel``), loaded on first access with
-        ``from_pretrained(output_dir, device_map=...)``."""
-        if self._model is None:
-            self._model = load_model(self.output_dir, self.device_map, trust_remote_code=self.trust_remote_code)
-        return self._model
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *, overwrite: bool = False,
-                        max_shard_size: Union[int, str, None] = None) -> Path:
-        """Write the merged checkpoint to ``save_directory`` (refused if it exists, unless
-        ``overwrite``); with ``max_shard_size``, re-shard the weights on the way. A temporary merge
-        (``merge()`` without ``output_dir``) is moved, not copied (a rename on one filesystem), and
-        ``output_dir`` then points at ``save_directory``; a merge in your own folder is copied."""
-        dest = Path(save_directory)
-        if dest.resolve() == self.output_dir.resolve() and max_shard_size is None:
-            return dest  # already there (re-sharding in place needs overwrite=True)
-        check_output_dir(dest, overwrite)
-        move = self.is_temporary
-        with staged_output(dest, overwrite) as tmp:
-            if max_shard_size is not None:
-                _reshard(self.output_dir, tmp, max_shard_size)
-            else:
-                for p in self.output_dir.iterdir():
-                    if p.is_file():
-                        shutil.move(p, tmp / p.name) if move else shutil.copy2(p, tmp / p.name)
-        if move:
-            self._cleanup()  # the temporary folder, now empty of our files
-            self.output_dir = dest
-        return dest
-
-    def card_metadata(self) -> Dict[str, Any]:
-        """What a model card needs: ingredients, config, scores, timings."""
-        return {
-            "ingredients": [i.to_dict() for i in self.ingredients],
-            "config": self.config.to_dict(),
-            "dtype": self.report.dtype,
-            "parameters": self.report.parameters,
-            "seconds": self.report.seconds,
-            "scores": self.scores,
-            "metric": self.metric,
-            "greedy": self.greedy,
-        }
-
-    def recipe(self, repo_id: Optional[str] = None):
-        """The :class:`~hf_ame.recipe.Recipe` that reproduces this merge: the ingredients merged, in
-        merge order, pinned to their resolved commit shas (local folders by absolute path)."""
-        by_id = {i.id: i for i in self.ingredients}
-
-        def pin(i: Ingredient) -> Dict[str, Any]:
-            out = ({"id": str(Path(i.path).resolve()), "revision": None} if i.local else
-                   {"id": i.id, "revision": i.sha or i.revision})
-            return {**out, "base": i.adapter_base} if i.adapter_base else out
-
-        ordering = None
-        o = self.ordering or {}
-        replay = bool(self.greedy) and isinstance(o.get("dataset"), dict) and isinstance(o.get("metric"), str)
-        # Greedy modes accept by score: their recipe lists the ranked candidates and re-runs the
-        # greedy pass (deterministic) on the same dataset; other merges list what was merged.
-        models = [pin(by_id[name]) for name in (self.candidates if replay else self.report.ingredients)]
-        if replay:
-            ordering = {k: v for k, v in o.items() if v is not None}
-            ordering.update(order="given", top_k=None)
-            ordering = {k: v for k, v in ordering.items() if v is not None}
-        prov: Dict[str, Any] = {"hf_ame_version": __version__,
-                                "ingredients": [{k: v for k, v in i.to_dict().items() if k != "path" and v is not None}
-                                                for i in self.ingredients]}
-        for key in ("metric", "greedy"):
-            if getattr(self, key):
-                prov[key] = getattr(self, key)
-        if self.scores:
-            prov["scores"] = self.scores
-        if self.mergekit_config:
-            prov["mergekit_config"] = self.mergekit_config
-        if self.search:
-            prov["search"] = self.search  # the merge section pins the chosen trial's config
-        if o:
-            prov["ordering"] = {k: (v if not hasattr(v, "_fingerprint") else f"in-memory dataset {v._fingerprint}")
-                                for k, v in o.items() if v is not None}
-        if self.greedy and ordering is None:
-            prov["note"] = (f"greedy {self.greedy} accepted by scores on an in-memory dataset; this recipe lists "
-                            "what was kept and does not re-run the greedy pass")
-        return Recipe(models=models, merge=self.config, slices=self.slices,
-                      base_model={"id": self.base_id, "revision": None} if getattr(self, "base_id", None) else None,
-                      ordering=ordering, output={"dtype": self.report.dtype, "max_shard_size": self.max_shard_size,
-                                                 **{k: v for k, v in self.choices.items() if v is not None}},
-                      hub={"repo_id": repo_id} if repo_id else {}, provenance=prov)
-
-    def write_card(self, repo_id: Optional[str] = None) -> List[str]:
-        """Write README.md (model card), the scores chart and ame_recipe.yaml into ``output_dir``."""
-        recipe_yaml = self.recipe(repo_id).to_yaml()
-        model_config = json.loads((self.output_dir / "config.json").read_text()) if (self.output_dir / "config.json").exists() else {}
-        ds = (self.ordering or {}).get("dataset")
-        reproduce = (f"hf-ame merge {repo_id} --out merged   # reads ame_recipe.yaml from the repo" if repo_id
-                     else "hf-ame merge ame_recipe.yaml --out merged")
-        card, svg = render_card(config=self.config.to_dict(), ingredients=[i.to_dict() for i in self.ingredients],
-                                model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores, metric=self.metric,
-                                dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
-                                dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
-                                repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config,
-                                alignment=self.alignment, search=self.search, warnings=self.warnings)
-        (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)
-        card.save(self.output_dir / "README.md")
-        written = ["README.md", RECIPE_FILE]
-        if svg:
-            (self.output_dir / CHART_FILE).write_text(svg)
-            written.append(CHART_FILE)
-        return written
-
-    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Union[bool, str, None] = None,
-                    revision: Optional[str] = None, create_pr: bool = False, commit_message: Optional[str] = None,
-                    endpoint: Optional[str] = None):
-        """Publish the merge: card (with ``repo_id``), chart, recipe, weights, index, config and
-        tokenizer/processor files in ONE commit (``create_repo(exist_ok=True)`` first). Returns
-        huggingface_hub's ``CommitInfo``. A failed push raises :class:`~hf_ame.publish.PushError`
-        and leaves ``output_dir`` intact."""
-        self.write_card(repo_id)
-        n = len(self.report.ingredients)
-        msg = commit_message or f"AME merge of {n} models ({self.config.optimizer}) with hf_ame"
-        return push_folder(self.output_dir, repo_id, private=private, token=token, revision=revision,
-                           create_pr=create_pr, commit_message=msg, endpoint=endpoint)
-
-
-def _reshard(src: Path, dst: Path, max_shard_size: Union[int, str]) -> None:
-    ck = Checkpoint(src)
-    plan = plan_shards([(i.name, i.dtype, i.shape) for i in ck.tensors.values()], max_shard_size)
-    w = ShardedWriter(dst, plan, metadata={"merged_with": "hf_ame"})
-    for name in ck.tensors:
-        w.write(name, ck.get_tensor(name))
-    w.finish()
-    for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
-            shutil.copy2(p, dst / p.name)
 
 
 class AMEMerger:
@@ -285,8 +92,8 @@ class AMEMerger:
                     "chat_template"):
             if recipe.output.get(key) is not None:
                 load.setdefault(key, recipe.output[key])
-        merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint,
-                                     base_model=recipe.base_model, **load)
+        load.setdefault("base_model", recipe.base_model)  # a base_model given here replaces the recipe's
+        merger = cls.from_pretrained(recipe.models, token=token, endpoint=endpoint, **load)
         merger.recipe = recipe
         return merger
 
@@ -465,6 +272,8 @@ class AMEMerger:
         search: Optional[Mapping[str, Any]] = None,
         n_trials: Optional[int] = None,
         allow_unchanged: bool = False,
+        output: Optional[str] = None,
+        rank: Optional[int] = None,
         **overrides: Any,
     ) -> MergeResult:
         """Run AME over the ingredients and return a :class:`MergeResult`.
@@ -498,10 +307,12 @@ class AMEMerger:
                 a tie), so the result never scores below the soup on that split.
                 ``result.search`` lists every trial.
             n_trials: the number of Optuna trials besides the soup (None: the grid).
-            allow_unchanged: write the output even when every merged tensor equals one input (the
-                base or the pivot ingredient) while the others differ from it; default False: that
-                is refused (:class:`~hf_ame.errors.UnchangedMergeError`) before the output lands.
-                Some tensors unchanged is a warning either way, listed in the card.
+            allow_unchanged: write the output even when every merged tensor equals one input while the
+                others differ; default False: refused (``UnchangedMergeError``). Some: a warning, in the card.
+            output: "model" (default) or "lora": a peft LoRA adapter folder over the base instead of
+                a model (:mod:`hf_ame.lora_out`): adapters merged linearly are concatenated (exact),
+                otherwise each module's merged delta is factored by truncated SVD at ``rank``.
+            rank: the LoRA rank of ``output="lora"`` (None: adapters concatenated at their summed rank).
 
         With a recipe (:meth:`from_recipe`), ``config``, the ordering (when ``order_by`` is not
         given) and ``max_shard_size`` default to the recipe's.
@@ -511,7 +322,8 @@ class AMEMerger:
             greater_is_better=greater_is_better, metric_key=metric_key, metric_kwargs=metric_kwargs,
             input_column=input_column, label_column=label_column, score_batch_size=score_batch_size,
             score_cache=score_cache, compare_soup=compare_soup, max_shard_size=max_shard_size, stream=stream,
-            memory_budget=memory_budget, search=search, n_trials=n_trials, allow_unchanged=allow_unchanged))
+            memory_budget=memory_budget, search=search, n_trials=n_trials, allow_unchanged=allow_unchanged,
+            output=output, rank=rank))
         return self._write(req, output_dir, overwrite=overwrite, progress=progress, write_card=write_card)
 
     def _write(self, req: "_Request", output_dir: Union[str, os.PathLike, None], *, overwrite: bool, progress: bool,
@@ -525,11 +337,14 @@ class AMEMerger:
         if output_dir is not None:
             check_output_dir(output_dir, overwrite, inputs)  # before any scoring or merging
         temp_root = None
-        if output_dir is None:  # owned by the result: removed with it unless saved (save_pretrained moves it)
+        if output_dir is None:  # removed at exit or by result.cleanup(), unless saved (save_pretrained moves it)
             temp_root = scratch_dir("merge")
             output_dir = temp_root / "merged"
         with _staging(output_dir, overwrite, inputs, temp_root) as target:
-            if self.recipe is not None and self.recipe.slices:  # mergekit's slices: stacked, or merged and stacked
+            if req.output == "lora":  # a peft adapter folder over the base (hf_ame.lora_out)
+                result = lora_output(self, Path(target), req, overwrite=overwrite, progress=progress,
+                                     merge_into=AMEMerger._merge_into)
+            elif self.recipe is not None and self.recipe.slices:  # mergekit's slices: stacked, or merged and stacked
                 result = self._stack_into(Path(target), req, overwrite=overwrite, progress=progress)
             else:
                 result = self._merge_into(Path(target), req, overwrite=overwrite, progress=progress)
@@ -540,6 +355,8 @@ class AMEMerger:
                 result.write_card(self.recipe.hub.get("repo_id") if self.recipe is not None and not self.recipe.remote
                                   else None)
         result.output_dir = result.report.output_dir = Path(output_dir)
+        if getattr(result, "lora", None) is not None:
+            result.lora.output_dir = Path(output_dir)
         return result
 
     def plan(self, config: Optional[AMEConfig] = None, *, output_dir: Union[str, os.PathLike, None] = None,
@@ -554,9 +371,9 @@ class AMEMerger:
         if self.recipe is not None and self.recipe.slices:
             return self._slices_run(target, req, overwrite=overwrite if output_dir is not None else True,
                                     progress=False, dry_run=True)
-        ckpts = [Checkpoint(i.path, name=i.id) for i in self.ingredients]
+        ckpts = [open_ingredient(i) for i in self.ingredients]  # a GGUF: its named file
         cfg = AMEConfig.soup() if req.greedy == "soup" else req.cfg
-        base = self._open(self.base) if self._uses_base(cfg, ckpts) else None
+        base = self.open_checkpoint(self.base) if self._uses_base(cfg, ckpts) else None
         device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
         plan = plan_merge(ckpts, target, cfg, base=base, dtype=self.dtype, max_shard_size=req.max_shard_size,
                           overwrite=overwrite if output_dir is not None else True, device_map=device,
@@ -568,7 +385,7 @@ class AMEMerger:
                               + (f"top_k={req.top_k} keeps the best {req.top_k}; " if req.top_k else "")
                               + "this plan covers every candidate in the given order")
         if output_dir is None:
-            plan.notes.append("no output_dir: merge() writes to a temporary folder owned by its result")
+            plan.notes.append("no output_dir: merge() writes to a temporary folder, removed at exit or by result.cleanup()")
         return plan
 
     def _request(self, config: Optional[AMEConfig], overrides: Mapping[str, Any], kw: Dict[str, Any]) -> "_Request":
@@ -581,9 +398,14 @@ class AMEMerger:
             if req.order_by is None and r.ordering:
                 req.from_recipe_ordering(r.ordering)
         req.max_shard_size = req.max_shard_size or "5GB"
-        cfg = config or _starting_config(overrides)
-        if overrides:
-            cfg = cfg.replace(**overrides)
+        req.output = req.output or (r.output.get("format") if r is not None else None) or "model"
+        req.rank = req.rank if req.rank is not None else (r.output.get("rank") if r is not None else None)
+        if req.output not in ("model", "lora"):
+            raise ConfigError(f"output: expected 'model' or 'lora' (a peft LoRA adapter), got {req.output!r}")
+        check_rank(req.rank)
+        if req.output == "lora" and self.recipe is not None and self.recipe.slices:
+            raise ConfigError("output='lora': not with a recipe's slices (merge them into a model first)")
+        cfg = config.replace(**overrides) if config is not None else AMEConfig.from_options(**overrides)
         cfg.validate()
         check_config_limits(cfg, req.top_k or len(self.ingredients))  # before anything is read or planned
         if req.greedy not in GREEDY_MODES:
@@ -606,7 +428,7 @@ class AMEMerger:
                                   + (f" (method {cfg.method!r} measures task vectors from it)" if cfg.method else ""))
             cfg = cfg.replace(pivot=self.base.id)
         if cfg.method is not None and not self._merges_slices():  # slices: each is checked as it is planned
-            base_pivot = resolve_pivot(cfg.pivot, len(self.ingredients), [i.id for i in self.ingredients])[0] == "base"
+            base_pivot = resolve_pivot(cfg.pivot, len(self.ingredients), [i.id for i in self.ingredients]).is_base
             check_counts(cfg.method, cfg.method_arguments(), req.top_k or len(self.ingredients), base_pivot)
         req.cfg = cfg
         return req
@@ -621,8 +443,10 @@ class AMEMerger:
         rows = self.rows.maps.values() if self.rows is not None else ()
         return _pivot_is_base(cfg, ckpts) or any(self.base.id in m.sources for m in rows)
 
-    def _open(self, ing: Ingredient) -> Checkpoint:
-        """The ingredient's checkpoint, its tensors keyed as the merge names them (see ``renames``)."""
+    def open_checkpoint(self, ing: Ingredient) -> Checkpoint:
+        """The ingredient's checkpoint (or the base's), its tensors keyed as the merge names them (see
+        ``renames``): as transformers would read it, layouts converted, custom code allowed only with
+        consent. The caller closes it."""
         ckpt = open_ingredient(ing, Path(self.base.path) if (self.base is not None and ing is not self.base) else None)
         if ing.id in self.layouts:
             ckpt = ConvertedCheckpoint(ckpt, self.skeleton, self.layouts[ing.id])
@@ -635,13 +459,13 @@ class AMEMerger:
         per slice) with ``dry_run``."""
         slices = self.recipe.slices
         if not self._merges_slices():
-            return stack_checkpoints([self._open(i) for i in self.ingredients],
+            return stack_checkpoints([self.open_checkpoint(i) for i in self.ingredients],
                                      [LayerSlice(s["model"], *s["layer_range"], s.get("scale")) for s in slices], target,
                                      dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
                                      progress=progress, dry_run=dry_run)
         merged = [MergeSlice([SliceSource(s["model"], *s["layer_range"]) for s in sl["sources"]], sl.get("base"),
                              dict(sl.get("method_kwargs") or {})) for sl in slices]
-        return merge_slices(lambda i: self._open(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
+        return merge_slices(lambda i: self.open_checkpoint(self.ingredients[i]), len(self.ingredients), merged, target, req.cfg,
                             dtype=self.dtype, max_shard_size=req.max_shard_size, overwrite=overwrite,
                             progress=progress, rows=self.rows, dry_run=dry_run)
 
@@ -685,8 +509,8 @@ class AMEMerger:
     def _merge_into(self, target: Path, req: "_Request", *, overwrite: bool, progress: bool) -> MergeResult:
         timings = dict(self.timings)
         ings, chosen, metric, run = self._choose(req, timings, progress)
-        ckpts = [self._open(i) for i in chosen]
-        base = self._open(self.base) if self.base is not None else None
+        ckpts = [self.open_checkpoint(i) for i in chosen]
+        base = self.open_checkpoint(self.base) if self.base is not None else None
         device = tensor_device_lookup(self.device_map, str(ckpts[0].files_path), self.trust_remote_code)
         t1 = time.perf_counter()
         cfg, greedy_log = req.cfg, None
@@ -860,7 +684,7 @@ class AMEMerger:
         if req.compare_soup:
             soup_root = scratch_dir("soup")
             try:
-                merge_checkpoints([self._open(i) for i in chosen], soup_root / "soup", AMEConfig.soup(),
+                merge_checkpoints([self.open_checkpoint(i) for i in chosen], soup_root / "soup", AMEConfig.soup(),
                                   dtype=self.dtype, progress=False, device_map=device, min_ingredients=1, rows=self.rows)
                 soup_model = load_model(soup_root / "soup", self.device_map, trust_remote_code=self.trust_remote_code)
                 scores["soup"] = run(soup_model, chosen[0].path)
@@ -875,20 +699,7 @@ class AMEMerger:
 
 _MERGE_ARGS = ("order_by", "eval_dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
                "input_column", "label_column", "score_batch_size", "score_cache", "compare_soup", "max_shard_size",
-               "stream", "memory_budget", "progress", "write_card", "search", "n_trials")
-
-
-def _starting_config(overrides: Mapping[str, Any]) -> AMEConfig:
-    """``merge(method=...)`` with no optimizer setting is the method alone (mergekit's one-shot
-    merge, :meth:`AMEConfig.one_shot`); with ``optimizer=`` / ``lr=`` / ``epochs=`` ... it is
-    composed with AME from the defaults."""
-    if overrides.get("method") is not None and not set(overrides) & _AME_FIELDS:
-        return AMEConfig.one_shot(overrides["method"])
-    return AMEConfig()
-
-
-_AME_FIELDS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "amplification", "optimizer_kwargs",
-               "adaptive_pivot"}
+               "stream", "memory_budget", "progress", "write_card", "search", "n_trials", "output", "rank")
 
 
 def _metric_name(order_by: Any) -> str:
@@ -920,6 +731,8 @@ class _Request:
     search: Optional[Mapping[str, Any]] = None
     n_trials: Optional[int] = None
     allow_unchanged: bool = False
+    output: Optional[str] = None  # "model" or "lora" (hf_ame.lora_out)
+    rank: Optional[int] = None  # the LoRA rank of output="lora"
     cfg: Optional[AMEConfig] = None
 
     def from_recipe_ordering(self, o: Mapping[str, Any]) -> None:
@@ -958,4 +771,4 @@ def _staging(output_dir: Union[str, os.PathLike], overwrite: bool, inputs: Seque
 
 
 def _pivot_is_base(cfg: AMEConfig, ckpts: List[Checkpoint]) -> bool:
-    return resolve_pivot(cfg.pivot, len(ckpts), [c.name for c in ckpts])[0] == "base"
+    return resolve_pivot(cfg.pivot, len(ckpts), [c.name for c in ckpts]).is_base

@@ -20,7 +20,8 @@ builds g differently, from the task vectors d_j = x_j - p:
   M-estimate: the soup on a clean set, far-off models capped), hf_ame's robust centres.
 
 mergekit's other methods live in :mod:`hf_ame.sphere_methods` (nuslerp, multislerp, karcher) and
-:mod:`hf_ame.selection_methods` (sce, ram, ramplus_tl, nearswap, arcee_fusion).
+:mod:`hf_ame.selection_methods` (sce, ram, ramplus_tl, nearswap, arcee_fusion); the multi-task merges
+on singular vectors (tsv, iso_c, iso_cts: not mergekit's) in :mod:`hf_ame.svd_methods`.
 
 With the pivot at the base model and SGD, lr 1 (constant), one epoch, all ingredients in one step
 and a fixed pivot (:meth:`AMEConfig.one_shot`), one step gives w = base - g: exactly mergekit's
@@ -46,7 +47,7 @@ from .errors import ConfigError
 from .limits import MAX_ITER
 
 __all__ = ["MethodEntry", "MethodContext", "register_method", "get_method", "list_methods", "method_parameters",
-           "PER_MODEL"]
+           "PER_MODEL", "parameter_help"]
 
 # parameters that may be one value per ingredient (a list in merge order), as mergekit's per-model parameters
 PER_MODEL = ("weight", "density", "gamma", "epsilon", "t")
@@ -249,6 +250,7 @@ _RANGES = {  # name: (test, what it must be)
     "select_topk": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "r": (lambda v: v >= 0, "a number >= 0"),
     "alpha": (lambda v: v >= 0, "a number >= 0"),
+    "common_space_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
 _METHOD_RANGES = {  # where a method's parameter means something else than the name elsewhere
     ("nearswap", "t"): (lambda v: v >= 0, "a distance >= 0"),
@@ -273,6 +275,15 @@ def _scalars(value: Any, where: str) -> List[Any]:
             out += _scalars(cond["value"], where)
         return out
     raise ConfigError(f"{where}: a setting is a value, {{gradient: [values]}} or {{filters: [...]}}, got {value!r}")
+
+
+def parameter_help(method: str, name: str) -> str:
+    """What a value of ``method``'s parameter ``name`` must be, as its check says it (e.g. "a number in
+    (0, 1], or one per ingredient; a gradient or filters"): the text of a generated parameter form."""
+    if name in _BOOLS:
+        return "true or false"
+    what = (_METHOD_RANGES.get((get_method(method).name, name)) or _RANGES.get(name, (None, "a finite number")))[1]
+    return what + (", or one per ingredient [..]" if name in PER_MODEL else "") + "; or {gradient: [..]} / {filters: [..]}"
 
 
 def _check_param(method: str, name: str, value: Any, where: str) -> None:

@@ -163,7 +163,7 @@ def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, 
     init = [initial_merge(lazy[k], pivot, base=base.get_tensor(n) if base is not None else None, dtype=dtype)
             for k, n in enumerate(names)]
     # layer positions: per-layer (gradient) method parameters act as in a streamed merge
-    stepper = AMEStepper(init, config, names, layer_positions(names, ckpts[0].config), has_base=pivot[0] == "base")
+    stepper = AMEStepper(init, config, names, layer_positions(names, ckpts[0].config), has_base=pivot.is_base)
     del init
     _check_finite(stepper.weights, names, lazy, range(len(ckpts)), ckpts, config)
     best = slot.score(dict(zip(names, stepper.weights)))

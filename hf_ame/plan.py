@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .algorithm import AMEStep, PivotSpec, can_block, is_exact_soup, plan_steps
+from .algorithm import AMEStep, Pivot, PivotSpec, can_block, is_exact_soup, plan_steps
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
@@ -235,7 +235,7 @@ def read_sequence(n: int, pivot: PivotSpec, steps: Sequence[AMEStep], exact_soup
     reader prefetches along it."""
     if exact_soup:
         return list(range(n))
-    seq = list(range(n)) if pivot[0] == "soup" else ([pivot[1]] if pivot[0] == "index" else [])
+    seq = list(range(n)) if pivot.is_soup else ([pivot.index] if pivot.kind == "index" else [])
     return seq + [j for st in steps for _ in range(passes) for j in st.batch]
 
 
@@ -367,7 +367,7 @@ def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, i
                                   source_names=[src], source_models=[k],
                                   scale=scales[out] if info.is_floating else None))
     config = AMEConfig.soup()
-    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, ("index", 0), [], False, "tensor", None,
+    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, Pivot("index", 0), [], False, "tensor", None,
                      prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))
 
 
@@ -390,7 +390,7 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     steps = plan_steps(len(ckpts), config)
     exact = is_exact_soup(config, len(ckpts))
     # the base is read for every tensor only as the pivot; otherwise only where rows come from it (heads="base")
-    srcs = list(ckpts) + ([base] if base is not None and pivot[0] == "base" else [])
+    srcs = list(ckpts) + ([base] if base is not None and pivot.is_base else [])
     floating = [i for i in infos if i.is_floating]
     largest = max((i.nbytes for i in floating), default=0)
     mode = choose_stream(stream, len(ckpts), largest, memory_budget)
@@ -406,6 +406,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
         mode = "ingredient"  # the soup reads each input once either way: keep one copy, not N, on the GPU
     elif stream == "auto" and config.method is not None:
         mode = "ingredient"  # a method holds one task vector at a time: never the N copies of a tensor
+    elif stream == "auto" and any(c.format == "gguf" for c in srcs):
+        mode = "ingredient"  # dequantized GGUF copies are float32 anonymous memory: one at a time, flat in N
     passes = get_method(config.method).passes if config.method is not None else 1
     sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
     transform = "soup" if exact else (config.method or "ame")

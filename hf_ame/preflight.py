@@ -43,6 +43,10 @@ def read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Union
     for k, ing in enumerate(everyone):
         if ing.local:
             headers.append(open_ingredient(ing, adapter_base))
+        elif ing.gguf_file:  # a GGUF of a Hub repo: that one file is downloaded, its header read
+            ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                                         endpoint=endpoint)
+            headers.append(open_ingredient(ing, adapter_base))
         elif local_files_only:
             ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True, endpoint=endpoint)
             headers.append(open_ingredient(ing, adapter_base))
@@ -63,6 +67,8 @@ def open_ingredient(ing: Ingredient, adapter_base: Optional[Path] = None) -> Che
     ``model+lora``), else over ``adapter_base`` (``from_pretrained(base_model=...)``), else over its
     ``base_model_name_or_path``."""
     base = ing.adapter_base if ing.adapter_base is not None else adapter_base
+    if ing.gguf_file:  # the named GGUF file of its folder (hf_ame.gguf)
+        return Checkpoint(Path(ing.path) / ing.gguf_file, name=ing.id)
     if base is not None and is_adapter(ing.path):
         return Checkpoint(ing.path, name=ing.id, base=base)
     return Checkpoint(ing.path, name=ing.id)
@@ -104,6 +110,8 @@ def check_and_download(check: "Preflight", *, local_files_only: bool) -> float:
         check.run(headers)
     for ing, h in zip(everyone, headers):
         ing.dtype = storage_dtype(getattr(h, "raw_tensors", h.tensors))
+        if getattr(h, "gguf_file", None):  # recorded in the card and the recipe: which file, which quantization
+            ing.gguf_file, ing.quantization = h.gguf_file, h.quantization
     return t1
 
 

@@ -43,7 +43,7 @@ _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
 _OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads",
-           "config_source", "chat_template"}
+           "config_source", "chat_template", "format", "rank"}  # format: model | lora (hf_ame.lora_out), rank: its r
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
@@ -169,52 +169,15 @@ class Recipe:
             # a method's parameters may sit beside the fields, as in mergekit configs (merge: {method: ties, density: 0.5})
             method = raw.get("method") if isinstance(raw, Mapping) else None
             allowed = set(AMEConfig.__dataclass_fields__) | (set(get_method(method).defaults) if method else set())
-            merge = AMEConfig.from_dict(_mapping(raw, "merge", allowed), prefix="merge.")
+            merge = AMEConfig.from_options(prefix="merge.", **_mapping(raw, "merge", allowed))
             check_config_limits(merge, len(models), prefix="merge.")
         except RecipeError:
             raise
         except ConfigError as exc:
             raise RecipeError(str(exc)) from None
         ordering = cls._ordering(data["ordering"], base_dir, remote) if data.get("ordering") is not None else None
-        output = _mapping(data.get("output") or {}, "output", _OUTPUT)
-        if output.get("dtype") is not None:
-            try:
-                parse_dtype(output["dtype"], "output.dtype")
-            except ConfigError as exc:
-                raise RecipeError(str(exc)) from None
-        if output.get("pad_to_multiple_of") is not None:
-            v = output["pad_to_multiple_of"]
-            _expect(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PAD_TO_MULTIPLE_OF,
-                    "output.pad_to_multiple_of", f"a whole number from 1 to {MAX_PAD_TO_MULTIPLE_OF:,}", v)
-        for key, what in (("tokenizer_source", "'first', 'base', 'union'"), ("heads", "'union', 'drop'"),
-                          ("config_source", "'first', 'base'")):
-            v = output.get(key)
-            _expect(v is None or (isinstance(v, (str, int)) and not isinstance(v, bool)), f"output.{key}",
-                    f"{what}, an ingredient's id or index", v)
-        _expect(output.get("missing_tokens") in (None, "mergekit"), "output.missing_tokens", "'mergekit' or absent",
-                output.get("missing_tokens"))
-        _expect(output.get("tokens") is None or isinstance(output["tokens"], Mapping), "output.tokens",
-                "a mapping of token -> {source, force}", output.get("tokens"))
-        if output.get("chat_template") is not None:
-            _expect(isinstance(output["chat_template"], str), "output.chat_template",
-                    "'auto', a template name or Jinja text", output["chat_template"])
-        if output.get("max_shard_size") is not None:
-            try:
-                parse_size(output["max_shard_size"])
-            except ValueError as exc:
-                raise RecipeError(f"output.{exc}") from None
-        hub = _mapping(data.get("hub") or {}, "hub", _HUB)
-        if hub.get("repo_id") is not None:
-            _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
-            # huggingface_hub.utils pulls its HTTP stack (~8 MiB): imported when a recipe names a repo
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            try:
-                validate_repo_id(hub["repo_id"])
-            except HFValidationError as exc:
-                raise RecipeError(f"hub.repo_id: {exc}") from None
-        if hub.get("private") is not None:
-            _expect(isinstance(hub["private"], bool), "hub.private", "true or false", hub["private"])
+        output = _check_output(_mapping(data.get("output") or {}, "output", _OUTPUT))
+        hub = _check_hub(_mapping(data.get("hub") or {}, "hub", _HUB))
         load = _mapping(data.get("load") or {}, "load", _LOAD)
         if "trust_remote_code" in load:
             _expect(isinstance(load["trust_remote_code"], bool), "load.trust_remote_code", "true or false", load["trust_remote_code"])
@@ -271,7 +234,7 @@ class Recipe:
     def _model(entry: Any, where: str, base_dir: Union[str, Path, None], remote: bool = False) -> Dict[str, Any]:
         if isinstance(entry, str):
             entry = {"id": entry}
-        m = _mapping(entry, where, {"id", "revision", "path", "base"})
+        m = _mapping(entry, where, {"id", "revision", "path", "base", "gguf_file"})
         ident = m.get("id") or m.get("path")
         _expect(isinstance(ident, str) and ident.strip() != "", f"{where}.id", "a Hub repo id or a folder", ident)
         rev = m.get("revision")
@@ -289,6 +252,9 @@ class Recipe:
             if base_dir is not None and base.startswith((".", "..")) and not os.path.isabs(base):
                 base = str((Path(base_dir) / base).resolve())
             return {"id": ident, "revision": rev, "base": base}
+        if m.get("gguf_file") is not None:  # a GGUF file of this folder or Hub repo (checked by parse_ingredient)
+            _expect(isinstance(m["gguf_file"], str), f"{where}.gguf_file", "a .gguf file name", m["gguf_file"])
+            return {"id": ident, "revision": rev, "gguf_file": m["gguf_file"]}
         return {"id": ident, "revision": rev}
 
     @staticmethod
@@ -368,6 +334,56 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+
+def _check_output(output: Dict[str, Any]) -> Dict[str, Any]:
+    """A recipe's ``output`` section, each field checked (and named) before anything is read."""
+    if output.get("dtype") is not None:
+        try:
+            parse_dtype(output["dtype"], "output.dtype")
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
+    if output.get("pad_to_multiple_of") is not None:
+        v = output["pad_to_multiple_of"]
+        _expect(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PAD_TO_MULTIPLE_OF,
+                "output.pad_to_multiple_of", f"a whole number from 1 to {MAX_PAD_TO_MULTIPLE_OF:,}", v)
+    for key, what in (("tokenizer_source", "'first', 'base', 'union'"), ("heads", "'union', 'drop'"),
+                      ("config_source", "'first', 'base'")):
+        v = output.get(key)
+        _expect(v is None or (isinstance(v, (str, int)) and not isinstance(v, bool)), f"output.{key}",
+                f"{what}, an ingredient's id or index", v)
+    _expect(output.get("missing_tokens") in (None, "mergekit"), "output.missing_tokens", "'mergekit' or absent",
+            output.get("missing_tokens"))
+    _expect(output.get("tokens") is None or isinstance(output["tokens"], Mapping), "output.tokens",
+            "a mapping of token -> {source, force}", output.get("tokens"))
+    _expect(output.get("format") in (None, "model", "lora"), "output.format", "'model' or 'lora'", output.get("format"))
+    _expect(output.get("rank") is None or (isinstance(output["rank"], int) and not isinstance(output["rank"], bool)
+                                           and output["rank"] > 0), "output.rank", "a LoRA rank >= 1", output.get("rank"))
+    if output.get("chat_template") is not None:
+        _expect(isinstance(output["chat_template"], str), "output.chat_template",
+                "'auto', a template name or Jinja text", output["chat_template"])
+    if output.get("max_shard_size") is not None:
+        try:
+            parse_size(output["max_shard_size"])
+        except ValueError as exc:
+            raise RecipeError(f"output.{exc}") from None
+    return output
+
+
+def _check_hub(hub: Dict[str, Any]) -> Dict[str, Any]:
+    """A recipe's ``hub`` section: a valid repo id and a boolean ``private``."""
+    if hub.get("repo_id") is not None:
+        _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
+        # huggingface_hub.utils pulls its HTTP stack (~8 MiB): imported when a recipe names a repo
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(hub["repo_id"])
+        except HFValidationError as exc:
+            raise RecipeError(f"hub.repo_id: {exc}") from None
+    if hub.get("private") is not None:
+        _expect(isinstance(hub["private"], bool), "hub.private", "true or false", hub["private"])
+    return hub
 
 
 def _scale_setting(value: Any, where: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .algorithm import PivotSpec
+from .algorithm import Pivot, PivotSpec
 from .config import AMEConfig
 from .methods import PER_MODEL
 
@@ -151,9 +151,9 @@ def subset_pivot(pivot: PivotSpec, members: Sequence[int], has_base: bool) -> Pi
     pivot the group lacks (that ingredient, or the base) becomes the group's soup."""
     kind, idx = pivot
     if kind == "index":
-        return ("index", list(members).index(idx)) if idx in members else ("soup", None)
+        return Pivot("index", list(members).index(idx)) if idx in members else Pivot("soup")
     if kind == "base" and not has_base:
-        return ("soup", None)
+        return Pivot("soup")
     return pivot
 
 

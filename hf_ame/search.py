@@ -11,6 +11,7 @@ caller's (:class:`~hf_ame.merger.AMEMerger`).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -20,6 +21,9 @@ from .errors import ConfigError
 from .limits import MAX_EPOCHS, MAX_TRIALS, SEED_RANGE, check_config_limits, check_count
 
 __all__ = ["Search", "Trial", "check_space"]
+
+# each scored trial is logged (INFO, the trial's dict as ``record.hf_ame_trial``): ``hf-ame ui`` lists them live
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +131,9 @@ class Search:
     def tell(self, score: float) -> None:
         """The score of the trial just yielded."""
         self.trials[-1].score = float(score)
+        trial = self.trials[-1].to_dict()
+        _log.info("search trial %d %s: score %.6g", trial["trial"], trial["params"], float(score),
+                  extra={"hf_ame_trial": trial})
         if self._study is not None and self.trials[-1].number > 0:
             self._study.tell(self._pending, float(score))
 

@@ -19,4 +19,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing hf_ame and its dependencies" >&2
 "$VPY" -m pip install -q -e ".[test]"
+# FusionBench, the reference of tsv / iso_c / iso_cts (tests/test_svd_methods.py): without its own requirements,
+# which pull far more than its import needs (those modules are in the test extra)
+"$VPY" -m pip install -q --no-deps "fusion-bench==0.2.33"
 echo "$want" > "$stamp"

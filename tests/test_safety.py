@@ -255,17 +255,34 @@ def _temp_entries() -> set:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("hf_ame")}
 
 
-def test_temporary_merge_is_removed_with_its_result(llamas):
+def test_temporary_merge_outlives_its_result_until_cleanup_or_exit(llamas, tmp_path):
+    """``path = merger.merge().output_dir`` then ``from_pretrained(path)``: the folder outlives the
+    result (it used to die with it, and transformers then said "Repo id must be in the form ...");
+    it is removed by ``cleanup()`` or when the interpreter exits."""
     import gc
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
 
     merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
     before = _temp_entries()
+    path = merger.merge(AMEConfig.soup(), progress=False).output_dir
+    gc.collect()
+    assert AutoModelForCausalLM.from_pretrained(path) is not None
     result = merger.merge(AMEConfig.soup(), progress=False)
     root = result.output_dir.parent
     assert result.is_temporary and (result.output_dir / "model.safetensors").exists()
-    del result
-    gc.collect()
-    assert not root.exists() and _temp_entries() == before
+    result.cleanup()
+    assert not root.exists() and not result.is_temporary
+    code = ("import sys; from hf_ame import AMEConfig, AMEMerger; "
+            "r = AMEMerger.from_pretrained(sys.argv[1:], device_map='cpu').merge(AMEConfig.soup(), progress=False); "
+            "print(r.output_dir)")
+    out = subprocess.run([sys.executable, "-c", code, *llamas], capture_output=True, text=True, check=True).stdout
+    from pathlib import Path
+
+    assert not Path(out.strip().splitlines()[-1]).exists()  # removed at the interpreter's exit
+    assert path.exists() and _temp_entries() - before == {path.parent.name}  # ours, until this process exits
 
 
 def test_save_pretrained_moves_a_temporary_merge(llamas, tmp_path):
@@ -304,7 +321,10 @@ def test_merge_then_push_leaves_no_temporary_folder(llamas, online):
     hub = online
     merger = AMEMerger.from_pretrained(llamas, device_map="cpu")
     before = _temp_entries()
-    merger.merge(AMEConfig.soup(), progress=False).push_to_hub("me/llama-soup", endpoint=hub.endpoint)
+    result = merger.merge(AMEConfig.soup(), progress=False)
+    result.push_to_hub("me/llama-soup", endpoint=hub.endpoint)
+    assert result.output_dir.exists()  # the local result stays usable after a push, until cleanup() or exit
+    result.cleanup()
     gc.collect()
     assert _temp_entries() == before
     assert "model.safetensors" in hub.state.repos["me/llama-soup"].commits[hub.state.repos["me/llama-soup"].branches["main"]]
