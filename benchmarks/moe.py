@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from methods import run_timed  # benchmarks/methods.py: a small launcher measures peak RSS
 
 import yaml
 
@@ -33,27 +33,6 @@ PROMPTS = [["Write a Python function that sorts a list", "Fix this bug in my cod
            ["Solve the equation 3x + 5 = 20", "What is the derivative of x squared"],
            ["Write a short poem about the sea", "Tell me a story about a dragon"],
            ["Translate this sentence into French", "What does this German word mean"]]
-
-# Started by a small python process, not by this one: Linux counts a forked child's copy of its parent's pages
-# in the child's ru_maxrss (kept across exec), so a child forked from a process holding tensors reports more.
-_LAUNCHER = ("import os, subprocess, sys\n"
-             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
-             "err = p.stderr.read()\n"
-             "_, status, usage = os.wait4(p.pid, 0)\n"
-             "sys.stderr.write(err.decode(errors='replace')[-3000:])\n"
-             "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
-
-
-def run_timed(cmd: list) -> tuple:
-    """(wall seconds, peak RSS in MiB) of ``cmd`` in its own process; raises with its stderr on failure."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    rc, maxrss = (int(x) for x in proc.stdout.split()[-2:])
-    if rc != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
-    return seconds, maxrss / 1024
-
 
 def build_models() -> list:
     """The 4 experts (seeded perturbations of one init, std 0.01) with a word-level tokenizer; built once."""
