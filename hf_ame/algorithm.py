@@ -280,12 +280,12 @@ class AMEStepper:
         return self.method.fn(ctx)
 
     def _load(self, x: torch.Tensor, like: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """An ingredient's copy as the merge reads it: rounded to the compute dtype when that is
-        narrower than the stored one (mergekit's ``dtype`` is the dtype tensors are loaded in), then
+        """An ingredient's copy as the merge reads it: rounded to a half compute dtype when stored in
+        another dtype at least as wide (mergekit's ``dtype`` is the dtype tensors are loaded in), then
         in the state dtype on the merge's device."""
         compute = self.config.torch_compute_dtype
-        if compute != like.dtype and x.dtype.itemsize > compute.itemsize:
-            x = x.to(compute)
+        if compute != like.dtype and x.dtype != compute and x.dtype.itemsize >= compute.itemsize:
+            x = x.to(compute)  # bf16 -> fp16 too: same width, other range and precision
         return x.to(device=like.device, dtype=like.dtype, copy=copy, non_blocking=not copy)
 
     def run(self, steps: Sequence[AMEStep], ingredients: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
