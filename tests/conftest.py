@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -70,3 +71,16 @@ def online(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     with HubServer() as hub:
         yield hub
+
+
+@pytest.fixture
+def llamas(tmp_path_factory):
+    """3 tiny Llama fine-tunes (fp32), a fresh copy per test: tests using it damage files."""
+    return [str(p) for p in make_family("llama", tmp_path_factory.mktemp("llamas"), 3, seed=4)]
+
+
+def tree_sha(folder) -> dict:
+    """sha256 of every file under ``folder``, by relative path (inputs and old outputs unchanged)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -28,20 +28,10 @@ from hf_ame.limits import MAX_EPOCHS, MAX_PAD_TO_MULTIPLE_OF
 from hf_ame.search import check_space
 from hf_ame.testing import make_family
 
+from conftest import tree_sha
+
 ROOT = Path(__file__).resolve().parent.parent
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-@pytest.fixture
-def llamas(tmp_path_factory):
-    """3 tiny Llama fine-tunes (fp32), a fresh copy per test: tests here damage files."""
-    return [str(p) for p in make_family("llama", tmp_path_factory.mktemp("llamas"), 3, seed=4)]
-
-
-def tree_sha(folder) -> dict:
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def shas(paths) -> list:

@@ -1,6 +1,5 @@
 """Recipes from strangers and unlucky runs: no code runs without consent, bad files are refused
 naming the culprit, no failure loses or half-writes data, nothing is left behind."""
-import hashlib
 import json
 import os
 import shutil
@@ -17,19 +16,8 @@ from hf_ame.cli import main
 from hf_ame.merger import MergeResult
 from hf_ame.output import OutputExistsError
 from hf_ame.recipe import RecipeError, load_recipe
-from hf_ame.testing import make_family
 
-
-@pytest.fixture
-def llamas(tmp_path_factory):
-    """3 tiny Llama fine-tunes (fp32), a fresh copy per test: tests here damage files."""
-    return [str(p) for p in make_family("llama", tmp_path_factory.mktemp("llamas"), 3, seed=4)]
-
-
-def tree_sha(folder) -> dict:
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import tree_sha
 
 
 def leftovers(parent) -> list:
