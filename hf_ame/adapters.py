@@ -98,7 +98,8 @@ class AdapterCheckpoint(Checkpoint):
         deltas: Dict[str, tuple] = {}
         for module, p in pairs.items():
             embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
-            a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
+            a, b = ((p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding
+                    else (p.get("lora_A"), p.get("lora_B")))
             if a is None or b is None or a.dim() != 2 or b.dim() != 2:
                 raise CheckpointError(f"{self.name}: module {module!r} needs a 2-D lora A and B pair (convolution "
                                       "and other layer kinds are not supported)")
@@ -194,8 +195,9 @@ def _read_lora_config(path: Path, name: str) -> Any:
         raise CheckpointError(f"{name}: {ADAPTER_CONFIG} is not a LoraConfig")
     for field_name in _UNSUPPORTED:
         if getattr(cfg, field_name, None) not in (None, False, [], {}):
-            raise CheckpointError(f"{name}: adapter_config.{field_name} = {getattr(cfg, field_name)!r} is not supported "
-                                  "(LoRA with W + scaling * B @ A only); merge it with peft's merge_and_unload() first")
+            raise CheckpointError(f"{name}: adapter_config.{field_name} = {getattr(cfg, field_name)!r} "
+                                  "is not supported (LoRA with W + scaling * B @ A only); merge it with peft's "
+                                  "merge_and_unload() first")
     if not cfg.base_model_name_or_path:
         raise CheckpointError(f"{name}: {ADAPTER_CONFIG} names no base_model_name_or_path")
     return cfg

@@ -23,8 +23,10 @@ def scores_svg(rows: Sequence[Tuple[str, float]], metric: str, greater_is_better
     width, bar_h, gap, left, right = 640, 22, 8, 260, 70
     height = 40 + len(rows) * (bar_h + gap)
     vmax = max((abs(v) for _, v in rows), default=1.0) or 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
-             f'<text x="{left}" y="20" font-weight="bold">{html.escape(metric)}{" (lower is better)" if not greater_is_better else ""}</text>']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="13">',
+             f'<text x="{left}" y="20" font-weight="bold">{html.escape(metric)}'
+             f'{" (lower is better)" if not greater_is_better else ""}</text>']
     for k, (label, value) in enumerate(rows):
         y = 32 + k * (bar_h + gap)
         w = max(1.0, (width - left - right) * abs(value) / vmax)
@@ -64,7 +66,8 @@ def render_card(*, config: Dict[str, Any], ingredients: List[Dict[str, Any]], mo
     table, chart_rows = _score_rows(scores, ingredients, greedy, optimizer)
     chart_rows += _search_chart(search)
     svg = scores_svg(chart_rows, metric_name, gib) if (metric_name and chart_rows) else None
-    ds_text = f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "") if ds_path else "a held-out split"
+    ds_text = (f"`{ds_path}`" + (f" split `{dataset.get('split')}`" if dataset and dataset.get("split") else "")
+               if ds_path else "a held-out split")
     card = ModelCard.from_template(
         _card_data(ingredients, archs, optimizer, name, scores, metric_name, dataset, greedy),
         template_path=str(TEMPLATE),
@@ -116,7 +119,8 @@ def _search_rows(search: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]
     """(trial, settings, score) rows of a validation search, the kept one in bold."""
     rows = []
     for t in (search or {}).get("trials", []):
-        params = t["params"] if isinstance(t["params"], str) else ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        params = (t["params"] if isinstance(t["params"], str)
+                  else ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items()))
         mark = "**" if t["trial"] == search["chosen"] else ""  # type: ignore[index]
         score = "-" if t["score"] is None else f"{t['score']:.4f}"
         rows.append((f"{mark}{t['trial']}{mark}", params, f"{mark}{score}{mark}"))
@@ -148,7 +152,8 @@ def _card_data(ingredients: List[Dict[str, Any]], archs: Sequence[str], optimize
     eval_results = None
     if metric_name and "merged" in scores:
         eval_results = [EvalResult(task_type=pipeline_tag or "other", dataset_type=ds_path if ds_is_hub else "custom",
-                                   dataset_name=(dataset or {}).get("name") or (ds_path if ds_is_hub else "held-out split"),
+                                   dataset_name=((dataset or {}).get("name")
+                                                 or (ds_path if ds_is_hub else "held-out split")),
                                    dataset_split=(dataset or {}).get("split"), metric_type=metric_name,
                                    metric_value=float(scores["merged"]), metric_name=metric_name)]
     tags = ["merge", "hf-ame", "ame", f"ame-{optimizer}"] + (["greedy-soup"] if greedy == "soup" else [])
@@ -166,7 +171,8 @@ def _ingredient_rows(ingredients: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         rows.append({"order": ing.get("order"), "link": link, "revision_short": f"`{rev[:10]}`" if rev else "",
                      "dtype": (ing.get("dtype") or "") + (f" (GGUF `{ing['gguf_file']}`, {ing.get('quantization')})"
                                                           if ing.get("gguf_file") else ""),
-                     "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}", "kept": ing.get("kept", True)})
+                     "score_text": "" if ing.get("score") is None else f"{ing['score']:.4f}",
+                     "kept": ing.get("kept", True)})
     return rows
 
 
@@ -176,14 +182,16 @@ def _score_rows(scores: Dict[str, Any], ingredients: List[Dict[str, Any]], greed
     table = []
     chart_rows: List[Tuple[str, float]] = []
     if "merged" in scores:
-        table.append({"label": f"**merged ({'greedy soup' if greedy == 'soup' else optimizer + '-AME'})**", "value": f"{scores['merged']:.4f}"})
+        table.append({"label": f"**merged ({'greedy soup' if greedy == 'soup' else optimizer + '-AME'})**",
+                      "value": f"{scores['merged']:.4f}"})
         chart_rows.append(("merged", float(scores["merged"])))
     if "soup" in scores:
         table.append({"label": "uniform soup of the same ingredients", "value": f"{scores['soup']:.4f}"})
         chart_rows.append(("uniform soup", float(scores["soup"])))
     best = scores.get("best_ingredient")
     if best:
-        table.append({"label": f"best ingredient ({Path(best['id']).name if Path(best['id']).exists() else best['id']})",
+        table.append({"label": "best ingredient "
+                               f"({Path(best['id']).name if Path(best['id']).exists() else best['id']})",
                       "value": f"{best['score']:.4f}"})
     for ing in ingredients:
         if ing.get("score") is not None:

@@ -9,8 +9,8 @@ from .checkpoints import TensorInfo
 from .config import COMPUTE_DTYPES
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 
-__all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "align_tied_copies", "HeaderLike",
-           "storage_dtype", "model_dtype", "resolve_model_choice"]
+__all__ = ["IncompatibleCheckpointsError", "NonFiniteWeightsError", "check_compatible", "align_tied_copies",
+           "HeaderLike", "storage_dtype", "model_dtype", "resolve_model_choice"]
 
 
 class HeaderLike(Protocol):
@@ -68,8 +68,8 @@ def check_compatible(ingredients: Sequence[HeaderLike], base: Optional[HeaderLik
             if k not in other.tensors:
                 continue
             o = other.tensors[k]
-            same = tuple(o.shape[1:]) == tuple(info.shape[1:]) and len(o.shape) == len(info.shape) if k in varying_rows \
-                else tuple(o.shape) == tuple(info.shape)
+            same = (tuple(o.shape[1:]) == tuple(info.shape[1:]) and len(o.shape) == len(info.shape)
+                    if k in varying_rows else tuple(o.shape) == tuple(info.shape))
             if not same:
                 raise IncompatibleCheckpointsError(
                     f"tensor {k!r} has shape {_fmt_shape(o.shape)} in {role} {other.name!r} "
@@ -92,8 +92,8 @@ def _rows_hint(name: str, a: Sequence[int], b: Sequence[int], ca: HeaderLike, cb
         return c.config.get("vocab_size") or (c.config.get("text_config") or {}).get("vocab_size")
 
     if (vocab(ca), vocab(cb)) == (a[0], b[0]):
-        return (f"; the vocabularies differ ({a[0]} and {b[0]} embedding rows): pass tokenizer_source='union', 'first', "
-                "'base' or an ingredient's id to match the rows by token")
+        return (f"; the vocabularies differ ({a[0]} and {b[0]} embedding rows): pass tokenizer_source='union', "
+                "'first', 'base' or an ingredient's id to match the rows by token")
     return ""
 
 

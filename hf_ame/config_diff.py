@@ -73,7 +73,8 @@ def choose_config(headers: Sequence[Any], source: Union[str, int, None], *, has_
     if not diff:
         return {}, []
     if source is None:
-        listing = "; ".join(f"{k}: " + ", ".join(f"{n!r}={v!r}" for n, v in zip(names, vals)) for k, vals in diff.items())
+        listing = "; ".join(f"{k}: " + ", ".join(f"{n!r}={v!r}" for n, v in zip(names, vals))
+                            for k, vals in diff.items())
         raise IncompatibleCheckpointsError(
             f"the models' configs differ in what the weights compute ({listing}); pick the output's with "
             "config_source='first', 'base' or an ingredient's id")
@@ -83,5 +84,6 @@ def choose_config(headers: Sequence[Any], source: Union[str, int, None], *, has_
         top = key.split(".")[0]
         changes[top] = headers[k].config.get(top)
     notes = [f"config: {names[k]!r}'s fields taken where the models differ: "
-             + "; ".join(f"{key} (" + ", ".join(f"{n!r}={v!r}" for n, v in zip(names, vals)) + ")" for key, vals in diff.items())]
+             + "; ".join(f"{key} (" + ", ".join(f"{n!r}={v!r}" for n, v in zip(names, vals)) + ")"
+                         for key, vals in diff.items())]
     return changes, notes

@@ -10,7 +10,8 @@ from .errors import DevicePlacementError
 
 __all__ = ["DeviceMap", "as_device", "check_device", "device_lookup", "available_memory", "fits_on_gpus"]
 
-DeviceMap = Union[None, str, torch.device, Mapping[str, Union[str, int, torch.device]], Callable[[str], Union[str, torch.device]]]
+DeviceMap = Union[None, str, torch.device, Mapping[str, Union[str, int, torch.device]],
+                  Callable[[str], Union[str, torch.device]]]
 
 
 def as_device(v: Union[str, int, torch.device]) -> torch.device:
@@ -39,7 +40,8 @@ def check_device(dev: Union[str, int, torch.device], where: str = "device_map") 
         idx = 0 if d.index is None else d.index
         if idx >= n:
             raise DevicePlacementError(
-                f"{where}: {name!r} is not available: torch sees {n} CUDA device(s)" + (" (CPU-only torch build?)" if n == 0 else "")
+                f"{where}: {name!r} is not available: torch sees {n} CUDA device(s)"
+                + (" (CPU-only torch build?)" if n == 0 else "")
             )
         return f"cuda:{idx}"
     if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

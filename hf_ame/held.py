@@ -52,7 +52,8 @@ class HeldIngredients:
         """The merge with ``config``, by file tensor name, in the compute dtype."""
         n = len(self.ingredient_names)
         if is_exact_soup(config, n):
-            return {name: soup(xs, config.torch_state_dtype).to(config.torch_compute_dtype) for name, xs in zip(self.names, self.copies)}
+            return {name: soup(xs, config.torch_state_dtype).to(config.torch_compute_dtype)
+                    for name, xs in zip(self.names, self.copies)}
         merged = ame_merge_many(self.copies, config, names=self.ingredient_names, bases=self.bases, keys=self.names,
                                 positions=self.positions)
         return dict(zip(self.names, merged))

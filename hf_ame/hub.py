@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .checkpoints import SAFETENSORS_DTYPES, TensorInfo
 from .errors import IngredientError
 
-__all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download", "allow_patterns",
-           "bound_timeouts", "timeout_hint"]
+__all__ = ["Ingredient", "IngredientError", "parse_ingredient", "RemoteHeader", "inspect_remote", "download",
+           "allow_patterns", "bound_timeouts", "timeout_hint"]
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -58,7 +58,8 @@ def parse_ingredient(entry: Union[str, os.PathLike, Mapping[str, Any]], default_
     if isinstance(entry, Mapping):
         unknown = set(entry) - {"id", "path", "repo_id", "revision", "base", "gguf_file"}
         if unknown:
-            raise IngredientError(f"{where}: unknown key {sorted(unknown)[0]!r} in {dict(entry)!r}; use id and revision")
+            raise IngredientError(f"{where}: unknown key {sorted(unknown)[0]!r} in {dict(entry)!r}; "
+                                  "use id and revision")
         if entry.get("gguf_file") is not None:  # a GGUF file of a folder or Hub repo (transformers' gguf_file)
             return _gguf_entry(entry, default_revision, where)
         ing = parse_ingredient({k: v for k, v in entry.items() if k != "base"}, default_revision, where) \
@@ -183,7 +184,8 @@ def _wrap(ing: Ingredient, exc: BaseException, what: str) -> IngredientError:
     return IngredientError(f"{ing.id!r}{rev}: cannot {what}: {why}")
 
 
-def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, endpoint: Optional[str] = None) -> RemoteHeader:
+def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None,
+                   endpoint: Optional[str] = None) -> RemoteHeader:
     """Resolve the commit sha, read config.json and every safetensors header (range requests only)."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
@@ -224,8 +226,8 @@ def inspect_remote(ing: Ingredient, *, token: Union[bool, str, None] = None, end
                         raise IngredientError(f"{ing.id!r}: tensor {tname!r} has unsupported dtype {t.dtype!r}")
                     tensors[tname] = TensorInfo(tname, dt, tuple(t.shape), fname)
     if not is_safetensors and not any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
-        raise IngredientError(f"{ing.id!r}: the repo has no model weights (no *.safetensors nor pytorch_model*.bin); files: "
-                              f"{', '.join(files[:10]) or 'none'}")
+        raise IngredientError(f"{ing.id!r}: the repo has no model weights (no *.safetensors nor "
+                              f"pytorch_model*.bin); files: {', '.join(files[:10]) or 'none'}")
     return RemoteHeader(ing.id, config, tensors, sha, files, is_safetensors)
 
 
@@ -251,7 +253,8 @@ def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: U
     # later), then check it is still the commit whose headers were checked.
     revision = ing.revision
     bound_timeouts()
-    pats = allow_patterns(files or ["model.safetensors"], trust_remote_code, weights) if (files is not None or not weights) else None
+    pats = (allow_patterns(files or ["model.safetensors"], trust_remote_code, weights)
+            if (files is not None or not weights) else None)
     if ing.gguf_file:  # a GGUF repo holds many quantizations: only the one named (config and tokenizer are in it)
         pats = [ing.gguf_file]
     try:
@@ -266,6 +269,6 @@ def download(ing: Ingredient, *, files: Optional[List[str]] = None, cache_dir: U
         raise _wrap(ing, exc, what) from exc
     sha = folder.name if _SHA_RE.match(folder.name) else (ing.sha or "")
     if ing.sha and sha and sha != ing.sha:
-        raise IngredientError(f"{ing.id!r}: revision {revision!r} moved from {ing.sha} to {sha} during the merge set-up; "
-                              "pin a commit sha")
+        raise IngredientError(f"{ing.id!r}: revision {revision!r} moved from {ing.sha} to {sha} "
+                              "during the merge set-up; pin a commit sha")
     return folder, sha

@@ -75,7 +75,8 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
         return out, []
     rows = {h.name: len(lab) for h, lab in zip(headers, labels)}
     by_label = [{name: i for i, name in enumerate(lab)} for lab in labels]
-    labelled = [t for t in head if all(h.tensors.get(t) is not None and h.tensors[t].shape[0] == rows[h.name] for h in headers)]
+    labelled = [t for t in head
+                if all(h.tensors.get(t) is not None and h.tensors[t].shape[0] == rows[h.name] for h in headers)]
     if not labelled:
         return out, []
     for h, lab in zip(headers, labels):
@@ -101,10 +102,13 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
         keys = dict(zip(names, by_label))
         if labels.count(labels[0]) != len(labels):
             moved = [n for n, lab in zip(names, labels) if lab != labels[0] and set(lab) == set(labels[0])]
-            out.notes.append("labels: " + (f"rows of {', '.join(map(repr, moved))} aligned to {names[0]!r}'s label order; "
-                                           if moved else "") + (f"the union of the label sets ({', '.join(out_labels)})"
-                                                                if choice == "union" else f"labels {', '.join(out_labels)}"))
-    if choice != "base" and base is not None and labels_of(base.config) is not None and all(t in base.tensors for t in labelled):
+            out.notes.append("labels: "
+                             + (f"rows of {', '.join(map(repr, moved))} aligned to {names[0]!r}'s label order; "
+                                if moved else "")
+                             + (f"the union of the label sets ({', '.join(out_labels)})"
+                                if choice == "union" else f"labels {', '.join(out_labels)}"))
+    if (choice != "base" and base is not None and labels_of(base.config) is not None
+            and all(t in base.tensors for t in labelled)):
         _check_unique(base.name, labels_of(base.config) or [])
         keys[base.name] = {name: i for i, name in enumerate(labels_of(base.config) or [])}
         rows[base.name] = len(labels_of(base.config) or [])
@@ -148,7 +152,8 @@ def _take_head(out: RowAlignment, donor: Any, names: Sequence[str], tensors: Seq
     for t in tensors:
         n_rows = donor.tensors[t].shape[0]
         ident = {str(i): i for i in range(n_rows)}
-        out.maps[f"head:{t}"] = match_rows(f"head:{t}", ident, n_rows, {n: (ident if n == donor.name else {}) for n in names},
+        out.maps[f"head:{t}"] = match_rows(f"head:{t}", ident, n_rows,
+                                           {n: (ident if n == donor.name else {}) for n in names},
                                            {n: n_rows for n in names})
         out.tensors[t] = f"head:{t}"
 

@@ -35,22 +35,24 @@ ingredient of a step twice instead of stacking them. Everything here is pure (te
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import ConfigError
-from .limits import MAX_ITER
+from .method_params import (BASE_ROLES, DELTA, DENSITY, EPS, EPSILON, FILTER_WISE, GAMMA, INT8_MASK, LAMBDA,
+                            NORMALIZE, RESCALE, SHARED, T, WEIGHT, Param, check_weight_sum, declarations,
+                            decoder_layers, layer_position, layer_positions, resolve_setting, setting_scalars)
 
-__all__ = ["MethodEntry", "MethodContext", "register_method", "get_method", "list_methods", "method_parameters",
-           "PER_MODEL", "parameter_help"]
+__all__ = ["MethodEntry", "MethodContext", "Param", "register_method", "get_method", "list_methods",
+           "method_parameters", "PER_MODEL", "parameter_help", "resolve_setting", "layer_position", "layer_positions",
+           "decoder_layers"]
 
-# parameters that may be one value per ingredient (a list in merge order), as mergekit's per-model parameters
-PER_MODEL = ("weight", "density", "gamma", "epsilon", "t")
+# the shared per-ingredient names (mergekit's per-model parameters); a method's own are ``entry.per_model``
+PER_MODEL = tuple(name for name, p in SHARED.items() if p.per_model)
 
 
 @dataclass
@@ -94,57 +96,6 @@ class MethodContext:
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
 
 
-def resolve_setting(value: Any, tensor: str, t: float) -> Any:
-    """A parameter setting on one tensor, as mergekit 0.1.5's ``evaluate_setting``: a scalar; a
-    gradient ``{"gradient": [v0, ..., vk]}`` interpolated linearly at ``t`` (booleans: the value at
-    ``int(t * k)``); ``{"filters": [{"filter": substring or None, "value": setting}, ...]}``, the
-    first whose filter is None, ``"*"`` or a substring of the tensor's name. None when no filter matches."""
-    if not isinstance(value, Mapping):
-        return value
-    if "gradient" in value:
-        values = list(value["gradient"])
-        if not values:
-            return None
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return values[int(t * (len(values) - 1))]
-        scaled = t * (len(values) - 1)
-        i0 = int(scaled)
-        i1 = min(len(values) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * values[i0] + frac * values[i1]
-    for cond in value.get("filters", ()):
-        f = cond.get("filter")
-        if f is None or f == "*" or (tensor and f in tensor):
-            return resolve_setting(cond["value"], tensor, t)
-    return None
-
-
-def layer_position(tensor: str, num_layers: Optional[int]) -> float:
-    """mergekit's t of a tensor: layer i of L is i / (L - 1) (1 when L == 1); tensors outside the
-    decoder layers (embeddings, final norm, head) are 0."""
-    m = _LAYER.search(tensor)
-    if m is None or not num_layers:
-        return 0.0
-    index = int(m.group(1) or m.group(2))  # ".layers.N." or GPT-2 / Falcon / Bloom's ".h.N."
-    return index / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-_LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.")
-
-
-def decoder_layers(config: Mapping[str, Any]) -> Optional[int]:
-    """The layer count L of :func:`layer_position`, from a checkpoint's config.json (``num_hidden_layers``,
-    or its ``text_config``'s for multimodal models); None when it has none."""
-    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
-    return layers if isinstance(layers, int) else None
-
-
-def layer_positions(tensors: Sequence[str], config: Mapping[str, Any]) -> List[float]:
-    """:func:`layer_position` of each tensor name, the layer count read from ``config`` (config.json)."""
-    layers = decoder_layers(config)
-    return [layer_position(n, layers) for n in tensors]
-
-
 def get_method_default(params: Mapping[str, Any], name: str) -> Any:
     """The method's own default of ``name`` (``params["__method__"]`` names the method)."""
     return get_method(params["__method__"]).defaults[name]
@@ -154,36 +105,74 @@ def get_method_default(params: Mapping[str, Any], name: str) -> Any:
 class MethodEntry:
     """One registered method: ``fn(ctx) -> pseudogradient`` (float, the pivot's shape and device).
 
-    ``defaults``: every parameter with its default (mergekit's); ``needs_base``: its one-shot form
-    measures task vectors from a base model; ``optional_base``: it measures them from the base when
-    the pivot is the base (``ctx.has_base``), else works on the models themselves (mergekit's
-    optional base); ``models``: (min, max) ingredients besides the base; ``passes``: how many times
-    ``fn`` reads each batch ingredient (the reader prefetches along it)."""
+    ``params``: its parameters (:class:`Param`: default, check, per-ingredient or global);
+    ``base``: the base model's role, "required" (its one-shot form measures task vectors from a base
+    model), "optional" (from the base when the pivot is the base, ``ctx.has_base``, else on the
+    models themselves: mergekit's optional base) or "unused"; ``models``: (min, max) ingredients
+    besides the base; ``passes``: how many times ``fn`` reads each batch ingredient (the reader
+    prefetches along it); ``check(params, prefix)``: a check across parameters, run after each
+    parameter's own (raises :class:`ConfigError`)."""
 
     name: str
     fn: Callable[[MethodContext], torch.Tensor]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    params: Tuple[Param, ...] = ()
     description: str = ""
-    needs_base: bool = True
+    base: str = "required"
     models: Tuple[int, Optional[int]] = (1, None)
     passes: int = 1
     reference: str = ""
-    optional_base: bool = False
+    check: Optional[Callable[[Mapping[str, Any], str], None]] = None
+
+    def __post_init__(self) -> None:
+        if self.base not in BASE_ROLES:
+            raise ValueError(f"method {self.name!r}: base must be one of {', '.join(BASE_ROLES)}, got {self.base!r}")
+        object.__setattr__(self, "params", declarations(tuple(self.params), {}))
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        """Every parameter with its default (mergekit's), in declaration order (read-only)."""
+        return MappingProxyType({p.name: p.default for p in self.params})
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    @property
+    def optional_base(self) -> bool:
+        return self.base == "optional"
+
+    @property
+    def per_model(self) -> Tuple[str, ...]:
+        """The names of the parameters that may be one value per ingredient."""
+        return tuple(p.name for p in self.params if p.per_model)
+
+    def param(self, name: str) -> Optional[Param]:
+        """The declaration of ``name``; None if the method has no such parameter."""
+        return next((p for p in self.params if p.name == name), None)
 
 
 _METHODS: Dict[str, MethodEntry] = {}
 
 
 def register_method(name: str, fn: Callable[[MethodContext], torch.Tensor], *, defaults: Mapping[str, Any] = (),
-                    description: str = "", needs_base: bool = True, models: Tuple[int, Optional[int]] = (1, None),
-                    passes: int = 1, reference: str = "", optional_base: bool = False,
-                    overwrite: bool = False) -> MethodEntry:
-    """Register a pseudogradient transform under ``name`` (see :class:`MethodEntry`); raises
-    ``ValueError`` if the name is taken and ``overwrite`` is False."""
+                    description: str = "", needs_base: Optional[bool] = None,
+                    models: Tuple[int, Optional[int]] = (1, None), passes: int = 1, reference: str = "",
+                    optional_base: Optional[bool] = None, overwrite: bool = False, params: Sequence[Param] = (),
+                    base: Optional[str] = None,
+                    check: Optional[Callable[[Mapping[str, Any], str], None]] = None) -> MethodEntry:
+    """Register a pseudogradient transform under ``name`` (see :class:`MethodEntry`): its ``params``
+    and ``base`` role. ``defaults`` ({name: default}: the shared declaration of that name, else true
+    or false / a finite number by the default's type) and ``needs_base`` / ``optional_base`` are the
+    older form, still accepted. ``ValueError`` if the name is taken and ``overwrite`` is False."""
     key = name.lower()
     if key in _METHODS and not overwrite:
         raise ValueError(f"method name {key!r} is already registered; pass overwrite=True to replace it")
-    entry = MethodEntry(key, fn, dict(defaults), description, needs_base, models, passes, reference, optional_base)
+    if base is None:
+        base = "optional" if optional_base else ("unused" if needs_base is False else "required")
+    elif needs_base is not None or optional_base is not None:
+        raise ValueError(f"method {key!r}: give base= or needs_base / optional_base, not both")
+    entry = MethodEntry(key, fn, declarations(tuple(params), defaults), description, base, models, passes,
+                        reference, check)
     _METHODS[key] = entry
     return entry
 
@@ -202,107 +191,30 @@ def list_methods() -> List[MethodEntry]:
 
 def method_parameters(name: str, kwargs: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     """The method's parameters: its defaults updated with ``kwargs`` (``lambda_`` accepted for
-    ``lambda``), each checked; errors name the field (``method_kwargs.density: ...``)."""
+    ``lambda``), each checked by its declaration, then the method's own check across them; errors
+    name the field (``method_kwargs.density: ...``)."""
     entry = get_method(name)
-    out = dict(entry.defaults)
+    defaults = entry.defaults
+    out = dict(defaults)
     out["__method__"] = entry.name
     for k, v in kwargs.items():
         k = "lambda" if k == "lambda_" else k
-        if k not in entry.defaults:
+        if k not in defaults:
             raise ConfigError(f"{prefix}method_kwargs.{k}: not a parameter of {entry.name!r}; expected one of "
-                              f"{', '.join(sorted(entry.defaults)) or 'none'}")
+                              f"{', '.join(sorted(defaults)) or 'none'}")
         out[k] = list(v) if isinstance(v, tuple) else v
-    for k, v in out.items():
-        if k != "__method__":
-            _check_param(entry.name, k, v, f"{prefix}method_kwargs.{k}")
-    if entry.name in ("della", "della_linear"):
-        _check_della(out, prefix)
+    for p in entry.params:
+        p.check(out[p.name], f"{prefix}method_kwargs.{p.name}")
+    if entry.check is not None:
+        entry.check(out, prefix)
     return out
 
 
-def _check_della(params: Mapping[str, Any], prefix: str) -> None:
-    """DELLA keeps entries with probabilities density +- epsilon: both must lie in (0, 1) (mergekit
-    raises the same mid-merge; here it is refused before any weight is read). Gradients and filters
-    are checked on each of their values."""
-    def values(v: Any) -> List[float]:
-        out: List[float] = []
-        for x in (v if isinstance(v, list) else [v]):
-            out += [float(y) for y in (_scalars(x, "") if isinstance(x, Mapping) else [x])]
-        return out
-    for d in values(params["density"]):
-        for e in values(params["epsilon"]):
-            if d < 1 and (d + e >= 1 or d - e <= 0):
-                raise ConfigError(f"{prefix}method_kwargs.epsilon: DELLA keeps entries with probabilities density "
-                                  f"+- epsilon, which must lie in (0, 1); density {d} with epsilon {e} does not")
-
-
-_RANGES = {  # name: (test, what it must be)
-    "eps": (lambda v: v > 0, "a positive number"),
-    "delta": (lambda v: v > 0, "a positive number (median distances)"),
-    "density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "gamma": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "epsilon": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "t": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "weight": (math.isfinite, "a finite number"),
-    "lambda": (math.isfinite, "a finite number"),
-    "max_iter": (lambda v: math.isfinite(v) and 1 <= v <= MAX_ITER and int(v) == v, f"a whole number from 1 to {MAX_ITER:,}"),
-    "tol": (lambda v: v >= 0, "a number >= 0"),
-    "select_topk": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "r": (lambda v: v >= 0, "a number >= 0"),
-    "alpha": (lambda v: v >= 0, "a number >= 0"),
-    "common_space_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-}
-_METHOD_RANGES = {  # where a method's parameter means something else than the name elsewhere
-    ("nearswap", "t"): (lambda v: v >= 0, "a distance >= 0"),
-    ("ram", "epsilon"): (lambda v: v >= 0, "a number >= 0"),
-    ("ramplus_tl", "epsilon"): (lambda v: v >= 0, "a number >= 0"),
-    ("multislerp", "eps"): (lambda v: v >= 0, "a number >= 0"),
-}
-_BOOLS = ("normalize", "rescale", "filter_wise", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights")
-
-
-def _scalars(value: Any, where: str) -> List[Any]:
-    """Every scalar inside a setting (gradients, filters), checking the setting's shape."""
-    if not isinstance(value, Mapping):
-        return [value]
-    if set(value) == {"gradient"} and isinstance(value["gradient"], list) and value["gradient"]:
-        return list(value["gradient"])
-    if set(value) == {"filters"} and isinstance(value["filters"], list):
-        out: List[Any] = []
-        for cond in value["filters"]:
-            if not (isinstance(cond, Mapping) and "value" in cond and set(cond) <= {"filter", "value"}):
-                raise ConfigError(f"{where}: each filter is {{filter: <substring>, value: <setting>}}, got {cond!r}")
-            out += _scalars(cond["value"], where)
-        return out
-    raise ConfigError(f"{where}: a setting is a value, {{gradient: [values]}} or {{filters: [...]}}, got {value!r}")
-
-
 def parameter_help(method: str, name: str) -> str:
-    """What a value of ``method``'s parameter ``name`` must be, as its check says it (e.g. "a number in
-    (0, 1], or one per ingredient; a gradient or filters"): the text of a generated parameter form."""
-    if name in _BOOLS:
-        return "true or false"
-    what = (_METHOD_RANGES.get((get_method(method).name, name)) or _RANGES.get(name, (None, "a finite number")))[1]
-    return what + (", or one per ingredient [..]" if name in PER_MODEL else "") + "; or {gradient: [..]} / {filters: [..]}"
-
-
-def _check_param(method: str, name: str, value: Any, where: str) -> None:
-    if isinstance(value, Mapping) or (isinstance(value, list) and any(isinstance(v, Mapping) for v in value)):
-        for v in (value if isinstance(value, list) else [value]):
-            for x in _scalars(v, where):
-                _check_param(method, name, x, where)
-        return
-    if name in _BOOLS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return
-    test, what = _METHOD_RANGES.get((method, name)) or _RANGES.get(name, (math.isfinite, "a finite number"))
-    values = value if (isinstance(value, list) and name in PER_MODEL) else [value]
-    values = [v for v in values if v is not None]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not test(v):
-            extra = " (or one per ingredient)" if name in PER_MODEL else ""
-            raise ConfigError(f"{where}: expected {what}{extra}, got {value!r}")
+    """What a value of ``method``'s parameter ``name`` must be, as its declaration says it (e.g. "a
+    number in (0, 1], or one per ingredient; a gradient or filters"): the text of a generated parameter form."""
+    declared = get_method(method).param(name) or SHARED.get(name) or Param(name, None)
+    return declared.help()
 
 
 def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: bool) -> None:
@@ -319,23 +231,7 @@ def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: 
     for k, v in params.items():
         if isinstance(v, list) and len(v) != n_models:
             raise ConfigError(f"method_kwargs.{k}: {len(v)} values for {n_models} ingredients")
-    _check_weight_sum(entry.name, params, n_models)
-
-
-def _check_weight_sum(method: str, params: Mapping[str, Any], n_models: int) -> None:
-    """One rule for every method that divides by the sum of the weights (``normalize`` /
-    ``normalize_weights``): weights summing to 0 are refused (mergekit's linear gives NaN; a silent
-    fallback would write one model as "the merge"). Gradients and filters are checked per tensor."""
-    if not (params.get("normalize") is True or params.get("normalize_weights") is True) or "weight" not in params:
-        return
-    w = params["weight"]
-    values = w if isinstance(w, list) else [w] * n_models
-    if any(isinstance(v, (Mapping, bool)) or not isinstance(v, (int, float)) for v in values):
-        return
-    if abs(sum(values)) < 1e-8:
-        flag = "normalize_weights" if params.get("normalize_weights") is True else "normalize"
-        raise ConfigError(f"method_kwargs.weight: the weights {w!r} sum to 0 and {method!r} divides by their sum "
-                          f"({flag}: true); give weights with a non-zero sum (or {flag}: false)")
+    check_weight_sum(entry.name, params, n_models)
 
 
 # ---------------------------------------------------------------------------------------------- sparsification
@@ -363,7 +259,7 @@ def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
             keep |= tied
         else:  # an ambiguous tie: decide exactly as mergekit's argsort does
             keep.zero_()
-            keep[torch.argsort(a.float() if a.device.type == "cpu" else a, descending=True)[:k]] = True  # as mergekit sorts
+            keep[torch.argsort(a.float() if a.device.type == "cpu" else a, descending=True)[:k]] = True
     return keep
 
 
@@ -560,48 +456,69 @@ def _huber(ctx: MethodContext) -> torch.Tensor:
     return acc.div_(sum(weights)).neg_()
 
 
-register_method("huber", _huber, defaults={"delta": 1.5, "eps": 1e-12}, needs_base=False, passes=2,
+def _della_window(params: Mapping[str, Any], prefix: str) -> None:
+    """DELLA keeps entries with probabilities density +- epsilon: both must lie in (0, 1) (mergekit
+    raises the same mid-merge; here it is refused before any weight is read). Gradients and filters
+    are checked on each of their values."""
+    def values(v: Any) -> List[float]:
+        out: List[float] = []
+        for x in (v if isinstance(v, list) else [v]):
+            out += [float(y) for y in (setting_scalars(x, "") if isinstance(x, Mapping) else [x])]
+        return out
+    for d in values(params["density"]):
+        for e in values(params["epsilon"]):
+            if d < 1 and (d + e >= 1 or d - e <= 0):
+                raise ConfigError(f"{prefix}method_kwargs.epsilon: DELLA keeps entries with probabilities density "
+                                  f"+- epsilon, which must lie in (0, 1); density {d} with epsilon {e} does not")
+
+
+def _task_params(*extra: Param, normalize: bool, rescale: bool) -> Tuple[Param, ...]:
+    """A task-vector method's parameters: weight, lambda, int8_mask, density, its own, normalize, rescale."""
+    return (WEIGHT, LAMBDA, INT8_MASK, DENSITY, *extra, NORMALIZE.replace(default=normalize),
+            RESCALE.replace(default=rescale))
+
+
+register_method("huber", _huber, params=(DELTA, EPS.replace(default=1e-12)), base="unused", passes=2,
                 description="IRLS steps toward the Huber M-estimate: the soup on a clean set, far-off models capped",
                 reference="https://en.wikipedia.org/wiki/Huber_loss")
-register_method("geometric_median", _geometric_median, defaults={"eps": 1e-8}, needs_base=False,
+register_method("geometric_median", _geometric_median, params=(EPS,), base="unused",
                 description="Weiszfeld steps toward the geometric median (robust to a few far-off models)",
                 reference="https://en.wikipedia.org/wiki/Geometric_median")
-register_method("linear", _linear, defaults={"weight": 1.0, "normalize": True}, needs_base=False,
+register_method("linear", _linear, params=(WEIGHT, NORMALIZE.replace(default=True)), base="unused",
                 description="weighted average of the models (Wortsman et al. 2022's soup, with weights)",
                 reference="https://arxiv.org/abs/2203.05482")
-_TV = {"weight": 1.0, "lambda": 1.0, "int8_mask": False}
 register_method("task_arithmetic", lambda c: _task_vectors(c, None, False),  # density: accepted, unused (mergekit)
-                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": False},
+                params=_task_params(normalize=False, rescale=False), base="required",
                 description="sum of weighted task vectors (Ilharco et al. 2023)",
                 reference="https://arxiv.org/abs/2212.04089")
 register_method("ties", lambda c: _task_vectors(c, "magnitude", True),
-                defaults={**_TV, "density": 1.0, "normalize": True, "rescale": False}, passes=2,
+                params=_task_params(normalize=True, rescale=False), base="required", passes=2,
                 description="trim to the largest magnitudes, elect a sign, disjoint mean (Yadav et al. 2023)",
                 reference="https://arxiv.org/abs/2306.01708")
 register_method("dare_linear", lambda c: _task_vectors(c, "random", False),
-                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": True},
+                params=_task_params(normalize=False, rescale=True), base="required",
                 description="drop entries at random and rescale, then sum (Yu et al. 2024)",
                 reference="https://arxiv.org/abs/2311.03099")
 register_method("dare_ties", lambda c: _task_vectors(c, "random", True),
-                defaults={**_TV, "density": 1.0, "normalize": False, "rescale": True}, passes=2,
+                params=_task_params(normalize=False, rescale=True), base="required", passes=2,
                 description="DARE drops, then TIES' sign election", reference="https://arxiv.org/abs/2311.03099")
 register_method("breadcrumbs", lambda c: _task_vectors(c, "outliers", False),
-                defaults={**_TV, "density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False},
+                params=_task_params(GAMMA, normalize=False, rescale=False), base="required",
                 description="drop the largest outliers and the smallest magnitudes (Davari & Belilovsky 2023)",
                 reference="https://arxiv.org/abs/2312.06795")
 register_method("breadcrumbs_ties", lambda c: _task_vectors(c, "outliers", True),
-                defaults={**_TV, "density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False}, passes=2,
+                params=_task_params(GAMMA, normalize=False, rescale=False), base="required", passes=2,
                 description="breadcrumbs, then TIES' sign election", reference="https://arxiv.org/abs/2312.06795")
 register_method("della", lambda c: _task_vectors(c, "della", True),
-                defaults={**_TV, "density": 1.0, "epsilon": 0.15, "normalize": True, "rescale": True}, passes=2,
-                description="drop entries with probabilities by magnitude rank, then TIES' sign election "
-                            "(Deep et al. 2024)", reference="https://arxiv.org/abs/2406.11617")
+                params=_task_params(EPSILON, normalize=True, rescale=True), base="required", passes=2,
+                check=_della_window, description="drop entries with probabilities by magnitude rank, then TIES' "
+                "sign election (Deep et al. 2024)", reference="https://arxiv.org/abs/2406.11617")
 register_method("della_linear", lambda c: _task_vectors(c, "della", False),
-                defaults={**_TV, "density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": True},
+                params=_task_params(EPSILON, normalize=False, rescale=True), base="required", check=_della_window,
                 description="DELLA's drops, then a weighted sum", reference="https://arxiv.org/abs/2406.11617")
-register_method("slerp", _slerp, defaults={"t": 0.5, "dot_threshold": 0.9995}, models=(1, 1),
+register_method("slerp", _slerp, params=(T, Param("dot_threshold", 0.9995)), base="required", models=(1, 1),
                 description="spherical interpolation between the base and one model, tensor by tensor",
                 reference="https://en.wikipedia.org/wiki/Slerp")
-register_method("model_stock", _model_stock, defaults={"filter_wise": False}, models=(2, None), passes=2,
+register_method("model_stock", _model_stock, params=(FILTER_WISE,), base="required", models=(2, None), passes=2,
                 description="interpolate the mean toward the base by the task vectors' angle (Jang et al. 2024)",
                 reference="https://arxiv.org/abs/2403.19522")

@@ -139,7 +139,8 @@ def build_optimizer(
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.values())
     for k in kwargs:
         if k in ("params", "lr"):
-            raise OptimizerArgumentError(f"optimizer_kwargs.{k}: set it through the AME config, not the optimizer kwargs")
+            raise OptimizerArgumentError(f"optimizer_kwargs.{k}: set it through the AME config, "
+                                         "not the optimizer kwargs")
         if k not in sig and not takes_var_kw:
             allowed = ", ".join(sorted(entry.defaults()))
             raise OptimizerArgumentError(
@@ -149,7 +150,8 @@ def build_optimizer(
         return entry.cls(params, lr=lr, **kwargs)
     except (ValueError, TypeError) as exc:
         field_name = _field_from_message(str(exc), ["lr", *kwargs])
-        where = f"optimizer_kwargs.{field_name}" if field_name and field_name != "lr" else (field_name or "optimizer_kwargs")
+        where = (f"optimizer_kwargs.{field_name}" if field_name and field_name != "lr"
+                 else (field_name or "optimizer_kwargs"))
         raise OptimizerArgumentError(f"{where}: {entry.name} rejected the value: {exc}") from exc
 
 

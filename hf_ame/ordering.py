@@ -152,7 +152,8 @@ def _check_finite(weights: Sequence[torch.Tensor], names: Sequence[str], lazy: "
 
 
 def greedy_ame(ckpts: Sequence[Checkpoint], config: AMEConfig, slot: ModelSlot, *, base: Optional[Checkpoint] = None,
-               greater_is_better: bool = True, log: Optional[GreedyLog] = None) -> Tuple[Dict[str, torch.Tensor], float]:
+               greater_is_better: bool = True,
+               log: Optional[GreedyLog] = None) -> Tuple[Dict[str, torch.Tensor], float]:
     """Greedy AME (spec): after each step keep it only if the held-out metric improved, else restore
     the previous weights AND optimizer state. Returns (merged state by file name, its score)."""
     log = log or GreedyLog()

@@ -27,11 +27,13 @@ from .errors import CheckpointError, OutputExistsError
 from .trust import checked_file, is_read_file, unsafe_reason
 
 __all__ = ["OutputExistsError", "check_output_dir", "staged_output", "target_lock", "stale_siblings", "copy_aux_files",
-           "update_config", "write_files", "write_error", "finish_output", "copy_tokenizer_files", "TOKENIZER_FILES", "AUX_SKIP"]
+           "update_config", "write_files", "write_error", "finish_output", "copy_tokenizer_files", "TOKENIZER_FILES",
+           "AUX_SKIP"]
 
 # Files of a reference checkpoint that are NOT copied: weights (we write our own), the old card.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
-AUX_SKIP = {"README.md", ".gitattributes", "ame_recipe.yaml", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+AUX_SKIP = {"README.md", ".gitattributes", "ame_recipe.yaml", "model.safetensors.index.json",
+            "pytorch_model.bin.index.json"}
 
 
 def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Union[str, Path]] = ()) -> Path:
@@ -48,7 +50,8 @@ def check_output_dir(out: Union[str, Path], overwrite: bool, inputs: Iterable[Un
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"output folder {out} already exists and is not empty; "
+                                "pass overwrite=True (--overwrite) to replace it")
     return out
 
 
@@ -202,9 +205,9 @@ def update_config(folder: Union[str, Path], dtype: torch.dtype, changes: Optiona
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                   "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 
 
 def copy_tokenizer_files(src: Union[str, Path], dst: Union[str, Path]) -> List[str]:
@@ -247,7 +250,8 @@ def finish_output(folder: Path, files_from: Union[str, Path], dtype: torch.dtype
     names written."""
     aux = copy_aux_files(files_from, folder, code)
     if tokenizer_from is not None:
-        aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES) | set(copy_tokenizer_files(tokenizer_from, folder)))
+        aux = sorted(set(a for a in aux if a not in TOKENIZER_FILES)
+                     | set(copy_tokenizer_files(tokenizer_from, folder)))
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
             (folder / name).unlink(missing_ok=True)

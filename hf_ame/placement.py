@@ -75,13 +75,15 @@ def tensor_device_lookup(device_map: Mapping[str, str], config_path: Optional[st
     if config_path is not None:
         from transformers import AutoConfig
 
-        model = empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code), trust_remote_code)
+        model = empty_model(AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code),
+                            trust_remote_code)
         rename = file_to_model_renamer(model)
     lookup = device_lookup(dict(device_map))
     return lambda name: lookup(rename(name))
 
 
-def load_model(path, device_map: Optional[Mapping[str, str]] = None, *, dtype: Any = None, trust_remote_code: bool = False):
+def load_model(path, device_map: Optional[Mapping[str, str]] = None, *, dtype: Any = None,
+               trust_remote_code: bool = False):
     """``from_pretrained`` of the architecture named in ``path``'s config, placed by ``device_map``."""
     from transformers import AutoConfig
 

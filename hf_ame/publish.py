@@ -32,12 +32,14 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, private: Optional[boo
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the files"
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-               for p in sorted(folder.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+               for p in sorted(folder.rglob("*"))
+               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
         return api.create_commit(repo_id=repo_id, operations=ops, repo_type="model",
                                  revision=None if create_pr else revision, create_pr=create_pr,
                                  commit_message=commit_message or "Upload AME merge (hf_ame)",
                                  commit_description=commit_description)
     except Exception as exc:  # noqa: BLE001 - every failure leaves the folder as it was
         why = timeout_hint(exc) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        raise PushError(f"push to {repo_id!r} failed while trying to {step}: {why}. The merged model is intact at {folder}; retry with "
+        raise PushError(f"push to {repo_id!r} failed while trying to {step}: {why}. "
+                        f"The merged model is intact at {folder}; retry with "
                         f"`hf-ame push {folder} {repo_id}`") from exc

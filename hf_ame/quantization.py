@@ -36,7 +36,8 @@ def quant_method(config: Mapping[str, Any]) -> Optional[str]:
     """The quantization scheme a config.json declares (``quantization_config.quant_method``), or None."""
     q = config.get("quantization_config") if isinstance(config, Mapping) else None  # a bad config.json: named later
     if isinstance(q, Mapping):
-        return str(q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown"))
+        return str(q.get("quant_method")
+                   or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown"))
     return None
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .algorithm import Pivot, PivotSpec
 from .config import AMEConfig
-from .methods import PER_MODEL
+from .methods import get_method
 
 __all__ = ["RowMap", "RowAlignment", "RowGroup", "match_rows", "row_groups", "subset_config", "subset_pivot",
            "fill_sources", "MISSING_TOKENS"]
@@ -66,7 +66,8 @@ class RowAlignment:
     notes: List[str] = field(default_factory=list)
     fill: Optional[str] = None  # "mergekit": rows a model lacks are filled (:func:`fill_sources`), tensors merged whole
     fill_base: Optional[str] = None  # the base of that rule (its row is preferred)
-    fill_tokens: Dict[int, Tuple[Optional[str], int]] = field(default_factory=dict)  # row -> (model, its row); None: zero
+    # fill_tokens: row -> (model, its row); None: zero
+    fill_tokens: Dict[int, Tuple[Optional[str], int]] = field(default_factory=dict)
     forced: List[int] = field(default_factory=list)  # rows every model takes from fill_tokens (mergekit's force)
 
     def map_for(self, tensor: str) -> Optional[RowMap]:
@@ -101,7 +102,8 @@ def match_rows(axis: str, out_keys: Mapping[str, int], out_rows: int, source_key
     for name, sk in source_keys.items():
         n = source_rows[name]
         used = {i for i in sk.values() if 0 <= i < n}
-        sources[name] = [(sk.get(k, -1) if sk.get(k, -1) < n else -1) if k is not None else (r if r < n and r not in used else -1)
+        sources[name] = [(sk.get(k, -1) if sk.get(k, -1) < n else -1) if k is not None
+                         else (r if r < n and r not in used else -1)
                          for r, k in enumerate(keys)]
     return RowMap(axis, keys, sources, dict(source_rows))
 
@@ -121,7 +123,8 @@ class RowGroup:
 def row_groups(row_map: RowMap, names: Sequence[str], base: Optional[str] = None) -> List[RowGroup]:
     """Partition the output rows by which of ``names`` (the merge's ingredients, in order) hold
     them (and whether ``base`` does), largest group first."""
-    idx = torch.tensor([row_map.sources.get(n, [-1] * row_map.rows) for n in names], dtype=torch.long).reshape(len(names), -1)
+    idx = torch.tensor([row_map.sources.get(n, [-1] * row_map.rows) for n in names],
+                       dtype=torch.long).reshape(len(names), -1)
     pattern = idx >= 0
     b = torch.tensor(row_map.sources.get(base, [-1] * row_map.rows), dtype=torch.long) if base is not None else None
     if b is not None:
@@ -141,7 +144,8 @@ def subset_config(config: AMEConfig, members: Sequence[int]) -> AMEConfig:
     method parameters (lists in merge order) keep the members' values."""
     if not config.method_kwargs:
         return config
-    kw = {k: ([v[j] for j in members] if k in PER_MODEL and isinstance(v, (list, tuple)) else v)
+    per_model = get_method(config.method).per_model if config.method is not None else ()
+    kw = {k: ([v[j] for j in members] if k in per_model and isinstance(v, (list, tuple)) else v)
           for k, v in config.method_kwargs.items()}
     return config.replace(method_kwargs=kw)
 

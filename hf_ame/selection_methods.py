@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .method_params import ALPHA, EPSILON, INT8_MASK, R, SELECT_TOPK, T, non_negative
 from .methods import MethodContext, register_method
 
 __all__ = ["fusion_importance"]
@@ -141,18 +142,22 @@ def _arcee_fusion(ctx: MethodContext) -> torch.Tensor:
     return x.sub_(p).mul_(mask).neg_()
 
 
-register_method("sce", _sce, defaults={"select_topk": 1.0, "int8_mask": False}, passes=2,
+register_method("sce", _sce, params=(SELECT_TOPK, INT8_MASK), base="required", passes=2,
                 description="select high-variance entries, elect signs, weight by each task vector's energy",
                 reference="https://arxiv.org/abs/2408.07990")
-register_method("ram", _ram, defaults={"epsilon": 1e-5},
+# RAM's epsilon is a threshold on |change| (>= 0, any size), not DELLA's probability spread
+_RAM_EPSILON = EPSILON.replace(default=1e-5, test=non_negative, what="a number >= 0")
+register_method("ram", _ram, params=(_RAM_EPSILON,), base="required",
                 description="unique changes kept, shared changes averaged (Reinforced Agent Merging)",
                 reference="https://arxiv.org/abs/2601.13572")
-register_method("ramplus_tl", _ramplus_tl, defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, passes=2,
+register_method("ramplus_tl", _ramplus_tl, params=(R, ALPHA, _RAM_EPSILON), base="required", passes=2,
                 description="RAM with each model's unique changes amplified by its shared/unique ratio",
                 reference="https://arxiv.org/abs/2601.13572")
-register_method("nearswap", _nearswap, defaults={"t": 0.5}, models=(1, 1),
+# nearswap's t is a distance from the base's values, not an interpolation factor
+register_method("nearswap", _nearswap, params=(T.replace(test=non_negative, what="a distance >= 0"),),
+                base="required", models=(1, 1),
                 description="take the model's values near the base's, interpolate toward the base far from it",
                 reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001")
-register_method("arcee_fusion", _arcee_fusion, defaults={}, models=(1, 1),
+register_method("arcee_fusion", _arcee_fusion, params=(), base="required", models=(1, 1),
                 description="keep the model's changes whose importance (|change| x KL) is an outlier",
                 reference="https://arcee.ai")

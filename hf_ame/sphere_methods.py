@@ -13,6 +13,8 @@ from typing import Callable, List
 import torch
 
 from .errors import IncompatibleCheckpointsError
+from .method_params import (EPS, MAX_ITERATIONS, NORMALIZE_WEIGHTS, NUSLERP_FLATTEN,
+                            NUSLERP_ROW_WISE, TOL, WEIGHT, non_negative)
 from .methods import MethodContext, register_method
 
 __all__ = ["nuslerp"]
@@ -48,7 +50,8 @@ def _nuslerp(ctx: MethodContext) -> torch.Tensor:
     a, b = ctx.get(0), ctx.get(1)
     if ctx.has_base:
         a.sub_(p), b.sub_(p)
-    merged = nuslerp(t, a, b, dim=0 if ctx.param("nuslerp_row_wise") else -1, flatten=bool(ctx.param("nuslerp_flatten")))
+    merged = nuslerp(t, a, b, dim=0 if ctx.param("nuslerp_row_wise") else -1,
+                     flatten=bool(ctx.param("nuslerp_flatten")))
     del a, b
     return merged.neg_() if ctx.has_base else p - merged
 
@@ -133,14 +136,14 @@ def _karcher_tangent(mean: torch.Tensor, valid: List[int], unit: Callable[[int],
     return tangent
 
 
-register_method("nuslerp", _nuslerp, defaults={"weight": 1.0, "nuslerp_row_wise": False, "nuslerp_flatten": True},
-                needs_base=False, optional_base=True, models=(2, 2),
+register_method("nuslerp", _nuslerp, params=(WEIGHT, NUSLERP_ROW_WISE, NUSLERP_FLATTEN), base="optional", models=(2, 2),
                 description="spherical interpolation of two models (or their task vectors), whole or row by row",
                 reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md")
-register_method("multislerp", _multislerp, defaults={"weight": 1.0, "normalize_weights": True, "eps": 1e-8},
-                needs_base=False, optional_base=True,
+# multislerp's eps only guards a division: 0 is allowed (the robust centres' eps must be positive)
+register_method("multislerp", _multislerp, base="optional",
+                params=(WEIGHT, NORMALIZE_WEIGHTS, EPS.replace(test=non_negative, what="a number >= 0")),
                 description="barycentric interpolation of any number of models on the hypersphere",
                 reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea")
-register_method("karcher", _karcher, defaults={"max_iter": 10, "tol": 1e-5}, needs_base=False, passes=2,
+register_method("karcher", _karcher, params=(MAX_ITERATIONS, TOL), base="unused", passes=2,
                 description="the Riemannian (Karcher) mean of the models' directions, scaled by their mean norm",
                 reference="https://en.wikipedia.org/wiki/Karcher_mean")

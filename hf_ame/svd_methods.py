@@ -36,6 +36,7 @@ from typing import Tuple
 
 import torch
 
+from .method_params import COMMON_SPACE_FRACTION, Param
 from .methods import MethodContext, register_method
 
 __all__ = ["common_split", "polar"]
@@ -165,12 +166,13 @@ def _iso_cts(ctx: MethodContext) -> torch.Tensor:
 
 
 _ISO = "https://arxiv.org/abs/2502.04959"
-register_method("tsv", _tsv, defaults={"scaling": 1.0},
+_SCALING = Param("scaling", 1.0)  # FusionBench's alpha / scaling_factor: any finite number
+register_method("tsv", _tsv, params=(_SCALING,), base="required",
                 description="each task's top singular vectors, decorrelated across tasks (TSV-M, Gargiulo et al. 2025)",
                 reference="https://arxiv.org/abs/2412.00081")
-register_method("iso_c", _iso_c, defaults={"scaling": 1.0},
+register_method("iso_c", _iso_c, params=(_SCALING,), base="required",
                 description="the summed task vector with a flat singular spectrum (Iso-C, Marczak et al. 2025)",
                 reference=_ISO)
-register_method("iso_cts", _iso_cts, defaults={"scaling": 1.0, "common_space_fraction": 0.8}, passes=2,
+register_method("iso_cts", _iso_cts, params=(_SCALING, COMMON_SPACE_FRACTION), base="required", passes=2,
                 description="a common subspace plus each task's own directions, flat spectrum (Iso-CTS, "
                             "Marczak et al. 2025)", reference=_ISO)

@@ -76,8 +76,80 @@ def _rows_of(header: Any, names: Sequence[str]) -> int:
     rows = {header.tensors[t].shape[0] for t in names}
     if len(rows) != 1:
         raise IncompatibleCheckpointsError(
-            f"model {header.name!r}: its embedding tensors ({', '.join(names)}) have different row counts {sorted(rows)}")
+            f"model {header.name!r}: its embedding tensors ({', '.join(names)}) have different row counts "
+            f"{sorted(rows)}")
     return rows.pop()
+
+
+def _embedding_rows(headers: Sequence[Any], folders: Sequence[Union[str, Path]], names: Sequence[str],
+                    trust_remote_code: bool) -> Tuple[List[str], Dict[str, int]]:
+    """The embedding tensors (the first model's, which every model must have) and each model's row count."""
+    emb = embedding_tensors(str(folders[0]), list(headers[0].tensors), trust_remote_code)
+    if not emb:
+        raise IncompatibleCheckpointsError(f"tokenizer_source: found no embedding tensor in {names[0]!r}")
+    for h in headers:
+        lacking = [t for t in emb if t not in h.tensors]
+        if lacking:
+            raise IncompatibleCheckpointsError(f"model {h.name!r} lacks the embedding tensor {lacking[0]!r}")
+    return emb, {h.name: _rows_of(h, emb) for h in headers}
+
+
+def _union_vocab(out: RowAlignment, toks: Sequence[Any], names: Sequence[str], rows: Mapping[str, int],
+                 has_base: bool, pad_to_multiple_of: Optional[int]) -> Tuple[Dict[str, int], int]:
+    """``tokenizer_source="union"``: the union tokenizer (set on ``out``, with a note); returns its
+    vocabulary and the output's row count."""
+    tok, added = union_tokenizer(toks[0], toks[1:])
+    # mergekit builds the union on the base model's tokenizer (else the first model's): its chat
+    # template, or none, is the output's unless the config names one (chat_template)
+    tok.chat_template = toks[-1 if has_base else 0].chat_template
+    out_vocab = tok.get_vocab()
+    n_tok = max(out_vocab.values()) + 1
+    out_rows = max(n_tok, rows[names[0]] if not added else 0)
+    m = pad_to_multiple_of or 1
+    out_rows = -(-out_rows // m) * m
+    out.tokenizer = tok
+    out.notes.append(f"vocabulary: the union of {len(names)} tokenizers ({len(out_vocab)} tokens"
+                     + (f", {len(added)} added: {', '.join(map(repr, added[:8]))}"
+                        + (" ..." if len(added) > 8 else "")
+                        if added else "") + f"); {out_rows} embedding rows")
+    return out_vocab, out_rows
+
+
+def _source_vocab(out: RowAlignment, folders: Sequence[Union[str, Path]], names: Sequence[str], chosen: int,
+                  vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int],
+                  pad_to_multiple_of: Optional[int]) -> Tuple[Mapping[str, int], int]:
+    """One source's vocabulary (its tokenizer files are the output's, set on ``out`` with a note);
+    returns it and the output's row count."""
+    out_vocab, out_rows = vocabs[names[chosen]], rows[names[chosen]]
+    if pad_to_multiple_of and out_rows % pad_to_multiple_of:
+        out_rows = -(-out_rows // pad_to_multiple_of) * pad_to_multiple_of
+    out.tokenizer_dir = str(folders[chosen])
+    out.notes.append(f"vocabulary: {names[chosen]!r}'s ({len(out_vocab)} tokens, {out_rows} embedding rows)")
+    return out_vocab, out_rows
+
+
+def _vocab_config_changes(out: RowAlignment, headers: Sequence[Any], chosen: Union[str, int],
+                          out_rows: int) -> None:
+    """The config fields the output vocabulary changes: vocab_size, and the token ids (which follow
+    the tokenizer's source)."""
+    ref_config = headers[chosen if chosen != "union" else 0].config
+    where, old = _vocab_key(dict(headers[0].config))
+    if old is not None and old != out_rows:
+        out.config_changes.update({"vocab_size": out_rows} if where is None else
+                                  {where: dict(headers[0].config[where], vocab_size=out_rows)})
+    for key, value in ref_config.items():  # token ids follow the tokenizer's source
+        if key.endswith("_token_id") and headers[0].config.get(key) != value:
+            out.config_changes[key] = value
+
+
+def _note_lost_tokens(out: RowAlignment, names: Sequence[str], vocabs: Mapping[str, Mapping[str, int]],
+                      rows: Mapping[str, int], out_vocab: Mapping[str, int], out_rows: int) -> None:
+    """A note for each model with tokens (of its rows) that the output vocabulary leaves out."""
+    kept = {k for k, i in out_vocab.items() if i < out_rows}
+    for n in names:
+        lost = sum(1 for k, i in vocabs[n].items() if i < rows[n] and k not in kept)
+        if lost:
+            out.notes.append(f"{lost} token(s) of {n!r} are not in the output vocabulary: their rows are left out")
 
 
 def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], source: Union[str, int], *,
@@ -92,62 +164,29 @@ def align_vocab(headers: Sequence[Any], folders: Sequence[Union[str, Path]], sou
     missing_tokens = "mergekit" if tokens else missing_tokens
     names = [h.name for h in headers]
     chosen = resolve_tokenizer_source(source, names, has_base)
-    emb = embedding_tensors(str(folders[0]), list(headers[0].tensors), trust_remote_code)
-    if not emb:
-        raise IncompatibleCheckpointsError(f"tokenizer_source: found no embedding tensor in {names[0]!r}")
-    for h in headers:
-        lacking = [t for t in emb if t not in h.tensors]
-        if lacking:
-            raise IncompatibleCheckpointsError(f"model {h.name!r} lacks the embedding tensor {lacking[0]!r}")
-    rows = {h.name: _rows_of(h, emb) for h in headers}
+    emb, rows = _embedding_rows(headers, folders, names, trust_remote_code)
     toks = [read_tokenizer(f, n, trust_remote_code) for f, n in zip(folders, names)]
     vocabs = {n: t.get_vocab() for n, t in zip(names, toks)}
     out = RowAlignment(tensors={t: "vocab" for t in emb}, fill=missing_tokens,
                        fill_base=names[-1] if (has_base and missing_tokens) else None)
     if chosen == "union":
-        tok, added = union_tokenizer(toks[0], toks[1:])
-        # mergekit builds the union on the base model's tokenizer (else the first model's): its chat
-        # template, or none, is the output's unless the config names one (chat_template)
-        tok.chat_template = toks[-1 if has_base else 0].chat_template
-        out_vocab = tok.get_vocab()
-        n_tok = max(out_vocab.values()) + 1
-        out_rows = max(n_tok, rows[names[0]] if not added else 0)
-        m = pad_to_multiple_of or 1
-        out_rows = -(-out_rows // m) * m
-        out.tokenizer = tok
-        out.notes.append(f"vocabulary: the union of {len(names)} tokenizers ({len(out_vocab)} tokens"
-                         + (f", {len(added)} added: {', '.join(map(repr, added[:8]))}" + (" ..." if len(added) > 8 else "")
-                            if added else "") + f"); {out_rows} embedding rows")
+        out_vocab, out_rows = _union_vocab(out, toks, names, rows, has_base, pad_to_multiple_of)
     else:
-        out_vocab, out_rows = vocabs[names[chosen]], rows[names[chosen]]
-        if pad_to_multiple_of and out_rows % pad_to_multiple_of:
-            out_rows = -(-out_rows // pad_to_multiple_of) * pad_to_multiple_of
-        out.tokenizer_dir = str(folders[chosen])
-        out.notes.append(f"vocabulary: {names[chosen]!r}'s ({len(out_vocab)} tokens, {out_rows} embedding rows)")
+        out_vocab, out_rows = _source_vocab(out, folders, names, chosen, vocabs, rows, pad_to_multiple_of)
     out.maps["vocab"] = match_rows("vocab", out_vocab, out_rows, vocabs, rows)
     out.fill_tokens, out.forced = token_rows(tokens or {}, out_vocab, out_rows, vocabs, rows)
     if out.maps["vocab"].is_identity(names) and not out.forced:  # one vocabulary: the rows merge as they are
         out.tensors = {}
     elif missing_tokens:
         out.notes.append(f"rows some models lack (missing_tokens={missing_tokens!r}): {MISSING_TOKENS[missing_tokens]}")
-    ref_config = headers[chosen if chosen != "union" else 0].config
-    where, old = _vocab_key(dict(headers[0].config))
-    if old is not None and old != out_rows:
-        out.config_changes.update({"vocab_size": out_rows} if where is None else
-                                  {where: dict(headers[0].config[where], vocab_size=out_rows)})
-    for key, value in ref_config.items():  # token ids follow the tokenizer's source
-        if key.endswith("_token_id") and headers[0].config.get(key) != value:
-            out.config_changes[key] = value
-    kept = {k for k, i in out_vocab.items() if i < out_rows}
-    for n in names:
-        lost = sum(1 for k, i in vocabs[n].items() if i < rows[n] and k not in kept)
-        if lost:
-            out.notes.append(f"{lost} token(s) of {n!r} are not in the output vocabulary: their rows are left out")
+    _vocab_config_changes(out, headers, chosen, out_rows)
+    _note_lost_tokens(out, names, vocabs, rows, out_vocab, out_rows)
     return out
 
 
 def token_rows(tokens: Mapping[str, Mapping[str, Any]], out_vocab: Mapping[str, int], out_rows: int,
-               vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int]) -> Tuple[Dict[int, Tuple[Optional[str], int]], List[int]]:
+               vocabs: Mapping[str, Mapping[str, int]],
+               rows: Mapping[str, int]) -> Tuple[Dict[int, Tuple[Optional[str], int]], List[int]]:
     """mergekit's ``tokenizer.tokens`` as rows: {output row: (model, its row) or (None, -1) for zero}
     and the forced rows. ``source`` is a model (its row for the same token), "zero", or {model, token
     or token_id}; every name is checked here, from the tokenizers."""

@@ -68,7 +68,8 @@ class ShardPlan:
         return {n: self.files[e.shard] for n, e in self.entries.items()}
 
 
-def plan_shards(tensors: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], max_shard_size: Union[int, str]) -> ShardPlan:
+def plan_shards(tensors: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+                max_shard_size: Union[int, str]) -> ShardPlan:
     """Greedy split in the given order, like transformers' ``save_pretrained``: a shard is closed
     when the next tensor would push it past ``max_shard_size`` (a larger tensor gets its own)."""
     limit = parse_size(max_shard_size)

@@ -377,3 +377,103 @@ def test_more_methods_compose_with_adamw(fam, tmp_path, method):
     if lo > 1:
         with pytest.raises(ConfigError, match=f"batch_size: expected None .*'{method}' merges"):
             AMEConfig(optimizer="adamw", batch_size=1, method=method).validate()
+
+
+# ---------------------------------------------------------------------------------------------- declarations
+def test_every_method_declares_each_parameter_and_its_base_role():
+    """One declaration per method: each default has a Param (and no name twice), each Param's default
+    passes its own check, the defaults together pass the method's own check, the base role is one of
+    three and needs_base / optional_base / per_model are read from the declarations."""
+    from hf_ame.method_params import BASE_ROLES, Param
+    from hf_ame.methods import method_parameters
+    entries = list_methods()
+    assert len(entries) >= 24
+    for e in entries:
+        names = [p.name for p in e.params]
+        assert all(isinstance(p, Param) for p in e.params), e.name
+        assert len(names) == len(set(names)) and list(e.defaults) == names, e.name
+        for p in e.params:
+            assert p.kind in ("number", "bool"), (e.name, p.name)
+            assert p.kind != "bool" or isinstance(p.default, bool), (e.name, p.name)
+            p.check(p.default, f"{e.name}.{p.name}")  # raises ConfigError if the default is not allowed
+        assert e.base in BASE_ROLES, e.name
+        assert e.needs_base == (e.base == "required") and e.optional_base == (e.base == "optional"), e.name
+        assert e.per_model == tuple(p.name for p in e.params if p.per_model), e.name
+        params = method_parameters(e.name, {})
+        assert {k: v for k, v in params.items() if k != "__method__"} == dict(e.defaults), e.name
+    roles = {e.name: e.base for e in entries}
+    assert roles["linear"] == roles["karcher"] == roles["huber"] == "unused"
+    assert roles["nuslerp"] == roles["multislerp"] == "optional"
+    assert roles["ties"] == roles["nearswap"] == roles["tsv"] == "required"
+
+
+@pytest.mark.parametrize("method, name, ok, refused, message", [
+    # nearswap's t is a distance; slerp's an interpolation factor
+    ("nearswap", "t", 2.0, -0.1, r"a distance >= 0 \(or one per ingredient\), got -0\.1"),
+    ("slerp", "t", 1.0, 2.0, r"a number in \[0, 1\] \(or one per ingredient\), got 2\.0"),
+    # ram's epsilon is a threshold of any size; DELLA's a spread of probabilities
+    ("ram", "epsilon", 1.5, -1.0, r"a number >= 0 \(or one per ingredient\), got -1\.0"),
+    ("ramplus_tl", "epsilon", 1.5, -1.0, r"a number >= 0 \(or one per ingredient\), got -1\.0"),
+    ("della_linear", "epsilon", 0.0, 1.5, r"a number in \[0, 1\) \(or one per ingredient\), got 1\.5"),
+    # multislerp's eps may be 0; the robust centres' must be positive
+    ("multislerp", "eps", 0.0, -1e-9, r"a number >= 0, got -1e-09"),
+    ("geometric_median", "eps", 1e-3, 0.0, r"a positive number, got 0\.0"),
+])
+def test_a_method_specific_range_is_enforced_by_its_own_declaration(method, name, ok, refused, message):
+    from hf_ame.methods import method_parameters
+    assert method_parameters(method, {name: ok})[name] == ok
+    with pytest.raises(ConfigError, match=rf"^method_kwargs\.{name}: expected {message}$"):
+        method_parameters(method, {name: refused})
+    with pytest.raises(ConfigError, match=rf"^method_kwargs\.{name}: expected {message}$"):  # in a gradient too
+        method_parameters(method, {name: {"gradient": [ok, refused]}})
+
+
+def test_nearswap_t_2_accepted_where_slerp_t_2_is_refused_as_before():
+    from hf_ame.methods import method_parameters, parameter_help
+    assert method_parameters("nearswap", {"t": 2.0})["t"] == 2.0
+    refused = r"^method_kwargs\.t: expected a number in \[0, 1\] \(or one per ingredient\), got 2\.0$"
+    with pytest.raises(ConfigError, match=refused):
+        method_parameters("slerp", {"t": 2.0})
+    with pytest.raises(ConfigError, match=refused):  # a gradient's values are checked by the same declaration
+        method_parameters("slerp", {"t": {"gradient": [0.1, 2.0]}})
+    assert parameter_help("nearswap", "t") == "a distance >= 0, or one per ingredient [..]; or {gradient: [..]} / " \
+                                              "{filters: [..]}"
+    assert parameter_help("slerp", "t").startswith("a number in [0, 1], or one per ingredient")
+    assert parameter_help("ties", "normalize") == "true or false"
+    assert parameter_help("karcher", "max_iter").startswith("a whole number from 1 to ")
+
+
+def test_a_third_party_method_registered_with_defaults_still_works(monkeypatch):
+    """The older form, register_method(defaults=..., needs_base=...): each default takes the shared
+    declaration of its name, else true/false or a finite number by its type; per-ingredient lists
+    follow the declarations (rows.subset_config); the new params= / base= form sits beside it."""
+    import hf_ame.methods as methods
+    from hf_ame.method_params import Param
+    from hf_ame.methods import get_method, method_parameters, register_method
+    from hf_ame.rows import subset_config
+    monkeypatch.setattr(methods, "_METHODS", {e.name: e for e in list_methods()})  # unregistered afterwards
+    entry = register_method("Third_Party", lambda ctx: ctx.pivot * 0,
+                            defaults={"density": 0.5, "c": 3.0, "flag": True, "normalize": False}, needs_base=False)
+    assert get_method("third_party") is entry and entry.base == "unused" and not entry.needs_base
+    assert dict(entry.defaults) == {"density": 0.5, "c": 3.0, "flag": True, "normalize": False}
+    assert entry.per_model == ("density",)
+    assert method_parameters("third_party", {"density": [0.2, 0.9], "c": -7})["c"] == -7
+    for k, v, msg in [("density", 1.5, r"a number in \(0, 1\] \(or one per ingredient\), got 1\.5"),
+                      ("c", "x", "a finite number, got 'x'"), ("flag", 1, "true or false, got 1"),
+                      ("normalize", "yes", "true or false, got 'yes'")]:
+        with pytest.raises(ConfigError, match=rf"^method_kwargs\.{k}: expected {msg}$"):
+            method_parameters("third_party", {k: v})
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("third_party", entry.fn)
+    assert register_method("opt_base", entry.fn, optional_base=True, needs_base=False).base == "optional"
+    assert register_method("old_default", entry.fn).base == "required"
+    with pytest.raises(ValueError, match="not both"):
+        register_method("both", entry.fn, base="unused", needs_base=False)
+    with pytest.raises(ValueError, match="base must be one of"):
+        register_method("bad_role", entry.fn, base="sometimes")
+    with pytest.raises(ValueError, match="declared twice"):
+        register_method("twice", entry.fn, params=(Param("c", 1.0),), defaults={"c": 2.0})
+    # per_model from the declarations: a per-ingredient "c" is cut to a row group's members, "t" is not
+    register_method("per_c", entry.fn, params=(Param("c", 1.0, per_model=True), Param("t", 0.5)), base="unused")
+    cfg = AMEConfig(method="per_c", method_kwargs={"c": [1.0, 2.0, 3.0], "t": 0.5})
+    assert subset_config(cfg, [0, 2]).method_kwargs == {"c": [1.0, 3.0], "t": 0.5}
