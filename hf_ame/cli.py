@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import yaml
 
 from .errors import ConfigError, Interrupted, OutputExistsError, error_line
-from .cli_args import key_values, parse_value
+from .cli_args import key_values
 from .merger import AMEMerger
 from .lora_cli import add_lora_merge_arguments, add_lora_parser, cmd_extract_lora, lora_merge_kwargs
 from .moe_cli import add_moe_parser, cmd_moe
@@ -47,63 +47,14 @@ EXAMPLES = """examples:
 
 
 def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
+    """The flags of `hf-ame merge`, group by group."""
     m.add_argument("models", nargs="+", metavar="PATH",
                    help="checkpoint folders or Hub ids in merge order (at least 2), or ONE recipe: a .yaml file or a Hub repo holding ame_recipe.yaml")
     m.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    m.add_argument("--optimizer", default=None, help="registry name (see `hf-ame optimizers`); default adamw")
-    m.add_argument("--lr", type=float, default=None, help="base learning rate eta_0; default 1e-3")
-    m.add_argument("--lr-schedule", default=None, choices=["constant", "harmonic", "power"], help="default harmonic")
-    m.add_argument("--lr-power", type=float, default=None, help="alpha of the power schedule; default -0.5")
-    m.add_argument("--epochs", type=int, default=None, help="passes over the ingredients; default 1")
-    m.add_argument("--batch-size", type=int, default=None, help="ingredients per step; default 1 (0: all in one step)")
-    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None, help="keep the given order every epoch")
-    m.add_argument("--seed", type=int, default=None, help="shuffle seed; default 0")
-    m.add_argument("--pivot", default=None, help="soup | first | ingredient index | base checkpoint folder; default soup")
-    m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_const", const=False, default=None,
-                   help="pseudogradient against the initial pivot instead of the current merge")
-    m.add_argument("--amplification", default=None, help="zeta: a number or 'linear'; default 1")
-    m.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]")
-    m.add_argument("--base-model", default=None, metavar="PATH", help="base checkpoint (folder or Hub id): the pivot of "
-                   "--pivot base, and where --method measures task vectors from")
-    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient ("
-                   + ", ".join(m.name for m in list_methods()) + "); alone (no optimizer option given) it is "
-                   "mergekit's one-shot merge of that name")
-    m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
-    m.add_argument("--tokenizer-source", default=None, metavar="SOURCE",
-                   help="ingredients with different vocabularies (added tokens): the output's vocabulary, first | base "
-                        "| union | an ingredient; embedding rows are matched by token")
-    m.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
-                   help="with --tokenizer-source: round the embedding rows up to a multiple of N")
-    m.add_argument("--missing-tokens", choices=["mergekit"], default=None,
-                   help="an embedding row some models lack: merged as mergekit does (default: over the models "
-                        "that hold its token)")
-    m.add_argument("--heads", default=None, metavar="CHOICE",
-                   help="classifiers with different label sets: union | drop | an ingredient (its head as it is); "
-                        "the same labels in another order are always aligned by name")
-    m.add_argument("--config-source", default=None, metavar="SOURCE",
-                   help="configs that differ in what the weights compute (rope_theta, ...): take first | base | an "
-                        "ingredient's; default: refuse")
-    m.add_argument("--search", default=None, metavar="SPACE.yaml",
-                   help="a validation search: a YAML file {space: {lr: [1e-4, 1e-3], epochs: [1, 3]}, n_trials: null, "
-                        "metric: accuracy, dataset: {path: ..., split: validation}} (metric and dataset: else the "
-                        "recipe's ordering); trial 0 is the uniform soup, the best-scoring trial is kept")
-    m.add_argument("--chat-template", default=None, metavar="TEMPLATE",
-                   help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
-                        "with mergekit (chatml, llama3, ...)")
-    m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
-    m.add_argument("--compute-dtype", default=None, help="dtype of the merge arithmetic; default float32 (or the recipe's)")
-    m.add_argument("--max-shard-size", default=None, help="output shard size; default 5GB (or the recipe's)")
-    m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default auto "
-                   "(Accelerate's placement: a GPU when there is one)")
-    m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
-                   help="ingredient: on CPU, one block of every ingredient at a time, each input read once "
-                        "(elsewhere one ingredient's copy at a time): memory independent of N; tensor: the N "
-                        "copies of one tensor in memory; auto (default): ingredient on CPU, else ingredient "
-                        "only when tensor would not fit")
-    m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
-                   help="memory 'auto' may use for ingredient copies; default half the available memory")
+    _add_ame_arguments(m)
+    _add_method_arguments(m)
+    _add_alignment_arguments(m)
+    _add_output_arguments(m)
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--strict", action="store_true",
                    help="a mergekit config: refuse keys and parameters mergekit ignores (default: ignored with a warning)")
@@ -124,6 +75,80 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
                         "shards, devices) from the headers alone, and stop: no weight is read, nothing is written")
     m.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON (every tensor)")
     add_lora_merge_arguments(m)
+
+
+def _add_ame_arguments(m: argparse.ArgumentParser) -> None:
+    """The AME run: optimizer, schedule, epochs, order, pivot."""
+    m.add_argument("--optimizer", default=None, help="registry name (see `hf-ame optimizers`); default adamw")
+    m.add_argument("--lr", type=float, default=None, help="base learning rate eta_0; default 1e-3")
+    m.add_argument("--lr-schedule", default=None, choices=["constant", "harmonic", "power"], help="default harmonic")
+    m.add_argument("--lr-power", type=float, default=None, help="alpha of the power schedule; default -0.5")
+    m.add_argument("--epochs", type=int, default=None, help="passes over the ingredients; default 1")
+    m.add_argument("--batch-size", type=int, default=None, help="ingredients per step; default 1 (0: all in one step)")
+    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None, help="keep the given order every epoch")
+    m.add_argument("--seed", type=int, default=None, help="shuffle seed; default 0")
+    m.add_argument("--pivot", default=None, help="soup | first | ingredient index | base checkpoint folder; default soup")
+    m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_const", const=False, default=None,
+                   help="pseudogradient against the initial pivot instead of the current merge")
+    m.add_argument("--amplification", default=None, help="zeta: a number or 'linear'; default 1")
+    m.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]")
+
+
+def _add_method_arguments(m: argparse.ArgumentParser) -> None:
+    """A base model, a merge method and its parameters, a search."""
+    m.add_argument("--base-model", default=None, metavar="PATH", help="base checkpoint (folder or Hub id): the pivot of "
+                   "--pivot base, and where --method measures task vectors from")
+    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient ("
+                   + ", ".join(m.name for m in list_methods()) + "); alone (no optimizer option given) it is "
+                   "mergekit's one-shot merge of that name")
+    m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
+    m.add_argument("--search", default=None, metavar="SPACE.yaml",
+                   help="a validation search: a YAML file {space: {lr: [1e-4, 1e-3], epochs: [1, 3]}, n_trials: null, "
+                        "metric: accuracy, dataset: {path: ..., split: validation}} (metric and dataset: else the "
+                        "recipe's ordering); trial 0 is the uniform soup, the best-scoring trial is kept")
+
+
+def _add_alignment_arguments(m: argparse.ArgumentParser) -> None:
+    """Ingredients that differ: vocabularies, heads, configs, chat template, tensor layout."""
+    m.add_argument("--tokenizer-source", default=None, metavar="SOURCE",
+                   help="ingredients with different vocabularies (added tokens): the output's vocabulary, first | base "
+                        "| union | an ingredient; embedding rows are matched by token")
+    m.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                   help="with --tokenizer-source: round the embedding rows up to a multiple of N")
+    m.add_argument("--missing-tokens", choices=["mergekit"], default=None,
+                   help="an embedding row some models lack: merged as mergekit does (default: over the models "
+                        "that hold its token)")
+    m.add_argument("--heads", default=None, metavar="CHOICE",
+                   help="classifiers with different label sets: union | drop | an ingredient (its head as it is); "
+                        "the same labels in another order are always aligned by name")
+    m.add_argument("--config-source", default=None, metavar="SOURCE",
+                   help="configs that differ in what the weights compute (rope_theta, ...): take first | base | an "
+                        "ingredient's; default: refuse")
+    m.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
+                        "with mergekit (chatml, llama3, ...)")
+    m.add_argument("--layout", default=None, choices=["original", "in_memory"],
+                   help="tensors of architectures transformers converts (MoE experts): original (as stored: each expert "
+                        "merged on its own; default) or in_memory (one fused tensor per layer, as mergekit and "
+                        "mergekit configs merge them)")
+
+
+def _add_output_arguments(m: argparse.ArgumentParser) -> None:
+    """Output dtype, shards, device and streaming."""
+    m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
+    m.add_argument("--compute-dtype", default=None, help="dtype of the merge arithmetic; default float32 (or the recipe's)")
+    m.add_argument("--max-shard-size", default=None, help="output shard size; default 5GB (or the recipe's)")
+    m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default auto "
+                   "(Accelerate's placement: a GPU when there is one)")
+    m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
+                   help="ingredient: on CPU, one block of every ingredient at a time, each input read once "
+                        "(elsewhere one ingredient's copy at a time): memory independent of N; tensor: the N "
+                        "copies of one tensor in memory; auto (default): ingredient on CPU, else ingredient "
+                        "only when tensor would not fit")
+    m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+                   help="memory 'auto' may use for ingredient copies; default half the available memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +279,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 _LOAD_FLAGS = ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template",
-               "dtype", "base_model")
+               "layout", "dtype", "base_model")
 
 
 def _recipe_merger(args: argparse.Namespace) -> AMEMerger:
@@ -280,7 +305,8 @@ def _models_merger(args: argparse.Namespace, overrides: Mapping[str, Any]) -> AM
                                      trust_remote_code=args.trust_remote_code, base_model=args.base_model,
                                      tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
                                      missing_tokens=args.missing_tokens, heads=args.heads,
-                                     config_source=args.config_source, chat_template=args.chat_template)
+                                     config_source=args.config_source, chat_template=args.chat_template,
+                                     layout=args.layout)
 
 
 _BARE_PUSH = ("--push: this recipe came from the Hub ({source}); {repo} is not pushed to without asking: type "

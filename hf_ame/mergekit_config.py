@@ -43,6 +43,9 @@ _AME_KEYS = {"optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size
              "amplification", "optimizer_kwargs", "compute_dtype"}
 
 
+IN_MEMORY = "in_memory"  # mergekit merges each tensor as transformers holds it (one fused tensor per layer's experts)
+
+
 def is_mergekit_config(data: Any) -> bool:
     """A mapping with mergekit's keys (``merge_method``) and none of an hf_ame recipe's (``hf_ame``)."""
     return isinstance(data, Mapping) and "merge_method" in data and "hf_ame" not in data
@@ -152,8 +155,9 @@ def _stacking_recipe(slices: List[Dict[str, Any]], data: Mapping[str, Any], orig
                     **({"scale": scale} if scale is not None else {})})
     recipe: Dict[str, Any] = {"hf_ame": 1, "models": refs, "slices": out, "merge": AMEConfig.soup().to_dict(),
                               "provenance": {"mergekit_config": original}}
+    recipe["output"] = {"layout": IN_MEMORY}
     if data.get("dtype") is not None or data.get("out_dtype") is not None:
-        recipe["output"] = {"dtype": str(data.get("out_dtype") or data["dtype"])}
+        recipe["output"]["dtype"] = str(data.get("out_dtype") or data["dtype"])
     return recipe
 
 
@@ -326,8 +330,7 @@ def _translate(data: Mapping[str, Any], original: str, ignored: List[str]) -> Di
     out_dtype = data.get("out_dtype") or data.get("dtype")
     recipe["output"] = {"dtype": str(out_dtype)} if out_dtype is not None else {}
     recipe["output"].update(_tokenizer(data, ignored, slices is not None))
-    if not recipe["output"]:
-        del recipe["output"]
+    recipe["output"]["layout"] = IN_MEMORY
     return recipe
 
 

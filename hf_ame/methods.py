@@ -379,6 +379,23 @@ def _slerp(ctx: MethodContext) -> torch.Tensor:
     return (a - (ca * a + cb * b)).reshape(p.shape)
 
 
+_MIN_NORM_PRODUCT = 1e-6  # mergekit's clamp of |d_i| |d_j| in a cosine
+
+
+def _pairwise_cosine(ctx: MethodContext, shape: Tuple[int, ...], norms: List[torch.Tensor]) -> torch.Tensor:
+    """The mean pairwise cosine as mergekit computes it, each pair's norm product clamped at 1e-6:
+    for task vectors so small that a product falls below it (small tensors, tiny updates), where the
+    sum-of-unit-vectors shortcut no longer equals mergekit's. Reads the pairs (two copies at a time)."""
+    n, p, total = ctx.n, ctx.pivot, None
+    for i in range(n):
+        a = ctx.get(i).sub_(p).reshape(shape).double()
+        for j in range(i + 1, n):
+            b = ctx.get(j).sub_(p).reshape(shape).double()
+            c = ((a * b).sum(dim=-1, keepdim=True) / (norms[i] * norms[j]).clamp(min=_MIN_NORM_PRODUCT)).clamp(-1, 1)
+            total = c if total is None else total.add_(c)
+    return total / (n * (n - 1) / 2)
+
+
 def _model_stock(ctx: MethodContext) -> torch.Tensor:
     """Model Stock: pass 1 the norms of the task vectors and their sum; pass 2 the sum of the unit
     vectors, whose squared norm gives the sum of the pairwise cosines without holding pairs."""
@@ -401,6 +418,8 @@ def _model_stock(ctx: MethodContext) -> torch.Tensor:
     sq = sum((nm > 1e-12).double() for nm in norms)  # |u_i|^2: 1, or 0 for a zero task vector
     pairs = n * (n - 1) / 2
     cos = ((units.pow(2).sum(dim=-1, keepdim=True) - sq) / 2 / pairs).clamp(-1, 1)
+    if any(bool((norms[i] * norms[j] < _MIN_NORM_PRODUCT).any()) for i in range(n) for j in range(i + 1, n)):
+        cos = _pairwise_cosine(ctx, shape, norms)
     den = 1 + (n - 1) * cos
     t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), n * cos / torch.where(den.abs() < 1e-6, 1, den))
     # merge = t * mean + (1 - t) * p = p + t * mean_i d_i  ->  g = -t * mean_i d_i

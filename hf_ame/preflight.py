@@ -20,7 +20,7 @@ from .config_diff import choose_config
 from .errors import IncompatibleCheckpointsError, IngredientError
 from .hub import Ingredient, RemoteHeader, download, inspect_remote, parse_ingredient
 from .labels import align_labels, drop_renames, prefix_renames
-from .layouts import original_layout
+from .layouts import LAYOUTS, in_memory_layout, original_layout
 from .limits import MAX_PAD_TO_MULTIPLE_OF, check_count
 from .output import TOKENIZER_FILES
 from .quantization import check_quantization, dequantized_infos, is_fp8
@@ -127,6 +127,8 @@ class Preflight:
             raise ConfigError(f"missing_tokens: expected None or 'mergekit', got {self.choices['missing_tokens']!r}")
         if self.choices.get("pad_to_multiple_of") is not None:  # rows are padded up to it: bounded
             check_count(self.choices["pad_to_multiple_of"], "pad_to_multiple_of", 1, MAX_PAD_TO_MULTIPLE_OF)
+        if self.choices.get("layout") not in (None, *LAYOUTS):
+            raise ConfigError(f"layout: expected one of {', '.join(LAYOUTS)}, got {self.choices['layout']!r}")
         if self.choices.get("tokens") and self.choices.get("tokenizer_source") is None:
             raise ConfigError("tokens: per-token row sources need tokenizer_source (the output's vocabulary)")
         self.rows: Optional[RowAlignment] = None
@@ -135,18 +137,22 @@ class Preflight:
         self.skeleton: Any = None
 
     def align_layouts(self, headers: Sequence[Any], notes: List[str]) -> None:
-        """Checkpoints saved in transformers' in-memory layout (fused MoE experts, ...) read in the
-        original one, when the ingredients' tensor names differ."""
-        if len({frozenset(h.tensors) for h in headers}) <= 1 or not headers[0].config.get("model_type"):
+        """``layout="original"`` (default): checkpoints saved in transformers' in-memory layout (fused
+        MoE experts, ...) read in the original one, when the ingredients' tensor names differ.
+        ``layout="in_memory"`` (mergekit configs): every checkpoint read in the in-memory layout."""
+        in_memory = self.choices.get("layout") == "in_memory"
+        if not headers[0].config.get("model_type") or (not in_memory and len({frozenset(h.tensors) for h in headers}) <= 1):
             return
         self.skeleton = skeleton_from_config(headers[0].config, self.access["trust_remote_code"])
         for h in headers:
-            layout = original_layout(self.skeleton, h.tensors) if self.skeleton is not None else None
+            layout = None if self.skeleton is None else (in_memory_layout if in_memory else original_layout)(
+                self.skeleton, h.tensors)
             if layout:
                 self.layouts[h.name] = layout
-                h.tensors = {k: info for k, (_, info) in layout.items()}
-                notes.append(f"{h.name!r} is saved in transformers' in-memory layout (save_original_format=False): "
-                             "read in the original layout, as transformers converts it")
+                h.tensors = {k: info for k, (_, info) in layout.entries.items()}
+                notes.append(f"{h.name!r} read in transformers' in-memory layout (fused experts), as mergekit reads it"
+                             if in_memory else f"{h.name!r} is saved in transformers' in-memory layout "
+                             "(save_original_format=False): read in the original layout, as transformers converts it")
 
     def run(self, headers: Sequence[Any]) -> None:
         ings, base = list(headers[:self.n]), (headers[self.n] if len(headers) > self.n else None)

@@ -28,6 +28,7 @@ import yaml
 from .config import AMEConfig, ConfigError, parse_dtype
 from .errors import RecipeError
 from .hub import bound_timeouts, timeout_hint
+from .layouts import LAYOUTS
 from .limits import MAX_PAD_TO_MULTIPLE_OF, MAX_SCORE_BATCH, check_config_limits, check_count
 from .mergekit_config import MERGEKIT_FILE, is_mergekit_config, mergekit_to_recipe_dict
 from .methods import get_method
@@ -43,7 +44,7 @@ _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
 _OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads",
-           "config_source", "chat_template", "format", "rank"}  # format: model | lora (hf_ame.lora_out), rank: its r
+           "config_source", "chat_template", "format", "rank", "layout"}  # format: model | lora (hf_ame.lora_out), rank: its r
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
@@ -354,6 +355,8 @@ def _check_output(output: Dict[str, Any]) -> Dict[str, Any]:
                 f"{what}, an ingredient's id or index", v)
     _expect(output.get("missing_tokens") in (None, "mergekit"), "output.missing_tokens", "'mergekit' or absent",
             output.get("missing_tokens"))
+    _expect(output.get("layout") in (None, *LAYOUTS), "output.layout", " or ".join(map(repr, LAYOUTS)),
+            output.get("layout"))
     _expect(output.get("tokens") is None or isinstance(output["tokens"], Mapping), "output.tokens",
             "a mapping of token -> {source, force}", output.get("tokens"))
     _expect(output.get("format") in (None, "model", "lora"), "output.format", "'model' or 'lora'", output.get("format"))
