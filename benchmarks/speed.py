@@ -1,35 +1,42 @@
-"""Speed and memory of a merge against the I/O floor, mergekit and the naive way, in ONE run.
+"""Speed and memory of a merge against the I/O floor and mergekit, on a quiet and a busy machine, in ONE run.
 
     bash scripts/setup.sh && .venv/bin/pip install -e ".[bench]"     # mergekit, once
-    .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|default]
+    .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|medium|default] [--busy]
 
 Builds N perturbed copies of one causal LM (Llama architecture, bf16 safetensors, sharded like Hub
 models) under benchmarks/.data, then runs every method in its own subprocess, interleaved
 (rep 1: all methods, rep 2: all methods, ...), recording wall time and the child's peak RSS
 (wait4). Inputs sit in the page cache for every method alike (the floor reads them too). Prints the
-best time per method, ratios to the floor and to mergekit, and checks that hf_ame's soup and
-mergekit's linear merge agree within bf16 rounding.
+best time per method, ratios to the floor, to mergekit and to the soup, and checks that hf_ame's
+soup and mergekit's linear merge agree within bf16 rounding. ``--busy``: each method is also timed
+beside a competing torch process on every core (started before the child, killed after it), as
+when a merge runs next to a fine-tune (issue 34).
 
 Methods: floor (read every input byte once + write one model's bytes), hf_ame soup (default
 "auto" stream, on CPU: one cache block of every ingredient at a time, read with preadv), hf_ame
 soup with stream="tensor" (the N memory-mapped copies of a tensor, merged in cache blocks),
-hf_ame AdamW-AME 1 and 10 epochs, mergekit linear (if installed: pip install mergekit==0.1.5), naive
-(from_pretrained all N models, average, save_pretrained).
+hf_ame AdamW-AME 1, 3 and 10 epochs, the robust preset (AMEConfig.robust(): 20 Huber steps), TIES
+one-shot (the first copy as base), mergekit linear (if installed: pip install mergekit==0.1.5),
+naive (from_pretrained all N models, average, save_pretrained; only when named in --methods).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / ".data"
-SCALES = {  # ~245M parameters ("default") / ~30M ("small", for a quick look)
+SCALES = {  # ~245M parameters ("default"), ~162M ("medium": 4 x 324 MB bf16, issue 34's case), ~30M ("small")
+    "medium": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                   num_key_value_heads=4, vocab_size=40000),
     "default": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=4, vocab_size=32000),
     "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
@@ -137,6 +144,28 @@ _T0 = time.perf_counter()
 merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=10), progress=False, max_shard_size="2GB")
 _T1 = time.perf_counter()
 """,
+    "hf_ame AdamW 3 ep": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=3), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "hf_ame robust": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.robust(), progress=False, max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
+    "hf_ame ties": r"""
+import sys, time
+from hf_ame import AMEConfig, merge_checkpoints
+_T0 = time.perf_counter()
+merge_checkpoints(sys.argv[2:-1], sys.argv[-1], AMEConfig.one_shot("ties", density=0.5), base=sys.argv[1], progress=False,
+                  max_shard_size="2GB")
+_T1 = time.perf_counter()
+""",
     "mergekit linear": r"""
 import sys, os, time
 import torch
@@ -163,6 +192,7 @@ models[0].save_pretrained(out)
 _T1 = time.perf_counter()
 """,
 }
+SLOW = ("naive from_pretrained",)  # not run unless named in --methods
 
 
 def run_child(code: str, paths, out: Path) -> tuple:
@@ -199,12 +229,84 @@ def compare_soup_mergekit(a: Path, b: Path) -> str:
     return f"{len(x)} tensors; {differ / total:.2%} of elements differ; max difference {worst:.2f} bf16 ulp"
 
 
+# The busy machine of issue 34: another torch job on every core (a merge beside a fine-tune or an
+# evaluation), started before a timed child and stopped after it.
+_BUSY = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+
+
+@contextlib.contextmanager
+def competitor(on: bool):
+    """A competing torch process on all cores while the block runs (nothing when ``on`` is False)."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # its threads are up and spinning
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_all(args, methods, paths_all, work: Path) -> dict:
+    """Every (N, mode, method) run, interleaved: rep 1 of everything, then rep 2, ..."""
+    results: dict = {}
+    modes = ["quiet", "busy"] if args.busy else ["quiet"]
+    for n in args.ns:
+        paths = paths_all[:n]
+        run_child(CHILD["floor"], paths, work / "warm")  # page-cache warm-up, not timed
+        shutil.rmtree(work / "warm", ignore_errors=True)
+        for rep in range(args.reps):
+            for m in methods:
+                for mode in modes:
+                    out = work / f"{n}-{m.replace(' ', '_')}-{mode}-{rep}"
+                    with competitor(mode == "busy"):
+                        wall, rss, anon = run_child(CHILD[m], paths, out)
+                    results.setdefault((n, mode, m), []).append((wall, rss, anon))
+                    print(f"  N={n} rep {rep + 1} {mode:<5} {m:<24} {wall:7.2f}s  peak RSS {rss:8.0f} MiB  "
+                          f"anon {anon:6.0f} MiB", flush=True)
+                    if rep < args.reps - 1 or mode != "quiet" or m not in ("hf_ame soup", "mergekit linear"):
+                        shutil.rmtree(out, ignore_errors=True)
+        if "mergekit linear" in methods and "hf_ame soup" in methods:
+            last = args.reps - 1
+            print(f"  N={n} soup vs mergekit linear: " + compare_soup_mergekit(
+                work / f"{n}-hf_ame_soup-quiet-{last}", work / f"{n}-mergekit_linear-quiet-{last}"))
+        for p in work.glob(f"{n}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    return results
+
+
+def report(args, methods, results: dict, model_bytes: int) -> None:
+    print()
+    print(f"best of {args.reps} interleaved runs; times exclude interpreter start-up and imports; "
+          "ratios are within this run and mode (busy: a competing torch process on all cores)")
+    print(f"{'N':>2} {'mode':<5} {'method':<24} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x floor':>8} "
+          f"{'x mergekit':>10} {'x soup':>7}")
+    summary = []
+    for (n, mode) in sorted({(k[0], k[1]) for k in results}, key=lambda k: (k[0], k[1] != "quiet")):
+        best = {m: min(r[0] for r in results[(n, mode, m)]) for m in methods}
+        floor, mk, soup = best.get("floor"), best.get("mergekit linear"), best.get("hf_ame soup")
+        for m in methods:
+            w, rss = best[m], max(r[1] for r in results[(n, mode, m)])
+            anon = max(r[2] for r in results[(n, mode, m)])
+            ratios = [f"{w / ref:{width}.2f}" if ref else f"{'-':>{width}}" for ref, width in ((floor, 8), (mk, 10), (soup, 7))]
+            print(f"{n:>2} {mode:<5} {m:<24} {w:8.2f} {rss:13.0f} {anon:9.0f} " + " ".join(ratios))
+            summary.append({"n": n, "mode": mode, "method": m, "wall_s": w, "peak_rss_mib": rss, "peak_anon_mib": anon,
+                            "x_floor": w / floor if floor else None, "x_mergekit": w / mk if mk else None,
+                            "x_soup": w / soup if soup else None})
+    (DATA / "speed_results.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nmodel size {model_bytes / 2**20:.0f} MiB; {os.cpu_count()} CPU cores; results also in "
+          f"{DATA / 'speed_results.json'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--scale", choices=list(SCALES), default="default")
-    ap.add_argument("--methods", nargs="+", default=list(CHILD))
+    ap.add_argument("--methods", nargs="+", default=[m for m in CHILD if m not in SLOW])
+    ap.add_argument("--busy", action="store_true", help="also time every method beside a competing torch process")
     args = ap.parse_args()
     has_mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) is not None
     methods = [m for m in args.methods if m != "mergekit linear" or has_mergekit]
@@ -214,49 +316,12 @@ def main() -> int:
     model_bytes = sum(f.stat().st_size for f in paths_all[0].glob("*.safetensors"))
     print(f"[model] {model_bytes / 2**20:.0f} MiB of bf16 safetensors per ingredient, "
           f"{len(list(paths_all[0].glob('*.safetensors')))} shards; {os.cpu_count()} CPU cores")
-    results = {}
     work = Path(tempfile.mkdtemp(prefix="hf_ame-bench-", dir=DATA))
     try:
-        for n in args.ns:
-            paths = paths_all[:n]
-            run_child(CHILD["floor"], paths, work / "warm")  # page-cache warm-up, not timed
-            shutil.rmtree(work / "warm", ignore_errors=True)
-            for rep in range(args.reps):
-                for m in methods:
-                    out = work / f"{n}-{m.replace(' ', '_')}-{rep}"
-                    wall, rss, anon = run_child(CHILD[m], paths, out)
-                    results.setdefault((n, m), []).append((wall, rss, anon))
-                    print(f"  N={n} rep {rep + 1} {m:<24} {wall:7.2f}s  peak RSS {rss:8.0f} MiB  anon {anon:6.0f} MiB",
-                          flush=True)
-                    if rep < args.reps - 1 or m not in ("hf_ame soup", "mergekit linear"):
-                        shutil.rmtree(out, ignore_errors=True)
-            if has_mergekit and "hf_ame soup" in methods:
-                last = args.reps - 1
-                print(f"  N={n} soup vs mergekit linear: " + compare_soup_mergekit(
-                    work / f"{n}-hf_ame_soup-{last}", work / f"{n}-mergekit_linear-{last}"))
-            for p in work.glob(f"{n}-*"):
-                shutil.rmtree(p, ignore_errors=True)
+        results = run_all(args, methods, paths_all, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    print()
-    print(f"best of {args.reps} interleaved runs; times exclude interpreter start-up and imports; "
-          "ratios are within this run")
-    print(f"{'N':>2} {'method':<24} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x floor':>8} {'x mergekit':>10}")
-    summary = []
-    for n in args.ns:
-        floor = min(r[0] for r in results[(n, "floor")])
-        mk = min(r[0] for r in results[(n, "mergekit linear")]) if (n, "mergekit linear") in results else None
-        for m in methods:
-            w = min(r[0] for r in results[(n, m)])
-            rss = max(r[1] for r in results[(n, m)])
-            anon = max(r[2] for r in results[(n, m)])
-            rmk = f"{w / mk:10.2f}" if mk else f"{'-':>10}"
-            print(f"{n:>2} {m:<24} {w:8.2f} {rss:13.0f} {anon:9.0f} {w / floor:8.2f} {rmk}")
-            summary.append({"n": n, "method": m, "wall_s": w, "peak_rss_mib": rss, "peak_anon_mib": anon,
-                            "x_floor": w / floor, "x_mergekit": (w / mk) if mk else None})
-    (DATA / "speed_results.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nmodel size {model_bytes / 2**20:.0f} MiB; results also in {DATA / 'speed_results.json'}")
+    report(args, methods, results, model_bytes)
     return 0
 
 

@@ -14,8 +14,9 @@ tensors); stepping several tensors through one optimizer gives identical results
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,6 +26,7 @@ from .kernels import fused_merge, fused_soup, fused_supported
 from .methods import MethodContext, get_method
 from .optimizers import build_optimizer, get_optimizer
 from .schedules import amplification, learning_rate
+from .threads import intra_op, run_in_order
 
 __all__ = [
     "is_exact_soup",
@@ -41,6 +43,7 @@ __all__ = [
     "merge_block",
     "merge_fused",
     "merge_in_blocks",
+    "merge_blocks_on",
     "block_bounds",
     "ame_merge",
     "ame_merge_many",
@@ -205,16 +208,20 @@ def _build_fast(config: AMEConfig, weights: List[torch.Tensor]) -> torch.optim.O
     return build_optimizer(config.optimizer, weights, lr=float(config.lr), kwargs=kwargs)
 
 
+def is_plain_sgd(config: AMEConfig) -> bool:
+    """SGD without momentum, weight decay or maximize: a step is w - lr g, element by element."""
+    kw = config.optimizer_arguments()
+    return (config.optimizer in ("sgd", "gd") and not kw.get("momentum") and not kw.get("weight_decay")
+            and not kw.get("maximize") and not kw.get("nesterov"))
+
+
 def is_exact_soup(config: AMEConfig, n_ingredients: int) -> bool:
     """True when the config is spec special case 1 (SGD, lr 1 constant, zeta 1, one epoch, fixed
     pivot, B dividing N, no momentum / weight decay): the result is exactly the uniform average,
     which the engine then computes in one pass instead of N optimizer steps."""
-    kw = config.optimizer_arguments()
-    return (config.method is None and config.optimizer in ("sgd", "gd") and config.lr == 1.0 and config.lr_schedule == "constant"
+    return (config.method is None and is_plain_sgd(config) and config.lr == 1.0 and config.lr_schedule == "constant"
             and not callable(config.amplification) and config.amplification == 1 and config.epochs == 1
-            and not config.adaptive_pivot and n_ingredients % (config.batch_size or n_ingredients) == 0
-            and not kw.get("momentum") and not kw.get("weight_decay") and not kw.get("maximize")
-            and not kw.get("nesterov"))
+            and not config.adaptive_pivot and n_ingredients % (config.batch_size or n_ingredients) == 0)
 
 
 class AMEStepper:
@@ -243,7 +250,16 @@ class AMEStepper:
         self._grads = [torch.empty_like(w) for w in self.weights]
         for w, g in zip(self.weights, self._grads):
             w.grad = g
-        self.optimizer = _build_fast(config, self.weights)
+        self._optimizer: Optional[torch.optim.Optimizer] = None  # built at the first step that needs it
+        self._plain = is_plain_sgd(config)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer, built on first use: its constructor imports ``torch._dynamo`` (about a
+        second, once per process), which a merge of plain SGD steps of lr 1 never needs."""
+        if self._optimizer is None:
+            self._optimizer = _build_fast(self.config, self.weights)
+        return self._optimizer
 
     @torch.no_grad()
     def step(self, step: AMEStep, ingredients: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -267,6 +283,10 @@ class AMEStepper:
             g.mul_(scale)
             if w.grad is not g:  # an optimizer may have replaced .grad; keep ours
                 w.grad = g
+        if self._plain and step.lr == 1.0 and self._optimizer is None:
+            for w, g in zip(self.weights, self._grads):  # SGD's update w - lr g with lr 1: the same bits
+                w.sub_(g)
+            return
         for group in self.optimizer.param_groups:
             group["lr"] = step.lr
         self.optimizer.step()
@@ -302,8 +322,9 @@ class AMEStepper:
         out = [w.detach() for w in self.weights]
         for w in self.weights:
             w.grad = None
-        self.optimizer.state.clear()
-        self.optimizer.param_groups.clear()
+        if self._optimizer is not None:
+            self._optimizer.state.clear()
+            self._optimizer.param_groups.clear()
         self.weights, self._grads, self.pivots = [], [], None
         return out
 
@@ -353,6 +374,7 @@ def merge_tensor(
     block_size: Optional[int] = DEFAULT_BLOCK_SIZE,
     key: str = "tensor0",
     position: float = 0.0,
+    pool: Optional[Executor] = None,
 ) -> torch.Tensor:
     """Merge one tensor from its N copies (in the given order) along the precomputed ``steps``.
 
@@ -362,6 +384,7 @@ def merge_tensor(
     merge state stays in cache while each ingredient's bytes are read once: several times faster on
     CPU, bit-identical.
     ``exact_soup``: the config is spec case 1; compute the exact mean in one pass.
+    ``pool``: blocks merged side by side on its workers (:func:`merge_blocks_on`).
     """
     out_dtype = out_dtype or config.torch_compute_dtype
     blocked = block_size is not None and can_block(config, device, exact_soup=exact_soup)
@@ -370,16 +393,21 @@ def merge_tensor(
         numel = srcs[0].numel()
         blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
     if not blocked:
-        # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
-        if config.method is None and isinstance(ingredients, (list, tuple)) and fused_supported(config, device, ingredients):
-            merged = merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype,
-                                 exact_soup=exact_soup)
-        else:
-            merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
-                                 exact_soup=exact_soup, key=key, position=position).to(out_dtype)
-        return _check_finite(merged, ingredients)
+        with intra_op(pool):  # whole-tensor operations (a method's ranks and norms) on the user's threads
+            # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
+            if config.method is None and isinstance(ingredients, (list, tuple)) and fused_supported(config, device, ingredients):
+                merged = merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype,
+                                     exact_soup=exact_soup)
+            else:
+                merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
+                                     exact_soup=exact_soup, key=key, position=position).to(out_dtype)
+            return _check_finite(merged, ingredients)
     bounds = block_bounds(numel, block_size)
     flats = [t.view(-1) for t in srcs]
+    if pool is not None:
+        return merge_blocks_on(pool, lambda k: [f[bounds[k][0]:bounds[k][1]] for f in flats], bounds,
+                               ingredients[0].shape, len(ingredients), config, steps, pivot, out_dtype=out_dtype,
+                               exact_soup=exact_soup)
     return merge_in_blocks(([f[a:b] for f in flats] for a, b in bounds), bounds, ingredients[0].shape,
                            len(ingredients), config, steps, pivot, device=device, out_dtype=out_dtype,
                            exact_soup=exact_soup)
@@ -403,6 +431,26 @@ def merge_in_blocks(blocks: Iterable[Sequence[torch.Tensor]], bounds: Sequence[T
                               device=device, exact_soup=exact_soup))
         _check_finite(dst, part[:n])  # in the output dtype: an overflow of the cast counts too
         del part, dst  # a reader may fetch the next block now: hold one block, not two
+    return out
+
+
+def merge_blocks_on(pool: Executor, fetch: Callable[[int], Sequence[torch.Tensor]], bounds: Sequence[Tuple[int, int]],
+                    shape: Sequence[int], n: int, config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec, *,
+                    out_dtype: Optional[torch.dtype] = None, exact_soup: bool = False) -> torch.Tensor:
+    """:func:`merge_in_blocks` on CPU with the blocks merged side by side on ``pool``'s workers (see
+    :mod:`hf_ame.threads`): block k's slices are ``fetch(k)`` (the N ingredients', then the base's),
+    fetched by the worker that merges it. The same bytes as the serial loop: blocks are independent."""
+    out = torch.empty(tuple(shape), dtype=out_dtype or config.torch_compute_dtype)
+    flat = out.view(-1)
+
+    def work(k: int) -> None:
+        part = fetch(k)
+        dst = flat[bounds[k][0]:bounds[k][1]]
+        dst.copy_(merge_block(part[:n], config, steps, pivot, base=part[n] if len(part) > n else None,
+                              exact_soup=exact_soup))
+        _check_finite(dst, part[:n])
+
+    run_in_order(pool, work, len(bounds))
     return out
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -51,6 +52,9 @@ WEIGHT_FILE_NAMES = (
 )
 # Bytes read from a safetensors header before we give up (a header is JSON, rarely > a few MB).
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+_COUNTING = threading.Lock()  # bytes_read is updated by concurrent block readers
 
 
 @dataclass(frozen=True)
@@ -388,8 +392,16 @@ class Checkpoint:
                     raise CheckpointError(f"{self.name}/{info.file}: truncated while reading tensor {name!r}")
                 view, pos = view[got:], pos + got
             out = raw.view(info.dtype)  # safetensors is little-endian, as torch's CPUs
-        self.bytes_read += out.numel() * out.element_size()
+        with _COUNTING:  # blocks may be read by several workers at once (reads_concurrently)
+            self.bytes_read += out.numel() * out.element_size()
         return out
+
+    def reads_concurrently(self, name: str) -> bool:
+        """Whether :meth:`read_flat` of ``name`` may run in several threads at once: positional reads
+        of a safetensors file (no shared file position, no cache). Subclasses that read otherwise: no."""
+        info = self.tensors.get(name)
+        return (type(self).read_flat is Checkpoint.read_flat and self.format != "bin" and info is not None
+                and info.offset >= 0)
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (indices along dim 0) of tensor ``name``: only the span from the first to the

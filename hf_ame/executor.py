@@ -20,12 +20,14 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from .algorithm import NonFiniteError, block_bounds, is_exact_soup, merge_in_blocks, merge_tensor, plan_steps
+from .algorithm import (NonFiniteError, block_bounds, is_exact_soup, merge_blocks_on, merge_in_blocks, merge_tensor,
+                        plan_steps)
 from .checkpoints import Checkpoint
 from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
 from .rows import RowGroup, RowMap, fill_sources, row_groups, subset_config, subset_pivot
+from .threads import intra_op, merge_threads
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
@@ -236,6 +238,7 @@ class _Runner:
         self.row_pool = (cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-row")
                          if (plan.prefetch and streams_rows) else None)
         self.devices: set = set()
+        self.pool: Optional[cf.ThreadPoolExecutor] = None  # merge workers (hf_ame.threads), set by write_parts
 
     def read(self, tp: TensorPlan) -> Union[List[torch.Tensor], Upload]:
         """What is read ahead for a tensor: its copies for the "tensors" reader (uploaded now, on
@@ -269,8 +272,15 @@ class _Runner:
         byte read once whatever E or the shuffle; memory: two blocks' slices + one block's state."""
         bounds = block_bounds(tp.numel, tp.block)
         p = self.plan
-        return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps, p.pivot,
-                               out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
+        if self.pool is not None and all(c.reads_concurrently(tp.name) for c in self.srcs):
+            def read_block(k: int) -> List[torch.Tensor]:  # on the worker that merges block k
+                return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
+
+            return merge_blocks_on(self.pool, read_block, bounds, tp.shape, len(self.ckpts), p.config, p.steps,
+                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
+        with intra_op(self.pool):
+            return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
+                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
     def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype,
                     base_whole: Optional[torch.Tensor]) -> torch.Tensor:
@@ -293,7 +303,7 @@ class _Runner:
         pivot = subset_pivot(p.pivot, g.members, base_x is not None)
         try:
             return merge_tensor(copies, cfg, steps, pivot, base=base_x, device=dev, out_dtype=out_dtype, exact_soup=exact,
-                                block_size=None, key=tp.name, position=tp.position)
+                                block_size=None, key=tp.name, position=tp.position, pool=self.pool)
         except NonFiniteError as exc:
             raise NonFiniteError([g.members[c] for c in exc.culprits]) from None
 
@@ -327,7 +337,7 @@ class _Runner:
         try:
             return merge_tensor(copies, p.config, p.steps, p.pivot, base=base_x, device=dev,
                                 out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup, block_size=None,
-                                key=tp.name, position=tp.position)
+                                key=tp.name, position=tp.position, pool=self.pool)
         finally:
             copies.close()
 
@@ -367,7 +377,7 @@ class _Runner:
             # a streamed row is read whole per ingredient, so it is never split into blocks
             out = merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
                                exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
-                               key=tp.name, position=tp.position)
+                               key=tp.name, position=tp.position, pool=self.pool)
             self.check_moved(tp.name, out, ing, base_x)
             return out
         finally:
@@ -498,8 +508,10 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
-        for runner, rename in parts:
-            runner.write_all(writer, bar, rename)
+        with merge_threads() as pool:
+            for runner, rename in parts:
+                runner.pool = pool
+                runner.write_all(writer, bar, rename)
         bar.close()
         report = parts[0][0].report
         report.files = writer.finish(write_index=plan.rank == 0)
