@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_ame import AMEConfig, AMEMerger, kernels, merge_checkpoints  # noqa: E402
-from hf_ame.algorithm import merge_block, merge_fused, plan_steps, resolve_pivot, soup  # noqa: E402
+from hf_ame.algorithm import plan_steps, resolve_pivot, soup  # noqa: E402
+from hf_ame.blocks import merge_block, merge_fused  # noqa: E402
 
 MODELS = {  # name: (vocab, hidden, intermediate, layers, kv dim)
     "1b": (128256, 2048, 8192, 16, 512),

@@ -195,8 +195,13 @@ _T1 = time.perf_counter()
 SLOW = ("naive from_pretrained",)  # not run unless named in --methods
 
 
-def run_child(code: str, paths, out: Path) -> tuple:
+BASELINE = " [baseline]"  # suffix of a method run with --baseline's hf_ame
+
+
+def run_child(code: str, paths, out: Path, pythonpath: str = "") -> tuple:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if pythonpath:  # another checkout's hf_ame (e.g. a git worktree of an older commit)
+        env["PYTHONPATH"] = pythonpath
     res = subprocess.run([sys.executable, "-c", _HEADER + code + _FOOTER, *map(str, paths), str(out)], env=env,
                          capture_output=True, text=True)
     if res.returncode != 0:
@@ -262,7 +267,8 @@ def run_all(args, methods, paths_all, work: Path) -> dict:
                 for mode in modes:
                     out = work / f"{n}-{m.replace(' ', '_')}-{mode}-{rep}"
                     with competitor(mode == "busy"):
-                        wall, rss, anon = run_child(CHILD[m], paths, out)
+                        wall, rss, anon = run_child(CHILD[m.removesuffix(BASELINE)], paths, out,
+                                                    args.baseline if m.endswith(BASELINE) else "")
                     results.setdefault((n, mode, m), []).append((wall, rss, anon))
                     print(f"  N={n} rep {rep + 1} {mode:<5} {m:<24} {wall:7.2f}s  peak RSS {rss:8.0f} MiB  "
                           f"anon {anon:6.0f} MiB", flush=True)
@@ -281,17 +287,17 @@ def report(args, methods, results: dict, model_bytes: int) -> None:
     print()
     print(f"best of {args.reps} interleaved runs; times exclude interpreter start-up and imports; "
           "ratios are within this run and mode (busy: a competing torch process on all cores)")
-    print(f"{'N':>2} {'mode':<5} {'method':<24} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x floor':>8} "
+    print(f"{'N':>2} {'mode':<5} {'method':<34} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x floor':>8} "
           f"{'x mergekit':>10} {'x soup':>7}")
     summary = []
     for (n, mode) in sorted({(k[0], k[1]) for k in results}, key=lambda k: (k[0], k[1] != "quiet")):
         best = {m: min(r[0] for r in results[(n, mode, m)]) for m in methods}
-        floor, mk, soup = best.get("floor"), best.get("mergekit linear"), best.get("hf_ame soup")
+        floor, mk, soup = best.get("floor"), best.get("mergekit linear"), best.get("hf_ame soup")  # this checkout's
         for m in methods:
             w, rss = best[m], max(r[1] for r in results[(n, mode, m)])
             anon = max(r[2] for r in results[(n, mode, m)])
             ratios = [f"{w / ref:{width}.2f}" if ref else f"{'-':>{width}}" for ref, width in ((floor, 8), (mk, 10), (soup, 7))]
-            print(f"{n:>2} {mode:<5} {m:<24} {w:8.2f} {rss:13.0f} {anon:9.0f} " + " ".join(ratios))
+            print(f"{n:>2} {mode:<5} {m:<34} {w:8.2f} {rss:13.0f} {anon:9.0f} " + " ".join(ratios))
             summary.append({"n": n, "mode": mode, "method": m, "wall_s": w, "peak_rss_mib": rss, "peak_anon_mib": anon,
                             "x_floor": w / floor if floor else None, "x_mergekit": w / mk if mk else None,
                             "x_soup": w / soup if soup else None})
@@ -307,9 +313,13 @@ def main() -> int:
     ap.add_argument("--scale", choices=list(SCALES), default="default")
     ap.add_argument("--methods", nargs="+", default=[m for m in CHILD if m not in SLOW])
     ap.add_argument("--busy", action="store_true", help="also time every method beside a competing torch process")
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="also run each hf_ame method with the hf_ame of this checkout (PYTHONPATH=DIR), in the same run")
     args = ap.parse_args()
     has_mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) is not None
     methods = [m for m in args.methods if m != "mergekit linear" or has_mergekit]
+    if args.baseline:
+        methods += [m + BASELINE for m in methods if m.startswith("hf_ame")]
     if not has_mergekit:
         print("[note] mergekit not installed (pip install mergekit==0.1.5): skipping it")
     paths_all = build(args.scale, max(args.ns))

@@ -124,7 +124,8 @@ def validate_header(header: Any, data_len: int, where: str) -> Dict[str, str]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise CheckpointError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
     spans = []
     for name, entry in header.items():
@@ -299,7 +300,8 @@ class Checkpoint:
         if weight_map is not None:
             missing = [k for k in weight_map if k not in infos]
             if missing:
-                raise CheckpointError(f"{self.name}: tensor {missing[0]!r} is in {self.weight_file} but not in {weight_map[missing[0]]}")
+                raise CheckpointError(f"{self.name}: tensor {missing[0]!r} is in {self.weight_file} "
+                                      f"but not in {weight_map[missing[0]]}")
         return infos
 
     def _check_listed(self, f: Any) -> None:

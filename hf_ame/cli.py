@@ -28,12 +28,14 @@ EXAMPLES = """examples:
   hf-ame merge recipes/adamw_ame.yaml --out merged                 # everything from a recipe file
   hf-ame merge me/vit-ame --out merged                               # the ame_recipe.yaml of a Hub repo
   hf-ame merge recipe.yaml --out merged --push me/vit-ame            # merge, then publish with a model card
-  hf-ame merge ./ft-a ./ft-b ./ft-c --out merged --optimizer sgd --lr 1 --lr-schedule constant --no-adaptive-pivot   # uniform soup
+  hf-ame merge ./ft-a ./ft-b ./ft-c --out merged --optimizer sgd --lr 1 --lr-schedule constant \
+--no-adaptive-pivot   # uniform soup
   hf-ame merge ./ft-* --out merged --optimizer adamw --lr 1e-3 --epochs 5 --batch-size 2 --opt weight_decay=0
   hf-ame merge ./ft-a ./ft-b --out merged --pivot ./base-model --no-adaptive-pivot --dtype bfloat16
   hf-ame merge ./ft-* --out merged --max-shard-size 2GB --dry-run   # print the plan; read no weight, write nothing
   hf-ame merge ./ft-* --base-model ./base --method ties --param density=0.5 --out merged          # mergekit's TIES
-  hf-ame merge ./ft-* --base-model ./base --method ties --param density=0.5 --optimizer adamw --lr 1e-3 --epochs 3 --out m
+  hf-ame merge ./ft-* --base-model ./base --method ties --param density=0.5 --optimizer adamw --lr 1e-3 \
+--epochs 3 --out m
   hf-ame push merged me/vit-ame --private
   hf-ame score ./ft-a ./ft-b --metric accuracy --dataset ./val_dataset --split validation
   hf-ame optimizers
@@ -49,7 +51,8 @@ EXAMPLES = """examples:
 def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     """The flags of `hf-ame merge`, group by group."""
     m.add_argument("models", nargs="+", metavar="PATH",
-                   help="checkpoint folders or Hub ids in merge order (at least 2), or ONE recipe: a .yaml file or a Hub repo holding ame_recipe.yaml")
+                   help="checkpoint folders or Hub ids in merge order (at least 2), or ONE recipe: a .yaml file "
+                        "or a Hub repo holding ame_recipe.yaml")
     m.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     _add_ame_arguments(m)
     _add_method_arguments(m)
@@ -57,7 +60,8 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     _add_output_arguments(m)
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--strict", action="store_true",
-                   help="a mergekit config: refuse keys and parameters mergekit ignores (default: ignored with a warning)")
+                   help="a mergekit config: refuse keys and parameters mergekit ignores "
+                        "(default: ignored with a warning)")
     m.add_argument("--allow-unchanged", action="store_true",
                    help="write the output even if every merged tensor equals one input (the base or the pivot model); "
                         "by default that is refused")
@@ -67,7 +71,8 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.add_argument("--push", metavar="REPO_ID", nargs="?", const="", default=None,
                    help="after merging, push the folder (weights, card, recipe) to this Hub repo in one commit; "
-                        "with a local recipe and no value, to its hub.repo_id (a recipe from the Hub: type the repo id)")
+                        "with a local recipe and no value, to its hub.repo_id "
+                        "(a recipe from the Hub: type the repo id)")
     m.add_argument("--private", action="store_true", default=None, help="with --push: create the repo private")
     m.add_argument("--revision", default=None, help="recipe from a Hub repo: its revision")
     m.add_argument("--dry-run", action="store_true",
@@ -85,9 +90,11 @@ def _add_ame_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--lr-power", type=float, default=None, help="alpha of the power schedule; default -0.5")
     m.add_argument("--epochs", type=int, default=None, help="passes over the ingredients; default 1")
     m.add_argument("--batch-size", type=int, default=None, help="ingredients per step; default 1 (0: all in one step)")
-    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None, help="keep the given order every epoch")
+    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None,
+                   help="keep the given order every epoch")
     m.add_argument("--seed", type=int, default=None, help="shuffle seed; default 0")
-    m.add_argument("--pivot", default=None, help="soup | first | ingredient index | base checkpoint folder; default soup")
+    m.add_argument("--pivot", default=None,
+                   help="soup | first | ingredient index | base checkpoint folder; default soup")
     m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_const", const=False, default=None,
                    help="pseudogradient against the initial pivot instead of the current merge")
     m.add_argument("--amplification", default=None, help="zeta: a number or 'linear'; default 1")
@@ -97,13 +104,15 @@ def _add_ame_arguments(m: argparse.ArgumentParser) -> None:
 
 def _add_method_arguments(m: argparse.ArgumentParser) -> None:
     """A base model, a merge method and its parameters, a search."""
-    m.add_argument("--base-model", default=None, metavar="PATH", help="base checkpoint (folder or Hub id): the pivot of "
-                   "--pivot base, and where --method measures task vectors from")
+    m.add_argument("--base-model", default=None, metavar="PATH",
+                   help="base checkpoint (folder or Hub id): the pivot of "
+                        "--pivot base, and where --method measures task vectors from")
     m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient ("
                    + ", ".join(m.name for m in list_methods()) + "); alone (no optimizer option given) it is "
                    "mergekit's one-shot merge of that name")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter (repeatable), mergekit's names: --param density=0.5 --param weight=[1,0.5,0.8]")
+                   help="a method parameter (repeatable), mergekit's names: "
+                        "--param density=0.5 --param weight=[1,0.5,0.8]")
     m.add_argument("--search", default=None, metavar="SPACE.yaml",
                    help="a validation search: a YAML file {space: {lr: [1e-4, 1e-3], epochs: [1, 3]}, n_trials: null, "
                         "metric: accuracy, dataset: {path: ..., split: validation}} (metric and dataset: else the "
@@ -130,7 +139,8 @@ def _add_alignment_arguments(m: argparse.ArgumentParser) -> None:
                    help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
                         "with mergekit (chatml, llama3, ...)")
     m.add_argument("--layout", default=None, choices=["original", "in_memory"],
-                   help="tensors of architectures transformers converts (MoE experts): original (as stored: each expert "
+                   help="tensors of architectures transformers converts (MoE experts): "
+                        "original (as stored: each expert "
                         "merged on its own; default) or in_memory (one fused tensor per layer, as mergekit and "
                         "mergekit configs merge them)")
 
@@ -138,7 +148,8 @@ def _add_alignment_arguments(m: argparse.ArgumentParser) -> None:
 def _add_output_arguments(m: argparse.ArgumentParser) -> None:
     """Output dtype, shards, device and streaming."""
     m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
-    m.add_argument("--compute-dtype", default=None, help="dtype of the merge arithmetic; default float32 (or the recipe's)")
+    m.add_argument("--compute-dtype", default=None,
+                   help="dtype of the merge arithmetic; default float32 (or the recipe's)")
     m.add_argument("--max-shard-size", default=None, help="output shard size; default 5GB (or the recipe's)")
     m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default auto "
                    "(Accelerate's placement: a GPU when there is one)")
@@ -178,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("models", nargs="+", metavar="PATH", help="checkpoint folders or Hub ids")
     sc.add_argument("--metric", required=True, help="evaluate metric name (accuracy, f1, loss, perplexity, ...)")
-    sc.add_argument("--dataset", required=True, help="Hub dataset id, builder name (csv, json, parquet, imagefolder) or a save_to_disk folder")
+    sc.add_argument("--dataset", required=True,
+                    help="Hub dataset id, builder name (csv, json, parquet, imagefolder) or a save_to_disk folder")
     sc.add_argument("--split", default="validation")
     sc.add_argument("--name", default=None, help="dataset configuration name")
     sc.add_argument("--data-files", default=None, help="data files for a builder")
@@ -225,7 +237,8 @@ def _search_args(path: Optional[str]) -> Dict[str, Any]:
         raise ValueError(f"--search {path}: expected a YAML mapping, got {type(spec).__name__}")
     extra = set(spec) - {"space", "n_trials", "metric", "dataset"}
     if extra and "space" in spec:
-        raise ValueError(f"--search {path}: unknown key(s) {', '.join(sorted(extra))} (space, n_trials, metric, dataset)")
+        raise ValueError(f"--search {path}: unknown key(s) {', '.join(sorted(extra))} "
+                         "(space, n_trials, metric, dataset)")
     space, n_trials = split_space({k: v for k, v in spec.items() if k not in ("metric", "dataset")})
     out: Dict[str, Any] = {"search": space, "n_trials": n_trials}
     if spec.get("metric") is not None:
@@ -272,7 +285,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"scores ({result.metric['name']}): " + ", ".join(
             f"{k}={v['score'] if isinstance(v, dict) else v:.4f}" for k, v in result.scores.items()))
     if repo:
-        private = args.private if (args.private is not None or merger.recipe is None) else merger.recipe.hub.get("private")
+        private = (args.private if (args.private is not None or merger.recipe is None)
+                   else merger.recipe.hub.get("private"))
         info = result.push_to_hub(repo, private=private)
         print(f"pushed to {repo}: {getattr(info, 'commit_url', info)}")
     return 0
@@ -339,7 +353,8 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             given["amplification"] = args.amplification if args.amplification == "linear" else float(args.amplification)
         except ValueError:
-            raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', got {args.amplification!r}") from None
+            raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', "
+                             f"got {args.amplification!r}") from None
     if args.opt:
         given["optimizer_kwargs"] = key_values(args.opt)
     if args.pivot is not None:
@@ -359,8 +374,8 @@ def _print_plan(plan: Any, as_json: bool) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                       commit_message=args.message)
+    info = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                       create_pr=args.create_pr, commit_message=args.message)
     print(f"pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}"
           + (f" (pull request: {info.pr_url})" if getattr(info, "pr_url", None) else ""))
     return 0

@@ -26,7 +26,8 @@ COMPUTE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32", "double": "float64"}
+_DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32", "double": "float64"}
 
 
 def parse_dtype(value: Union[str, torch.dtype, None], field_name: str = "dtype") -> Optional[torch.dtype]:
@@ -112,8 +113,8 @@ class AMEConfig:
         (``pivot="base"``: the ``base_model`` of ``from_pretrained``; methods without a base, such as
         ``linear``, pivot on the first model). ``params``: the method's."""
         return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=1, batch_size=None, shuffle=False,
-                   pivot="base" if get_method(method).needs_base else "first", adaptive_pivot=False, amplification=1.0, method=method,
-                   method_kwargs=_lambda_name(params)).validate()
+                   pivot="base" if get_method(method).needs_base else "first", adaptive_pivot=False, amplification=1.0,
+                   method=method, method_kwargs=_lambda_name(params)).validate()
 
     @classmethod
     def from_options(cls, prefix: str = "", **fields: Any) -> "AMEConfig":
@@ -130,16 +131,18 @@ class AMEConfig:
         return cls.from_dict(fields, prefix=prefix) if fields else cls()
 
     @classmethod
-    def robust(cls, epochs: int = 20, delta: float = 1.5) -> "AMEConfig":
+    def robust(cls, epochs: int = 20, delta: float = 1.5, tol: float = 1e-6) -> "AMEConfig":
         """A merge that needs no evaluation data and stays good when a few ingredients are far off
         (diverged, rescaled, corrupt): the per-tensor Huber M-estimate of the ingredients' centre by
         ``epochs`` iteratively reweighted steps (method ``huber``, SGD lr 1 constant, every ingredient
         in each step, adaptive pivot from the soup). An ingredient within ``delta`` median distances
         of the current merge weighs 1, a farther one delta x median / distance: on a clean set (every
-        ingredient within delta medians) it is the soup; a far-off one's pull is capped."""
+        ingredient within delta medians) it is the soup; a far-off one's pull is capped. A tensor stops
+        iterating once a step moves it by at most ``tol`` x its norm (default 1e-6, near float32's
+        rounding: on a clean set that is the first step; 0 runs every epoch)."""
         return cls(optimizer="sgd", lr=1.0, lr_schedule="constant", epochs=epochs, batch_size=None, shuffle=False,
                    pivot="soup", adaptive_pivot=True, amplification=1.0, method="huber",
-                   method_kwargs={"delta": delta}).validate()
+                   method_kwargs={"delta": delta, "tol": tol}).validate()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, prefix: str = "") -> "AMEConfig":
@@ -163,7 +166,8 @@ class AMEConfig:
     def to_dict(self) -> Dict[str, Any]:
         """A plain, YAML-safe dict; a callable amplification becomes ``"module:qualname"``."""
         out = dataclasses.asdict(self)
-        out["optimizer_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.optimizer_kwargs.items()}
+        out["optimizer_kwargs"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                   for k, v in self.optimizer_kwargs.items()}
         if self.method is None:  # recipes of plain AME merges stay as they were
             out.pop("method")
             out.pop("method_kwargs")
@@ -182,8 +186,8 @@ class AMEConfig:
 
     def replace(self, **overrides: Any) -> "AMEConfig":
         """A validated copy with some fields changed."""
-        cfg = dataclasses.replace(self, **_route_method_params(dict(overrides), {f.name for f in dataclasses.fields(self)},
-                                                              self.method, self.method_kwargs))
+        cfg = dataclasses.replace(self, **_route_method_params(
+            dict(overrides), {f.name for f in dataclasses.fields(self)}, self.method, self.method_kwargs))
         cfg.validate()
         return cfg
 
@@ -203,56 +207,72 @@ class AMEConfig:
 
     def validate(self, prefix: str = "") -> "AMEConfig":
         """Check every field (and the optimizer's own argument checks) without touching any model."""
-        p = prefix
+        self._validate_optimizer_and_schedule(prefix)
+        self._validate_steps_and_pivot(prefix)
+        self._validate_method(prefix)
+        self._validate_dtype_and_optimizer_arguments(prefix)
+        return self
 
-        def bad(name: str, expected: str, got: Any) -> ConfigError:
-            return ConfigError(f"{p}{name}: expected {expected}, got {got!r}")
-
+    def _validate_optimizer_and_schedule(self, p: str) -> None:
+        """optimizer (a registry name), lr, lr_schedule and lr_power."""
         if not isinstance(self.optimizer, str):
-            raise bad("optimizer", "a registry name", self.optimizer)
+            raise _expected(p, "optimizer", "a registry name", self.optimizer)
         try:
             get_optimizer(self.optimizer)
         except UnknownOptimizerError as exc:
             raise ConfigError(f"{p}optimizer: {exc}") from None
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise bad("lr", "a positive number", self.lr)
+        if (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr)
+                or self.lr <= 0):
+            raise _expected(p, "lr", "a positive number", self.lr)
         if self.lr_schedule not in LR_SCHEDULES:
-            raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
-        if isinstance(self.lr_power, bool) or not isinstance(self.lr_power, (int, float)) or not math.isfinite(self.lr_power):
-            raise bad("lr_power", "a finite number", self.lr_power)
+            raise _expected(p, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        if (isinstance(self.lr_power, bool) or not isinstance(self.lr_power, (int, float))
+                or not math.isfinite(self.lr_power)):
+            raise _expected(p, "lr_power", "a finite number", self.lr_power)
+
+    def _validate_steps_and_pivot(self, p: str) -> None:
+        """epochs, batch_size, seed, shuffle, adaptive_pivot, pivot and amplification."""
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if (name != "batch_size" or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise bad(name, "an integer >= 1" + (" (or None: all ingredients)" if name == "batch_size" else ""), v)
+                all_ingredients = " (or None: all ingredients)" if name == "batch_size" else ""
+                raise _expected(p, name, "an integer >= 1" + all_ingredients, v)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise bad("seed", "an integer", self.seed)
+            raise _expected(p, "seed", "an integer", self.seed)
         for name in ("shuffle", "adaptive_pivot"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false", getattr(self, name))
+                raise _expected(p, name, "true or false", getattr(self, name))
         if isinstance(self.pivot, bool) or not isinstance(self.pivot, (str, int)) or self.pivot == "":
-            raise bad("pivot", "'soup', 'first', an ingredient index or name, or a base checkpoint", self.pivot)
+            raise _expected(p, "pivot", "'soup', 'first', an ingredient index or name, or a base checkpoint",
+                            self.pivot)
         amp = self.amplification
         if not callable(amp):
             if isinstance(amp, str):
                 if amp != "linear":
-                    raise bad("amplification", "a number, 'linear' or a callable", amp)
+                    raise _expected(p, "amplification", "a number, 'linear' or a callable", amp)
             elif isinstance(amp, bool) or not isinstance(amp, (int, float)) or not math.isfinite(amp):
-                raise bad("amplification", "a number, 'linear' or a callable", amp)
+                raise _expected(p, "amplification", "a number, 'linear' or a callable", amp)
+
+    def _validate_method(self, p: str) -> None:
+        """optimizer_kwargs is a mapping; the method, its parameters and the batch size it allows."""
         if not isinstance(self.optimizer_kwargs, Mapping):
-            raise bad("optimizer_kwargs", "a mapping", self.optimizer_kwargs)
+            raise _expected(p, "optimizer_kwargs", "a mapping", self.optimizer_kwargs)
         if self.method is not None:
             if not isinstance(self.method_kwargs, Mapping):
-                raise bad("method_kwargs", "a mapping", self.method_kwargs)
+                raise _expected(p, "method_kwargs", "a mapping", self.method_kwargs)
             method_parameters(self.method, self.method_kwargs, p)  # the name and every parameter
             lo, hi = get_method(self.method).models
             if lo > 1 and hi is not None and self.batch_size is not None and not lo <= self.batch_size <= hi:
-                raise bad("batch_size", f"None (every ingredient in each step): {self.method!r} merges "
-                          f"{lo if lo == hi else f'{lo} to {hi}'} models in each step", self.batch_size)
+                raise _expected(p, "batch_size", f"None (every ingredient in each step): {self.method!r} merges "
+                                f"{lo if lo == hi else f'{lo} to {hi}'} models in each step", self.batch_size)
         elif self.method_kwargs:
-            raise bad("method_kwargs", "nothing without a method", self.method_kwargs)
+            raise _expected(p, "method_kwargs", "nothing without a method", self.method_kwargs)
+
+    def _validate_dtype_and_optimizer_arguments(self, p: str) -> None:
+        """compute_dtype, then the optimizer's own argument checks."""
         parse_dtype(self.compute_dtype, f"{p}compute_dtype")
         if self.compute_dtype in (None, "auto"):
-            raise bad("compute_dtype", f"one of {', '.join(COMPUTE_DTYPES)}", self.compute_dtype)
+            raise _expected(p, "compute_dtype", f"one of {', '.join(COMPUTE_DTYPES)}", self.compute_dtype)
         # Let the optimizer run its own argument checks now, on a one-element tensor, so a bad
         # beta or eps fails before any checkpoint is read.
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
@@ -261,7 +281,6 @@ class AMEConfig:
                 build_optimizer(self.optimizer, [torch.zeros(1)], lr=float(self.lr), kwargs=kwargs)
             except OptimizerArgumentError as exc:
                 raise ConfigError(f"{p}{exc}") from None
-        return self
 
     def method_arguments(self) -> Dict[str, Any]:
         """The method's parameters with its defaults filled in ({} without a method)."""
@@ -270,6 +289,11 @@ class AMEConfig:
     def optimizer_arguments(self) -> Dict[str, Any]:
         """optimizer_kwargs with YAML lists turned back into the tuples torch expects."""
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.optimizer_kwargs.items()}
+
+
+def _expected(prefix: str, name: str, expected: str, got: Any) -> ConfigError:
+    """The error for a field whose value is not what it should be."""
+    return ConfigError(f"{prefix}{name}: expected {expected}, got {got!r}")
 
 
 def _lambda_name(params: Mapping[str, Any]) -> Dict[str, Any]:

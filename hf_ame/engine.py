@@ -22,7 +22,8 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .algorithm import DEFAULT_BLOCK_SIZE, resolve_pivot
+from .algorithm import resolve_pivot
+from .blocks import DEFAULT_BLOCK_SIZE
 from .checkpoints import Checkpoint, TensorInfo
 from .checks import check_compatible, model_dtype
 from .config import AMEConfig, ConfigError, parse_dtype
@@ -38,7 +39,8 @@ from .rows import RowAlignment
 from .stacking import LayerSlice, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
-__all__ = ["MergeReport", "MergePart", "merge_checkpoints", "merge_parts", "plan_merge", "stack_checkpoints", "open_checkpoints", "save_state"]
+__all__ = ["MergeReport", "MergePart", "merge_checkpoints", "merge_parts", "plan_merge", "stack_checkpoints",
+           "open_checkpoints", "save_state"]
 
 
 def open_checkpoints(items: Sequence[Union[Checkpoint, str, Path]]) -> List[Checkpoint]:
@@ -56,6 +58,21 @@ class _Opened:
     out_dtype: Optional[torch.dtype]
     inputs: List[Path]
     rows: Optional[RowAlignment] = None
+
+
+@dataclass(frozen=True)
+class _PlanOptions:
+    """How a merge's opened inputs are planned: the arguments of :func:`plan_merge`,
+    :func:`merge_checkpoints` and :func:`merge_parts` that :func:`_plan` takes."""
+
+    device_map: DeviceMap
+    max_shard_size: Union[int, str]
+    stream: str
+    memory_budget: Optional[int]
+    block_size: Optional[int]
+    prefetch: bool
+    reference: int
+    extra_files: Optional[Mapping[str, Union[str, bytes]]]
 
 
 def _validate_args(stream: str, block_size: Optional[int], max_shard_size: Union[int, str]) -> None:
@@ -124,18 +141,19 @@ def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredien
     return _Opened(ckpts, base_ckpt, config, out_dtype, inputs, rows)
 
 
-def _plan(o: _Opened, output_dir, *, device_map, ranks: Optional[Ranks], max_shard_size, stream, memory_budget,
-          block_size, prefetch, reference, extra_files) -> MergePlan:
-    where = device_lookup(device_map)
+def _plan(o: _Opened, output_dir, opts: _PlanOptions, ranks: Optional[Ranks]) -> MergePlan:
+    where = device_lookup(opts.device_map)
     local = ranks.local_device() if ranks is not None else None
     if local is not None:
         where = lambda name: local  # noqa: E731 - one GPU per rank
-    return build_plan(o.ckpts, o.config, Path(output_dir), pivot=resolve_pivot(o.config.pivot, len(o.ckpts), [c.name for c in o.ckpts]),
-                      base=o.base, out_dtype=o.out_dtype, model_dtype=model_dtype(o.ckpts[reference]),
-                      max_shard_size=max_shard_size, where=where, stream=stream, memory_budget=memory_budget,
-                      block_size=block_size, prefetch=prefetch, reference=reference,
+    return build_plan(o.ckpts, o.config, Path(output_dir),
+                      pivot=resolve_pivot(o.config.pivot, len(o.ckpts), [c.name for c in o.ckpts]), base=o.base,
+                      out_dtype=o.out_dtype, model_dtype=model_dtype(o.ckpts[opts.reference]),
+                      max_shard_size=opts.max_shard_size, where=where, stream=opts.stream,
+                      memory_budget=opts.memory_budget, block_size=opts.block_size, prefetch=opts.prefetch,
+                      reference=opts.reference,
                       rank=ranks.rank if ranks is not None else 0, world_size=ranks.world if ranks is not None else 1,
-                      extra_files=list(extra_files or {}), rows=o.rows)
+                      extra_files=list(opts.extra_files or {}), rows=o.rows)
 
 
 def plan_merge(
@@ -162,9 +180,8 @@ def plan_merge(
     _validate_args(stream, block_size, max_shard_size)
     o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
     try:
-        return _plan(o, output_dir, device_map=device_map, ranks=None, max_shard_size=max_shard_size, stream=stream,
-                     memory_budget=memory_budget, block_size=block_size, prefetch=prefetch, reference=reference,
-                     extra_files=None)
+        return _plan(o, output_dir, _PlanOptions(device_map, max_shard_size, stream, memory_budget, block_size,
+                                                 prefetch, reference, None), None)
     finally:
         for c in o.ckpts + ([o.base] if o.base is not None else []):
             c.close()
@@ -226,21 +243,29 @@ def merge_checkpoints(
     t0 = time.perf_counter()
     _validate_args(stream, block_size, max_shard_size)
     o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
+    opts = _PlanOptions(device_map, max_shard_size, stream, memory_budget, block_size, prefetch, reference, extra_files)
+    return _run_merge(o, output_dir, opts, t0, overwrite=overwrite, progress=progress, distributed=distributed,
+                      tokenizer_from=tokenizer_from)
+
+
+def _run_merge(o: _Opened, output_dir: Union[str, Path], opts: _PlanOptions, t0: float, *, overwrite: bool,
+               progress: bool, distributed: Optional[bool], tokenizer_from: Union[str, Path, None]) -> MergeReport:
+    """:func:`merge_checkpoints` once its inputs are opened and checked: plan, run into the staged
+    output, finish it; closes every input; times counted from ``t0``."""
     sources = o.ckpts + ([o.base] if o.base is not None else [])
     read_before = sum(c.bytes_read for c in sources)
     try:
         ranks = Ranks(distributed)
-        plan = _plan(o, output_dir, device_map=device_map, ranks=ranks, max_shard_size=max_shard_size, stream=stream,
-                     memory_budget=memory_budget, block_size=block_size, prefetch=prefetch, reference=reference,
-                     extra_files=extra_files)
+        plan = _plan(o, output_dir, opts, ranks)
         plan_seconds = time.perf_counter() - t0
         files: List[str] = []
 
         def finalize(tmp: Path) -> None:
-            files.extend(_finish(tmp, o.ckpts, o.ckpts[reference].files_path, o.rows, plan, extra_files, tokenizer_from))
+            files.extend(_finish(tmp, o.ckpts, o.ckpts[opts.reference].files_path, o.rows, plan, opts.extra_files,
+                                 tokenizer_from))
 
-        report = run_plan(plan, o.ckpts, o.base, ranks, lambda: staged_output(output_dir, overwrite, o.inputs), finalize,
-                          progress=progress)
+        report = run_plan(plan, o.ckpts, o.base, ranks, lambda: staged_output(output_dir, overwrite, o.inputs),
+                          finalize, progress=progress)
     finally:
         read = sum(c.bytes_read for c in sources) - read_before
         for c in sources:
@@ -259,7 +284,8 @@ def _finish(tmp: Path, ckpts: Sequence[Checkpoint], files_from: Path, rows: Opti
     tokenizer (if any) and ``config_changes`` on top."""
     r = rows or RowAlignment()
     quantized = any(isinstance(c, FP8Checkpoint) for c in ckpts)  # written dequantized: no quantization_config
-    return finish_output(tmp, files_from, getattr(torch, plan.dtype), extra_files, {**r.config_changes, **(config_changes or {})},
+    return finish_output(tmp, files_from, getattr(torch, plan.dtype), extra_files,
+                         {**r.config_changes, **(config_changes or {})},
                          tokenizer_from=r.tokenizer_dir or tokenizer_from, tokenizer=r.tokenizer,
                          config_drop=("quantization_config",) if quantized else (), chat_template=r.chat_template,
                          code=any(c.trust_remote_code for c in ckpts))
@@ -308,8 +334,9 @@ def stack_checkpoints(
                                    code=first.trust_remote_code))
 
     try:
-        report = run_plan(plan, ckpts, None, Ranks(False), lambda: staged_output(output_dir, overwrite, [c.path for c in ckpts]),
-                          finalize, progress=progress)
+        report = run_plan(plan, ckpts, None, Ranks(False),
+                          lambda: staged_output(output_dir, overwrite, [c.path for c in ckpts]), finalize,
+                          progress=progress)
         report.bytes_read = sum(c.bytes_read for c in ckpts)
     finally:
         for c in ckpts:
@@ -335,7 +362,8 @@ def _rows_held(rows: Optional[RowAlignment], part: MergePart) -> Optional[RowAli
     if rows is None:
         return None
     held = {n: a for n, a in rows.tensors.items() if n in part.ingredients[0].tensors}
-    base = part.base.name if (rows.fill and part.base is not None) else rows.fill_base  # mergekit's rule: the slice's base
+    # mergekit's rule: the slice's base
+    base = part.base.name if (rows.fill and part.base is not None) else rows.fill_base
     return replace(rows, tensors=held, fill_base=base) if held else None
 
 
@@ -366,9 +394,8 @@ def merge_parts(
     sources = list({id(c): c for o in opened for c in o.ckpts + ([o.base] if o.base is not None else [])}.values())
     read_before = sum(c.bytes_read for c in sources)
     try:
-        plans = [_plan(o, output_dir, device_map=None, ranks=None, max_shard_size=max_shard_size, stream="auto",
-                       memory_budget=None, block_size=DEFAULT_BLOCK_SIZE, prefetch=True, reference=0,
-                       extra_files=extra_files) for o in opened]
+        opts = _PlanOptions(None, max_shard_size, "auto", None, DEFAULT_BLOCK_SIZE, True, 0, extra_files)
+        plans = [_plan(o, output_dir, opts, None) for o in opened]
         plan = combine_plans(plans, [p.rename for p in parts], Path(output_dir), max_shard_size)
         if dry_run:
             return plan

@@ -14,24 +14,25 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from .algorithm import (NonFiniteError, block_bounds, is_exact_soup, merge_blocks_on, merge_in_blocks, merge_tensor,
-                        plan_steps)
+from .algorithm import NonFiniteError, is_exact_soup, plan_steps
+from .blocks import block_bounds, merge_blocks_on, merge_in_blocks, merge_tensor
 from .checkpoints import Checkpoint
+from .copies import FilledCopies, GatheredRows, LazyCopies
 from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
-from .rows import RowGroup, RowMap, fill_sources, row_groups, subset_config, subset_pivot
+from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
 from .threads import intra_op, merge_threads
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
-__all__ = ["MergeReport", "IngredientRow", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer",
+__all__ = ["MergeReport", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer",
            "unchanged_note"]
 
 
@@ -68,14 +69,17 @@ class MergeReport:
     def summary(self) -> str:
         how = ("the exact uniform soup (one pass)" if self.exact_soup else
                (f"method {self.config.method}, " if self.config.method else "")
-               + f"{self.steps} {self.config.optimizer} step{'s' if self.steps != 1 else ''} per tensor, lr={self.config.lr}")
+               + f"{self.steps} {self.config.optimizer} step{'s' if self.steps != 1 else ''} per tensor, "
+               f"lr={self.config.lr}")
+        rank = (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]"
+                if self.world_size > 1 else "")
         return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
-                f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, {self.copied_tensors} copied), "
-                f"{how}, "
-                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s "
+                f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, "
+                f"{self.copied_tensors} copied), {how}, "
+                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB "
+                f"in {self.seconds:.2f}s "
                 f"(waiting for reads {self.wait_read_seconds:.2f}s, merging {self.compute_seconds:.2f}s, "
-                f"writing {self.write_seconds:.2f}s)"
-                + (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]" if self.world_size > 1 else ""))
+                f"writing {self.write_seconds:.2f}s)" + rank)
 
 
 def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Tensor], reference: int,
@@ -92,99 +96,6 @@ def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Ten
     raise IncompatibleCheckpointsError(
         f"non-floating tensor {name!r} ({xs[0].dtype}) differs between {ckpts[0].name!r} and "
         f"{ckpts[other].name!r}; integer buffers cannot be averaged")
-
-
-class IngredientRow:
-    """Ingredient j's copy of one tensor, read from disk when indexed (the "rows" reader).
-
-    ``sequence`` is the order the merge will index the ingredients in (the soup pass, then the
-    planned batches): while one copy is used, the next in that sequence is read on ``pool``'s
-    thread, so at most two copies are in memory, whatever N."""
-
-    def __init__(self, ckpts: Sequence[Checkpoint], name: str, device: torch.device,
-                 sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None):
-        self.ckpts, self.name, self.device = ckpts, name, device
-        self.sequence, self.pool, self.pos = list(sequence), pool, 0
-        self._last: Optional[tuple] = None  # (j, tensor): the pivot read for w_0 is reused by step 1
-        self._next: Optional[tuple] = None  # (position, j, future)
-
-    def __len__(self) -> int:
-        return len(self.ckpts)
-
-    @property
-    def element_sizes(self) -> List[int]:
-        """Bytes per element of each copy, from the headers (copies may be stored in other dtypes)."""
-        return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
-
-    def _read(self, j: int) -> torch.Tensor:
-        return self.ckpts[j].get_tensor(self.name, device=self.device)
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        if self._last is not None and self._last[0] == j:
-            t = self._last[1]
-        elif self._next is not None and self._next[1] == j:
-            t = self._next[2].result()
-            self._next = None
-        else:
-            t = self._read(j)
-        # advance along the expected sequence and prefetch what comes next
-        while self.pos < len(self.sequence) and self.sequence[self.pos] != j:
-            self.pos += 1
-        self.pos += 1
-        self._last = (j, t)
-        if self.pool is not None and self._next is None:
-            k = self.pos
-            while k < len(self.sequence) and self.sequence[k] == j:
-                k += 1
-            if k < len(self.sequence):
-                nj = self.sequence[k]
-                self._next = (k, nj, self.pool.submit(self._read, nj))
-        return t
-
-    def close(self) -> None:
-        if self._next is not None:
-            self._next[2].cancel()
-        self._next = self._last = None
-
-
-class GatheredRows(IngredientRow):
-    """Some rows of one tensor from each of a few checkpoints (a :class:`~hf_ame.rows.RowGroup`),
-    read when indexed, one checkpoint at a time (the last one kept for the next step)."""
-
-    def __init__(self, ckpts: Sequence[Checkpoint], name: str, rows: Sequence[torch.Tensor], device: torch.device):
-        super().__init__(ckpts, name, device)
-        self.rows = list(rows)
-
-    def _read(self, j: int) -> torch.Tensor:
-        return self.ckpts[j].read_rows(self.name, self.rows[j]).to(self.device)
-
-
-class FilledCopies(IngredientRow):
-    """Each checkpoint's copy of a row-matched tensor laid out in the output's rows, the keyed rows it
-    lacks filled with ``defaults`` (output row -> row) and new padding rows with its own mean row
-    (mergekit's ``PermutedVocabulary``); read when indexed, the next in ``sequence`` prefetched."""
-
-    def __init__(self, ckpts: Sequence[Checkpoint], name: str, row_map: RowMap, defaults: Mapping[int, torch.Tensor],
-                 device: torch.device, sequence: Sequence[int] = (), pool: Optional[cf.ThreadPoolExecutor] = None,
-                 forced: Sequence[int] = ()):
-        super().__init__(ckpts, name, device, sequence, pool)
-        self.row_map, self.defaults, self.forced = row_map, defaults, list(forced)
-        self.keyed = torch.tensor([k is not None for k in row_map.keys])  # once, not per read
-
-    def _read(self, j: int) -> torch.Tensor:
-        x, m, keyed = self.ckpts[j].get_tensor(self.name), self.row_map, self.keyed
-        idx = torch.tensor(m.sources[self.ckpts[j].name], dtype=torch.long)
-        out = torch.zeros((m.rows, *x.shape[1:]), dtype=x.dtype)
-        have = idx >= 0  # its own rows, padding matched by position included
-        have[self.forced] = False  # every model takes the forced rows' defaults
-        out[have] = x[idx[have]]
-        for r, row in self.defaults.items():
-            if not bool(have[r]):
-                out[r] = row.to(x.dtype)
-        pad = ~keyed & ~have  # new padding (pad_to_multiple_of): this model's mean row, as mergekit pads
-        if bool(pad.any()):
-            out[pad] = out[keyed].float().mean(0).to(x.dtype)
-        return out.to(self.device)
 
 
 class Ranks:
@@ -302,8 +213,8 @@ class _Runner:
         steps = [] if exact else plan_steps(len(g.members), cfg)
         pivot = subset_pivot(p.pivot, g.members, base_x is not None)
         try:
-            return merge_tensor(copies, cfg, steps, pivot, base=base_x, device=dev, out_dtype=out_dtype, exact_soup=exact,
-                                block_size=None, key=tp.name, position=tp.position, pool=self.pool)
+            return merge_tensor(copies, cfg, steps, pivot, base=base_x, device=dev, out_dtype=out_dtype,
+                                exact_soup=exact, block_size=None, key=tp.name, position=tp.position, pool=self.pool)
         except NonFiniteError as exc:
             raise NonFiniteError([g.members[c] for c in exc.culprits]) from None
 
@@ -314,8 +225,8 @@ class _Runner:
         plan = fill_sources(rows.map_for(tp.name), names, rows.fill_base, rows.fill_tokens, rows.forced)
         wanted = {n for picks in plan.values() for n, _ in picks}
         if wanted - set(names):  # a token's source outside this merge (another slice's model)
-            raise IncompatibleCheckpointsError(f"tensor {tp.name!r}: tokens name {sorted(wanted - set(names))[0]!r} as a "
-                                               f"row source, but it is not merged here ({', '.join(names)})")
+            raise IncompatibleCheckpointsError(f"tensor {tp.name!r}: tokens name {sorted(wanted - set(names))[0]!r} "
+                                               f"as a row source, but it is not merged here ({', '.join(names)})")
         sums: Dict[int, torch.Tensor] = {}
         for c in srcs:
             picks = [(r, row) for r, pairs in plan.items() for n, row in pairs if n == c.name]
@@ -368,23 +279,25 @@ class _Runner:
         if tp.reader == "blocks":
             return self.merge_blocks(tp)
         if tp.reader == "rows":
-            ing: Sequence[torch.Tensor] = IngredientRow(self.ckpts, tp.name, dev, p.sequence, self.row_pool)
+            ing: Sequence[torch.Tensor] = LazyCopies(self.ckpts, tp.name, dev, p.sequence, self.row_pool)
             base_x = self.pivot_base.get_tensor(tp.name, device=dev) if self.pivot_base is not None else None
         else:
             ing = xs[:n] if dev.type == "cpu" else [x.to(dev, non_blocking=True) for x in xs[:n]]
             base_x = xs[n] if self.pivot_base is not None else None
         try:
             # a streamed row is read whole per ingredient, so it is never split into blocks
-            out = merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev, out_dtype=getattr(torch, tp.dtype),
-                               exact_soup=p.exact_soup, block_size=None if tp.reader == "rows" else p.block_size,
+            out = merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev,
+                               out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup,
+                               block_size=None if tp.reader == "rows" else p.block_size,
                                key=tp.name, position=tp.position, pool=self.pool)
             self.check_moved(tp.name, out, ing, base_x)
             return out
         finally:
-            if isinstance(ing, IngredientRow):
+            if isinstance(ing, LazyCopies):
                 ing.close()
 
-    def check_moved(self, name: str, out: torch.Tensor, ing: Sequence[torch.Tensor], base_x: Optional[torch.Tensor]) -> None:
+    def check_moved(self, name: str, out: torch.Tensor, ing: Sequence[torch.Tensor],
+                    base_x: Optional[torch.Tensor]) -> None:
         """Record ``name`` in ``report.unchanged`` when the merge returned its pivot (the base, or the pivot
         ingredient when its copy is in memory) bit for bit although an ingredient differs from it: the
         signature of a lost task vector (a half-precision step under the weights' ulp, a zero weight)."""
@@ -420,10 +333,14 @@ class _Runner:
                     "hf_ame merge" + (f" [rank {plan.rank}/{plan.world_size}]" if plan.world_size > 1 else ""))
 
     def write_all(self, writer: ShardedWriter, bar: tqdm, rename: Optional[Callable[[str], str]] = None) -> None:
-        """Merge this rank's tensors in order (the next one read ahead) and hand each to ``writer``,
-        under ``rename(name)`` when given (a part of a combined output)."""
+        """Merge this rank's tensors in order and hand each to ``writer``, under ``rename(name)`` when
+        given (a part of a combined output). With prefetch, tensor k + 1 is read ahead while k merges,
+        and k is written on its own thread while k + 1 merges (one tensor waits to be written)."""
         mine, report = self.plan.mine(), self.report
-        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if (self.plan.prefetch and mine) else None
+        ahead = self.plan.prefetch and bool(mine)
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if ahead else None
+        out = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-write") if ahead else None
+        written: Optional[cf.Future] = None
         try:
             pending = pool.submit(self.read, mine[0]) if pool else None
             for k, tp in enumerate(mine):
@@ -438,14 +355,31 @@ class _Runner:
                 result = self.merge(tp, xs)
                 tw = time.perf_counter()
                 report.compute_seconds += tw - tc
-                writer.write(rename(tp.name) if rename is not None else tp.name, result)
+                name = rename(tp.name) if rename is not None else tp.name
+                written = self.hand_over(writer, out, written, name, result)
                 report.write_seconds += time.perf_counter() - tw
                 report.parameters += tp.numel
                 del xs, result
                 bar.update(tp.write_bytes)
+            if written is not None:
+                tw = time.perf_counter()
+                written.result()
+                report.write_seconds += time.perf_counter() - tw
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for p in (pool, out):
+                if p is not None:
+                    p.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def hand_over(writer: ShardedWriter, out: Optional[cf.ThreadPoolExecutor], written: Optional[cf.Future], name: str,
+                  tensor: torch.Tensor) -> Optional[cf.Future]:
+        """Write ``tensor`` now, or on ``out``'s thread once the previous write (``written``) is done."""
+        if out is None:
+            writer.write(name, tensor)
+            return None
+        if written is not None:
+            written.result()  # its error, if any, surfaces here; and at most one tensor waits
+        return out.submit(writer.write, name, tensor)
 
     def close(self) -> None:
         if self.row_pool is not None:
@@ -488,8 +422,9 @@ def unchanged_note(report: MergeReport) -> Optional[str]:
     names = report.unchanged
     if not names:
         return None
-    return (f"{len(names)} of {report.merged_tensors} merged tensor(s) equal the pivot ({report.config.pivot}) bit for "
-            f"bit although the ingredients differ from it: {', '.join(names[:5])}" + (", ..." if len(names) > 5 else ""))
+    return (f"{len(names)} of {report.merged_tensors} merged tensor(s) equal the pivot ({report.config.pivot}) "
+            f"bit for bit although the ingredients differ from it: {', '.join(names[:5])}"
+            + (", ..." if len(names) > 5 else ""))
 
 
 def warn_unchanged(report: MergeReport) -> None:

@@ -96,17 +96,7 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
         out.notes.append(f"heads: {names[choice]!r}'s head and labels ({', '.join(out_labels)}), as they are")
         _take_head(out, headers[choice], names, [t for t in head if t not in labelled])
     else:
-        out_labels = list(labels[0])
-        for lab in labels[1:]:
-            out_labels += [x for x in lab if x not in out_labels]
-        keys = dict(zip(names, by_label))
-        if labels.count(labels[0]) != len(labels):
-            moved = [n for n, lab in zip(names, labels) if lab != labels[0] and set(lab) == set(labels[0])]
-            out.notes.append("labels: "
-                             + (f"rows of {', '.join(map(repr, moved))} aligned to {names[0]!r}'s label order; "
-                                if moved else "")
-                             + (f"the union of the label sets ({', '.join(out_labels)})"
-                                if choice == "union" else f"labels {', '.join(out_labels)}"))
+        out_labels, keys = _union_labels(out, choice, names, labels, by_label)
     if (choice != "base" and base is not None and labels_of(base.config) is not None
             and all(t in base.tensors for t in labelled)):
         _check_unique(base.name, labels_of(base.config) or [])
@@ -114,14 +104,40 @@ def align_labels(headers: Sequence[Any], heads: Union[str, int, None], *, prefix
         rows[base.name] = len(labels_of(base.config) or [])
     if any(lab != labels[0] for lab in labels[1:]) or choice is not None:
         out.notes.append("label sets: " + "; ".join(f"{n!r}: {', '.join(lab)}" for n, lab in zip(names, labels)))
+    _match_label_rows(out, out_labels, keys, rows, labelled, base)
+    return out, []
+
+
+def _union_labels(out: RowAlignment, choice: Union[str, int, None], names: Sequence[str],
+                  labels: Sequence[List[str]], by_label: Sequence[Dict[str, int]]
+                  ) -> Tuple[List[str], Dict[str, Dict[str, int]]]:
+    """heads=None or "union": the output's labels (the first ingredient's, then the others' new ones in
+    order) and each ingredient's rows keyed by label; a note says what was aligned."""
+    out_labels = list(labels[0])
+    for lab in labels[1:]:
+        out_labels += [x for x in lab if x not in out_labels]
+    keys = dict(zip(names, by_label))
+    if labels.count(labels[0]) != len(labels):
+        moved = [n for n, lab in zip(names, labels) if lab != labels[0] and set(lab) == set(labels[0])]
+        out.notes.append("labels: "
+                         + (f"rows of {', '.join(map(repr, moved))} aligned to {names[0]!r}'s label order; "
+                            if moved else "")
+                         + (f"the union of the label sets ({', '.join(out_labels)})"
+                            if choice == "union" else f"labels {', '.join(out_labels)}"))
+    return out_labels, keys
+
+
+def _match_label_rows(out: RowAlignment, out_labels: Sequence[str], keys: Dict[str, Dict[str, int]],
+                      rows: Dict[str, int], labelled: Sequence[str], base: Any) -> None:
+    """Put the label row map, the labelled tensors and the output's id2label / label2id into ``out``,
+    unless there is nothing to align (one label set in one order)."""
     lmap = match_rows("labels", {x: i for i, x in enumerate(out_labels)}, len(out_labels), keys, rows)
     if lmap.is_identity(list(keys)) and (base is None or base.name in keys) and not out.tensors:
-        return out, []  # one label set in one order: nothing to align
+        return  # one label set in one order: nothing to align
     out.maps["labels"] = lmap
     out.tensors.update({t: "labels" for t in labelled})
     out.config_changes.update(id2label={str(i): x for i, x in enumerate(out_labels)},
                               label2id={x: i for i, x in enumerate(out_labels)})
-    return out, []
 
 
 def _check_unique(model: str, labels: Sequence[str]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,15 +42,12 @@ from .config import parse_dtype
 from .errors import ConfigError, IncompatibleCheckpointsError
 from .executor import MergeReport
 from .hub import Ingredient
+from .lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterBuilder, lora_keys, svd_factors
 from .output import staged_output
 from .result import MergeResult
 from .scratch import scratch_dir
 
 __all__ = ["LoraReport", "extract_lora", "combine_adapters", "lora_output", "linear_coefficients", "check_rank"]
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_PREFIX = "base_model.model."
-
 
 @dataclass
 class LoraReport:
@@ -81,69 +77,6 @@ def check_rank(rank: Any, what: str = "rank") -> Optional[int]:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"{what}: expected a LoRA rank, a whole number >= 1, got {rank!r}")
     return rank
-
-
-# ----------------------------------------------------------------------------- factoring
-def svd_factors(delta: torch.Tensor, rank: int, distribute: bool) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Truncated SVD of a 2-D float32 delta: (A [r, in], B [out, r], ||delta - B A||_F, optimal error).
-    ``distribute``: sqrt(S) on both sides (mergekit), else S on B (peft's svd)."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    r = min(rank, s.shape[0])
-    if distribute:
-        root = s[:r].sqrt()
-        a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
-    else:
-        a, b = vh[:r].clone(), u[:, :r] * s[None, :r]
-    optimal = float(s[r:].double().square().sum().sqrt())
-    return a.contiguous(), b.contiguous(), float(torch.linalg.matrix_norm(delta - b @ a)), optimal
-
-
-def _keys(module: str, embedding: bool) -> Tuple[str, str]:
-    if embedding:
-        return f"{_PREFIX}{module}.lora_embedding_A", f"{_PREFIX}{module}.lora_embedding_B"
-    return f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
-
-
-class _Adapter:
-    """An adapter being built: its tensors, each module's rank, modules saved whole."""
-
-    def __init__(self, dtype: Optional[torch.dtype]):
-        self.dtype, self.tensors, self.ranks, self.saved, self.errors = dtype, {}, {}, [], {}
-        self.embeddings: List[str] = []
-        self.lora_bias = False
-
-    def add(self, module: str, a: torch.Tensor, b: torch.Tensor, embedding: bool = False) -> None:
-        ka, kb = _keys(module, embedding)
-        self.tensors[ka], self.tensors[kb] = self._cast(a), self._cast(b)
-        self.ranks[module] = a.shape[0]
-        if embedding:
-            self.embeddings.append(module)
-
-    def save_whole(self, module: str, params: Mapping[str, torch.Tensor]) -> None:
-        for p, t in params.items():
-            self.tensors[f"{_PREFIX}{module}.{p}"] = t.to(self.dtype) if self.dtype is not None else t
-        self.saved.append(module)
-
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype or torch.float32).contiguous()
-
-    def write(self, folder: Path, base_name: str, task_type: Optional[str], fan_in_fan_out: bool = False) -> int:
-        """adapter_config.json (a peft LoraConfig: r = the largest rank, lora_alpha = r so the scaling
-        is 1; modules of other ranks in rank_pattern / alpha_pattern) and adapter_model.safetensors."""
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        r = max(self.ranks.values(), default=1)
-        pattern = {re.escape(m): k for m, k in self.ranks.items() if k != r}  # full names, matched as regexes
-        cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(self.ranks) or None, rank_pattern=pattern,
-                         alpha_pattern=dict(pattern), modules_to_save=self.saved or None, lora_dropout=0.0,
-                         fan_in_fan_out=fan_in_fan_out, bias="none", task_type=task_type, inference_mode=True,
-                         base_model_name_or_path=base_name, lora_bias=self.lora_bias)
-        if not self.ranks and not self.saved:
-            raise IncompatibleCheckpointsError("the model equals its base in every tensor: there is no LoRA to write")
-        cfg.save_pretrained(str(folder))
-        save_file(self.tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -222,7 +155,7 @@ def _extract_into(folder: Path, model: Checkpoint, base: Checkpoint, rank: int, 
     check_rank(rank)
     _check_pair(model, base)
     kinds, rename = _module_kinds(base.config or model.config)
-    adapter = _Adapter(parse_dtype(dtype, "dtype"))
+    adapter = AdapterBuilder(parse_dtype(dtype, "dtype"))
     report = LoraReport(report_dir, "extract", rank)
     try:
         groups = _groups([n for n, i in model.tensors.items() if i.is_floating], rename)
@@ -246,7 +179,7 @@ def _progress(groups: Dict[str, Dict[str, str]], on: bool):
 
 
 def _extract_module(module: str, params: Dict[str, str], kinds: Dict[str, str], model: Checkpoint, base: Checkpoint,
-                    adapter: _Adapter, rank: int, embed_lora: bool) -> int:
+                    adapter: AdapterBuilder, rank: int, embed_lora: bool) -> int:
     """One module, as mergekit-extract-lora plans it: a Linear (the output embedding too with
     ``embed_lora``) -> LoRA of its weight's delta (+ ``lora_B.bias``); an Embedding with ``embed_lora``
     -> ``lora_embedding_A/B`` of the transposed delta; anything else -> saved whole. Returns 1 (left
@@ -262,7 +195,7 @@ def _extract_module(module: str, params: Dict[str, str], kinds: Dict[str, str], 
         adapter.add(module, a, b)
         adapter.errors[module] = (err, best)
         if "bias" in new and not torch.equal(new["bias"], old["bias"]):
-            adapter.tensors[f"{_PREFIX}{module}.lora_B.bias"] = new["bias"].float() - old["bias"].float()
+            adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = new["bias"].float() - old["bias"].float()
             adapter.lora_bias = True
     elif shaped and kind == "embedding" and embed_lora and set(new) == {"weight"}:
         a, b, err, best = svd_factors((new["weight"].float() - old["weight"].float()).t(), rank, distribute=True)
@@ -278,7 +211,7 @@ def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.equal(x, y) if x.dtype == y.dtype else torch.equal(x.float(), y.float())
 
 
-def _tie_output(kinds: Dict[str, str], adapter: _Adapter) -> None:
+def _tie_output(kinds: Dict[str, str], adapter: AdapterBuilder) -> None:
     """A tied output embedding (not in the files) follows its input embedding: peft copies a module
     it saves whole, which would untie it, so the output module gets the same tensor (or LoRA)."""
     tied = kinds.get("__tied__")
@@ -289,9 +222,9 @@ def _tie_output(kinds: Dict[str, str], adapter: _Adapter) -> None:
         return
     src = inputs[0]
     if src in adapter.saved:
-        adapter.save_whole(tied, {"weight": adapter.tensors[f"{_PREFIX}{src}.weight"].clone()})
+        adapter.save_whole(tied, {"weight": adapter.tensors[f"{PEFT_PREFIX}{src}.weight"].clone()})
     else:  # lora_embedding_A [r, vocab], B [dim, r]: the Linear head's delta is its transpose, (A^T)(B^T)
-        ka, kb = _keys(src, True)
+        ka, kb = lora_keys(src, True)
         adapter.add(tied, adapter.tensors[kb].t().contiguous(), adapter.tensors[ka].t().contiguous())
 
 
@@ -353,7 +286,7 @@ def _combine_into(folder: Path, adapters: Sequence[Any], coefficients: Sequence[
     if len(fan) != 1 or any(a.replaced for a in adapters):
         raise IncompatibleCheckpointsError("adapters combine into one LoRA only without modules_to_save and with one "
                                            "fan_in_fan_out setting")
-    adapter = _Adapter(parse_dtype(dtype, "dtype"))
+    adapter = AdapterBuilder(parse_dtype(dtype, "dtype"))
     names = list(dict.fromkeys(n for a in adapters for n in a.deltas))
     kinds = set()
     for name in names:
@@ -370,7 +303,8 @@ def _combine_into(folder: Path, adapters: Sequence[Any], coefficients: Sequence[
     return report
 
 
-def _combine_module(module: str, parts: List[tuple], rank: Optional[int], embedding: bool, adapter: _Adapter) -> str:
+def _combine_module(module: str, parts: List[tuple], rank: Optional[int], embedding: bool,
+                    adapter: AdapterBuilder) -> str:
     """One module's adapters (c, A, B, scaling, transpose) combined: "cat" or "svd"."""
     total = sum(a.shape[0] for _, a, _, _, _ in parts)
     if rank is None or total <= rank:  # peft's cat: A_i scaled by weight x scaling, B_i as they are

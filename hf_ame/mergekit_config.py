@@ -106,7 +106,8 @@ def _parse_slices(data: Mapping[str, Any], method: str, ignored: List[str]) -> L
     for i, sl in enumerate(slices):
         if isinstance(sl, Mapping):
             sl["sources"] = ([_known(src, {"model", "layer_range", "parameters"}, f"slices[{i}].sources[{j}]", ignored)
-                              for j, src in enumerate(sl["sources"])] if isinstance(sl.get("sources"), list) else sl.get("sources"))
+                              for j, src in enumerate(sl["sources"])]
+                             if isinstance(sl.get("sources"), list) else sl.get("sources"))
         if not isinstance(sl, Mapping) or set(sl) - _SLICE_KEYS or not isinstance(sl.get("sources"), list) \
                 or not sl["sources"]:
             bad = sorted(set(sl) - _SLICE_KEYS) if isinstance(sl, Mapping) else []
@@ -341,11 +342,13 @@ def _token_source(value: Any, where: str) -> Any:
         return _reference(value, where)["id"]
     if isinstance(value, Mapping) and value.get("kind") == "zero" and set(value) == {"kind"}:
         return "zero"
-    if isinstance(value, Mapping) and value.get("kind") == "model_token" and set(value) <= {"kind", "model", "token", "token_id"}:
+    if (isinstance(value, Mapping) and value.get("kind") == "model_token"
+            and set(value) <= {"kind", "model", "token", "token_id"}):
         picked = [k for k in ("token", "token_id") if value.get(k) is not None]
         if len(picked) == 1 and "model" in value:
             return {"model": _reference(value["model"], f"{where}.model")["id"], picked[0]: value[picked[0]]}
-    raise _fail(where, f"expected a model, {{kind: zero}} or {{kind: model_token, model, token or token_id}}, got {value!r}")
+    raise _fail(where, "expected a model, {kind: zero} or {kind: model_token, model, token or token_id}, "
+                       f"got {value!r}")
 
 
 def _tokens(tokens: Any) -> Dict[str, Dict[str, Any]]:
@@ -355,11 +358,13 @@ def _tokens(tokens: Any) -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
     for token, spec in tokens.items():
         where = f"tokenizer.tokens.{token}"
-        if not isinstance(spec, Mapping) or not set(spec) <= {"source", "force"} or not isinstance(spec.get("force", False), bool):
+        if (not isinstance(spec, Mapping) or not set(spec) <= {"source", "force"}
+                or not isinstance(spec.get("force", False), bool)):
             raise _fail(where, f"expected {{source, force: true|false}}, got {spec!r}")
         if spec.get("source") is None:
             raise _fail(f"{where}.source", "required: where the token's embedding row comes from")
-        out[str(token)] = {"source": _token_source(spec["source"], f"{where}.source"), "force": bool(spec.get("force", False))}
+        out[str(token)] = {"source": _token_source(spec["source"], f"{where}.source"),
+                           "force": bool(spec.get("force", False))}
     return out
 
 

@@ -44,8 +44,9 @@ import torch
 
 from .errors import ConfigError
 from .method_params import (BASE_ROLES, DELTA, DENSITY, EPS, EPSILON, FILTER_WISE, GAMMA, INT8_MASK, LAMBDA,
-                            NORMALIZE, RESCALE, SHARED, T, WEIGHT, Param, check_weight_sum, declarations,
+                            NORMALIZE, RESCALE, SHARED, T, TOL, WEIGHT, Param, check_weight_sum, declarations,
                             decoder_layers, layer_position, layer_positions, resolve_setting, setting_scalars)
+from .sparsify import della_magprune, magnitude, magnitude_outliers, random_drop
 
 __all__ = ["MethodEntry", "MethodContext", "Param", "register_method", "get_method", "list_methods",
            "method_parameters", "PER_MODEL", "parameter_help", "resolve_setting", "layer_position", "layer_positions",
@@ -74,6 +75,8 @@ class MethodContext:
     has_base: bool = False  # the pivot is the base model (pivot="base"): methods with an optional base use it
     dtype: torch.dtype = torch.float32  # the compute dtype (mergekit's ``dtype``): where a ranking has ties, they
     # are broken on values rounded to it, as mergekit ranks them; the arithmetic itself is in the pivot's dtype
+    drew: bool = False  # set by generator(): the pseudogradient depends on the step's seed
+    converged: bool = False  # set by a method whose own tolerance is met: the stepper may stop here
 
     @property
     def n(self) -> int:
@@ -92,6 +95,7 @@ class MethodContext:
         return v
 
     def generator(self, i: int) -> torch.Generator:
+        self.drew = True
         text = f"{self.seed}/{self.key}/{self.step}/{self.indices[i]}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
 
@@ -232,89 +236,6 @@ def check_counts(name: str, params: Mapping[str, Any], n_models: int, has_base: 
         if isinstance(v, list) and len(v) != n_models:
             raise ConfigError(f"method_kwargs.{k}: {len(v)} values for {n_models} ingredients")
     check_weight_sum(entry.name, params, n_models)
-
-
-# ---------------------------------------------------------------------------------------------- sparsification
-def _rescale_l1_inplace(masked: torch.Tensor, before: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked.mul_(before / after)
-
-
-def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """A bool mask of the k largest entries of the 1-D ``a``. Through ``kthvalue``, not ``topk`` or a
-    sort: on a 98 MB tensor topk's buffers peak at +611 MiB, this at +377. Only when equal values
-    straddle the threshold (it happens: 1 entry in mergekit's ties example) is the choice made by a
-    full ``argsort(descending=True)``, as mergekit makes it (torch's tie order is not by index)."""
-    n = a.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=a.device)
-    threshold = a.kthvalue(n - k + 1).values
-    keep = a > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        tied = a == threshold
-        if int(tied.sum()) == missing:  # no choice to make
-            keep |= tied
-        else:  # an ambiguous tie: decide exactly as mergekit's argsort does
-            keep.zero_()
-            keep[torch.argsort(a.float() if a.device.type == "cpu" else a, descending=True)[:k]] = True
-    return keep
-
-
-def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``density`` largest magnitudes (at least one entry); ``d`` is changed in place."""
-    if density >= 1:
-        return d
-    k = max(1, int(density * d.numel()))
-    keep = top_k_mask(d.abs().reshape(-1), k).view_as(d)
-    before = d.abs().sum() if rescale else None
-    d.mul_(keep.view_as(d))  # in place: d is the caller's fresh copy
-    return _rescale_l1_inplace(d, before) if rescale else d
-
-
-def magnitude_outliers(d: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Drop the ``gamma`` largest magnitudes, then the smallest, keeping ``density`` (breadcrumbs)."""
-    if density >= 1:
-        return d
-    n = d.numel()
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)
-    order = torch.sort(d.abs().reshape(-1)).indices
-    mask = torch.zeros(n, dtype=d.dtype, device=d.device)
-    mask[order[bottom:bottom + keep]] = 1
-    before = d.abs().sum() if rescale else None
-    d.mul_(mask.view_as(d).to(d.dtype))
-    return _rescale_l1_inplace(d, before) if rescale else d
-
-
-def random_drop(d: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (DARE), rescaled to the original L1 norm; in place."""
-    if density >= 1:
-        return d
-    keep = torch.empty(d.shape, dtype=torch.float32).bernoulli_(float(density), generator=generator)
-    before = d.abs().sum() if rescale else None
-    d.mul_(keep.to(device=d.device, dtype=d.dtype))  # in place: d is the caller's fresh copy
-    return _rescale_l1_inplace(d, before) if rescale else d
-
-
-def della_magprune(d: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
-                   rescale: bool = True) -> torch.Tensor:
-    """DELLA's MagPrune as mergekit 0.1.5: per row (1-D tensors as one row), each entry's magnitude
-    rank scaled to [0, 1] gives its keep probability density - epsilon + 2 epsilon rank; drawn from
-    ``generator`` (mergekit draws from torch's global one); rescaled to the L1 norm; in place."""
-    if density >= 1:
-        return d
-    rows = d.reshape(1, -1) if d.dim() < 2 else d
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(d.dtype) + 1
-    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
-    del ranks
-    keep = torch.bernoulli(probs.cpu(), generator=generator).to(device=d.device, dtype=d.dtype)
-    before = d.abs().sum() if rescale else None
-    d.mul_(keep.view_as(d))
-    return _rescale_l1_inplace(d, before) if rescale else d
 
 
 # ---------------------------------------------------------------------------------------------- the methods
@@ -463,7 +384,8 @@ def _huber(ctx: MethodContext) -> torch.Tensor:
     """One iteratively-reweighted step toward the Huber M-estimate of the batch's centre, tensor by
     tensor: r_j = |p - x_j|, s = median_j r_j, weight w_j = min(1, delta s / r_j), g = sum_j w_j (p -
     x_j) / sum_j w_j. Models within ``delta`` median distances weigh 1 (on a clean set: the soup);
-    a far-off model's pull is capped at delta s. Pass 1 the distances, pass 2 the weighted sum."""
+    a far-off model's pull is capped at delta s. Pass 1 the distances, pass 2 the weighted sum.
+    ``tol`` > 0: the iteration stops once a step moves the merge by at most tol x |p| (per tensor)."""
     p = ctx.pivot
     delta, eps = float(ctx.param("delta")), float(ctx.param("eps"))
     r = [float(torch.linalg.vector_norm(ctx.get(i).sub_(p))) for i in range(ctx.n)]
@@ -472,7 +394,10 @@ def _huber(ctx: MethodContext) -> torch.Tensor:
     acc = torch.zeros_like(p)
     for i in range(ctx.n):
         acc.add_(ctx.get(i).sub_(p), alpha=weights[i])
-    return acc.div_(sum(weights)).neg_()
+    g = acc.div_(sum(weights)).neg_()
+    tol = float(ctx.param("tol"))  # converged: this step moves the merge by under tol x |p| (0: never)
+    ctx.converged = tol > 0 and float(torch.linalg.vector_norm(g)) <= tol * float(torch.linalg.vector_norm(p))
+    return g
 
 
 def _della_window(params: Mapping[str, Any], prefix: str) -> None:
@@ -497,7 +422,8 @@ def _task_params(*extra: Param, normalize: bool, rescale: bool) -> Tuple[Param, 
             RESCALE.replace(default=rescale))
 
 
-register_method("huber", _huber, params=(DELTA, EPS.replace(default=1e-12)), base="unused", passes=2,
+register_method("huber", _huber, params=(DELTA, EPS.replace(default=1e-12), TOL.replace(default=0.0)), base="unused",
+                passes=2,
                 description="IRLS steps toward the Huber M-estimate: the soup on a clean set, far-off models capped",
                 reference="https://en.wikipedia.org/wiki/Huber_loss")
 register_method("geometric_median", _geometric_median, params=(EPS,), base="unused",

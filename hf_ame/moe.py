@@ -18,14 +18,13 @@ writes the MoE mergekit-moe writes (Mixtral, DeepSeek MoE, Qwen2-MoE or Qwen3-Mo
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .checkpoints import Checkpoint, TensorInfo
+from .checkpoints import Checkpoint
 from .checks import model_dtype
 from .config import AMEConfig, parse_dtype
 from .engine import plan_merge
@@ -35,65 +34,16 @@ from .hub import download, parse_ingredient
 from .mergekit_config import merge_section
 from .methods import get_method
 from .moe_card import moe_files
-from .moe_config import (RANDOM_MODES, Expert, MoEConfig, check_moe_config, output_config, parse_non_expert,
+from .moe_config import (RANDOM_MODES, MoEConfig, check_moe_config, output_config, parse_non_expert,
                          save_output_config, select_architecture)
 from .moe_layout import Slot, check_expert_shapes, expert_slots, non_expert_names, zero_bias_shapes
 from .moe_router import EMBEDDING, gate_vectors, prompt_tokenizer, router_dtype, warn_degenerate
+from .moe_sources import ComputedSource, ExpertSource
 from .output import check_output_dir, copy_aux_files, staged_output, write_files
 from .plan import MergePlan, build_stack_plan, combine_plans
 from .quantization import check_quantization
 
 __all__ = ["MoEPlan", "MoEResult", "build_moe", "plan_moe"]
-
-
-class ExpertSource:
-    """An expert's checkpoint as its slots read it: mergekit's ``noise_scale`` (Gaussian noise on
-    every MLP tensor, drawn from a generator seeded by the seed, the expert and the tensor name) and
-    ``residual_scale`` (``down_proj`` multiplied), on the tensor as stored, as mergekit applies them."""
-
-    def __init__(self, ckpt: Checkpoint, expert: Expert, seed: int, label: str):
-        self.ckpt, self.expert, self.seed, self.label = ckpt, expert, seed, label
-        self.name, self.tensors, self.path, self.files_path = ckpt.name, ckpt.tensors, ckpt.path, ckpt.files_path
-
-    @property
-    def bytes_read(self) -> int:
-        return self.ckpt.bytes_read
-
-    def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-        t = self.ckpt.get_tensor(name, device)
-        e = self.expert
-        if e.noise_scale is not None:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.label}/{name}".encode()))
-            t = t + torch.randn(t.shape, generator=gen, dtype=t.dtype) * e.noise_scale
-        if e.residual_scale is not None and "down_proj" in name:
-            t = t * e.residual_scale
-        return t
-
-    def close(self) -> None:
-        self.ckpt.close()
-
-
-class ComputedSource:
-    """Tensors made here, not read: the router vectors (set once computed) and zero biases. Its
-    headers exist from the plan on, so the copies plan them like any other source."""
-
-    name = "(computed)"
-    bytes_read = 0
-
-    def __init__(self) -> None:
-        self.tensors: Dict[str, TensorInfo] = {}
-        self.values: Dict[str, torch.Tensor] = {}
-
-    def declare(self, name: str, dtype: torch.dtype, shape: Tuple[int, ...]) -> None:
-        self.tensors[name] = TensorInfo(name, dtype, tuple(shape), "(computed)")
-
-    def get_tensor(self, name: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-        if name not in self.values:
-            raise RuntimeError(f"tensor {name!r} has not been computed yet")
-        return self.values[name].to(device)
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .checkpoints import Checkpoint
 from .config import AMEConfig, ConfigError
 from .errors import NonFiniteWeightsError
 from .engine import save_state
-from .executor import IngredientRow
+from .copies import LazyCopies
 from .methods import layer_positions
 from .scratch import scratch_dir
 from .architecture import file_to_model_renamer
@@ -135,7 +135,7 @@ class _Lazy:
         return len(self.names)
 
     def __getitem__(self, k: int):
-        return IngredientRow(self.ckpts, self.names[k], torch.device("cpu"))
+        return LazyCopies(self.ckpts, self.names[k], torch.device("cpu"))
 
 
 def _check_finite(weights: Sequence[torch.Tensor], names: Sequence[str], lazy: "_Lazy", batch: Sequence[int],

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .algorithm import AMEStep, Pivot, PivotSpec, can_block, is_exact_soup, plan_steps
+from .algorithm import AMEStep, Pivot, PivotSpec, is_exact_soup, is_plain_sgd, plan_steps
+from .blocks import can_block
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
@@ -25,8 +26,8 @@ from .optimizers import build_optimizer
 from .rows import RowAlignment
 from .writer import ShardPlan, plan_shards
 
-__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "combine_plans", "choose_stream", "STREAM_MODES", "TRANSFORMS", "READERS",
-           "assign_shards", "block_elements", "read_sequence"]
+__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "combine_plans", "choose_stream",
+           "STREAM_MODES", "TRANSFORMS", "READERS", "assign_shards", "block_elements", "read_sequence"]
 
 STREAM_MODES = ("auto", "tensor", "ingredient")
 # what is done to a tensor's copies
@@ -125,14 +126,16 @@ class MergePlan:
     @property
     def peak_memory(self) -> int:
         """Estimated peak bytes of the merge's own buffers (the largest tensor's inputs, state and
-        output, plus what prefetching holds), meant as an upper bound: the RSS growth measured in
-        tests/test_plan.py stays below it. The Python and torch baseline comes on top."""
+        output, plus what prefetching holds and the previous output while it is written), meant as an
+        upper bound: the RSS growth measured in tests/test_plan.py stays below it. The Python and
+        torch baseline comes on top."""
         mine = self.mine()
         if not mine:
             return 0
         ahead = max(t.read_bytes for t in mine if t.reader == "tensors") if (
             self.prefetch and any(t.reader == "tensors" for t in mine)) else 0
-        return max(t.peak_bytes for t in mine) + ahead
+        behind = max(t.write_bytes for t in mine) if self.prefetch else 0  # written on its own thread
+        return max(t.peak_bytes for t in mine) + ahead + behind
 
     @property
     def devices(self) -> List[str]:
@@ -154,7 +157,8 @@ class MergePlan:
                f"{len(self.steps)} {self.config.optimizer} steps per tensor (lr={self.config.lr}, "
                f"epochs={self.config.epochs}, batch_size={self.config.batch_size}, pivot={self.config.pivot})")
         mine = self.mine()
-        counts = "; ".join(", ".join(f"{v} {k}" for k, v in sorted(self.counts(w).items())) for w in ("transform", "reader"))
+        counts = "; ".join(", ".join(f"{v} {k}" for k, v in sorted(self.counts(w).items()))
+                           for w in ("transform", "reader"))
         lines = [
             f"plan: merge {n} ingredients" + (f" + base {self.base}" if self.base else "") + f" -> {self.output_dir}",
             f"  how: {how}; stream={self.stream}" + (f", block_size={self.block_size}" if self.block_size else ""),
@@ -259,7 +263,7 @@ def block_elements(block_size: int, n_sources: int, element_size: int) -> int:
 def state_slots(config: AMEConfig, exact_soup: bool) -> int:
     """How many float tensors of a parameter's size the optimizer keeps (Adam: 2), found by one
     step on a 4-element parameter, so any registered optimizer is counted as it really runs."""
-    if exact_soup:
+    if exact_soup or is_plain_sgd(config):  # w - lr g: no state (and no optimizer built: see AMEStepper)
         return 0
     p = torch.zeros(4, requires_grad=True)
     try:
@@ -289,6 +293,7 @@ class _Context:
     num_layers: Optional[int]
     rows: Optional[RowAlignment] = None
     base: Optional[Checkpoint] = None
+    workers: int = field(default_factory=torch.get_num_threads)  # blocks merged side by side (hf_ame.threads)
 
 
 def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
@@ -301,7 +306,8 @@ def _plan_gather(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     """A tensor whose rows are matched by key: each copy is read whole, one at a time."""
     everyone = ctx.srcs[:ctx.n] + ([ctx.base] if ctx.base is not None else [])
     m = ctx.rows.map_for(info.name) if ctx.rows is not None else None
-    srcs = [c for c in everyone if info.name in c.tensors and (c in ctx.srcs[:ctx.n] or (m is not None and c.name in m.sources))]
+    srcs = [c for c in everyone
+            if info.name in c.tensors and (c in ctx.srcs[:ctx.n] or (m is not None and c.name in m.sources))]
     sources = [Source(c.name, c.tensors[info.name].file, c.tensors[info.name].offset, _name(c.tensors[info.name].dtype),
                       c.tensors[info.name].nbytes) for c in srcs]
     shape = _out_shape(info, ctx.rows)
@@ -311,14 +317,16 @@ def _plan_gather(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     # two copies' rows (one read ahead) and the float32 merge state of the largest group, then the output
     peak = 2 * max(s.nbytes for s in sources) + numel * 4 * (3 + ctx.slots) + write
     return TensorPlan(info.name, shape, _name(dtype), ctx.transform, "gather", str(ctx.where(info.name)), shard, rank,
-                      sources, sum(s.nbytes for s in sources), write, peak, 0, layer_position(info.name, ctx.num_layers))
+                      sources, sum(s.nbytes for s in sources), write, peak, 0,
+                      layer_position(info.name, ctx.num_layers))
 
 
 def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> TensorPlan:
     if ctx.rows is not None and info.name in ctx.rows.tensors:
         return _plan_gather(info, ctx, shard, rank)
     n, block = ctx.n, 0
-    copies = [c.tensors[info.name] for c in ctx.srcs] if info.is_floating else [c.tensors[info.name] for c in ctx.srcs[:n]]
+    copies = ([c.tensors[info.name] for c in ctx.srcs] if info.is_floating
+              else [c.tensors[info.name] for c in ctx.srcs[:n]])
     srcs = ctx.srcs if info.is_floating else ctx.srcs[:n]
     sources = [Source(c.name, i.file, i.offset, _name(i.dtype), i.nbytes) for c, i in zip(srcs, copies)]
     dev = ctx.where(info.name)
@@ -333,7 +341,9 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         per = block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
         read = sum(s.nbytes for s in sources)
         held = min(per, info.numel)  # a small tensor is one short block
-        peak = 2 * held * sum(_esize(c.dtype) for c in copies) + held * 4 * (2 + ctx.slots + n) + write
+        # each worker holds one block's slices and state (one worker: the next block's slices read ahead)
+        w = max(1, ctx.workers)
+        peak = max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n) + write
     elif ctx.mode == "ingredient":
         transform, reader = ctx.transform, "rows"
         runs = [j for k, j in enumerate(ctx.sequence) if k == 0 or ctx.sequence[k - 1] != j]
@@ -349,14 +359,15 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers))
 
 
-def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]], output_dir: Path, *,
-                     out_dtype: Optional[torch.dtype], model_dtype: torch.dtype, max_shard_size: Any = "5GB",
-                     prefetch: bool = True) -> MergePlan:
+def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]],
+                     output_dir: Path, *, out_dtype: Optional[torch.dtype], model_dtype: torch.dtype,
+                     max_shard_size: Any = "5GB", prefetch: bool = True) -> MergePlan:
     """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name, scale)
     (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole (and scaled)."""
     scales = {out: scale for out, _, _, scale in entries}
     infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src, _ in entries]
-    target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape) for out, i, _, _ in infos]
+    target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape)
+              for out, i, _, _ in infos]
     shards = plan_shards(target, max_shard_size)
     tensors = []
     for (out, info, k, src), (_, dtype, _) in zip(infos, target):
@@ -367,8 +378,8 @@ def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, i
                                   source_names=[src], source_models=[k],
                                   scale=scales[out] if info.is_floating else None))
     config = AMEConfig.soup()
-    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, Pivot("index", 0), [], False, "tensor", None,
-                     prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))
+    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, Pivot("index", 0), [], False, "tensor",
+                     None, prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))
 
 
 def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path, *, pivot: PivotSpec,
@@ -385,8 +396,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     ref = ckpts[reference]
     infos: List[TensorInfo] = list(ref.tensors.values())
     rows = rows if (rows is not None and rows.tensors) else None
-    shards = plan_shards([(i.name, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, _out_shape(i, rows))
-                          for i in infos], max_shard_size)
+    shards = plan_shards([(i.name, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype,
+                           _out_shape(i, rows)) for i in infos], max_shard_size)
     steps = plan_steps(len(ckpts), config)
     exact = is_exact_soup(config, len(ckpts))
     # the base is read for every tensor only as the pivot; otherwise only where rows come from it (heads="base")
@@ -416,8 +427,8 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
-                     steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors, sequence,
-                     owner, reference, rank, world_size, list(extra_files), rows=rows)
+                     steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors,
+                     sequence, owner, reference, rank, world_size, list(extra_files), rows=rows)
     plan.notes.extend(rows.notes if rows is not None else [])
     return plan
 

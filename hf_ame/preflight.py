@@ -48,7 +48,8 @@ def read_headers(everyone: Sequence[Ingredient], *, cache_dir: Any, token: Union
                                          endpoint=endpoint)
             headers.append(open_ingredient(ing, adapter_base))
         elif local_files_only:
-            ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True, endpoint=endpoint)
+            ing.path, ing.sha = download(ing, cache_dir=cache_dir, token=token, local_files_only=True,
+                                         endpoint=endpoint)
             headers.append(open_ingredient(ing, adapter_base))
         else:
             h: RemoteHeader = inspect_remote(ing, token=token, endpoint=endpoint)
@@ -141,7 +142,8 @@ class Preflight:
         MoE experts, ...) read in the original one, when the ingredients' tensor names differ.
         ``layout="in_memory"`` (mergekit configs): every checkpoint read in the in-memory layout."""
         in_memory = self.choices.get("layout") == "in_memory"
-        if not headers[0].config.get("model_type") or (not in_memory and len({frozenset(h.tensors) for h in headers}) <= 1):
+        if (not headers[0].config.get("model_type")
+                or (not in_memory and len({frozenset(h.tensors) for h in headers}) <= 1)):
             return
         self.skeleton = skeleton_from_config(headers[0].config, self.access["trust_remote_code"])
         for h in headers:
@@ -164,7 +166,8 @@ class Preflight:
         prefix = base_model_prefix(ConfigView(ings[0].config)) if ings[0].config else ""
         layout_notes: List[str] = []
         self.align_layouts(headers, layout_notes)
-        self.renames, notes = (drop_renames(headers, prefix), []) if c["heads"] == "drop" else prefix_renames(headers, prefix)
+        self.renames, notes = ((drop_renames(headers, prefix), []) if c["heads"] == "drop"
+                               else prefix_renames(headers, prefix))
         notes = layout_notes + notes
         for h in headers:
             if h.name in self.renames:

@@ -43,8 +43,9 @@ _TOP = {"hf_ame", "models", "base_model", "merge", "ordering", "output", "hub", 
 _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key", "metric_kwargs",
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
+# format: model | lora (hf_ame.lora_out), rank: its r
 _OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads",
-           "config_source", "chat_template", "format", "rank", "layout"}  # format: model | lora (hf_ame.lora_out), rank: its r
+           "config_source", "chat_template", "format", "rank", "layout"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 
@@ -54,7 +55,8 @@ _CONSENT = "pass trust_remote_code=True (hf-ame merge --trust-remote-code) if yo
 
 def _refuse_code(data: Mapping[str, Any]) -> None:
     """Raise if the recipe would run code it brings: nothing is imported or loaded before this."""
-    load, merge, ordering = (data.get(k) if isinstance(data.get(k), Mapping) else {} for k in ("load", "merge", "ordering"))
+    load, merge, ordering = (data.get(k) if isinstance(data.get(k), Mapping) else {}
+                             for k in ("load", "merge", "ordering"))
     if load.get("trust_remote_code") is True:
         raise RecipeError(f"load.trust_remote_code: a recipe cannot turn on the ingredients' custom code; {_CONSENT}")
     amp = merge.get("amplification")
@@ -109,7 +111,8 @@ def _hub_data_files(ds: Mapping[str, Any]) -> None:
     """A Hub recipe's data files: hf:// URLs, or files of the Hub dataset it names (never local
     files or other hosts, unless the caller passes eval_dataset= itself)."""
     where, files = "ordering.dataset.data_files", ds.get("data_files")
-    values = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping) else list(files or [])
+    values = ([files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping)
+              else list(files or []))
     for f in (v for x in values for v in (x if isinstance(x, list) else [x])):
         _expect(isinstance(f, str), where, "file names or hf:// URLs", f)
         _text(f, where, remote=True)
@@ -164,10 +167,12 @@ class Recipe:
         models_raw = data.get("models")
         _expect(isinstance(models_raw, list) and len(models_raw) >= 1, "models", "a non-empty list", models_raw)
         models = [cls._model(m, f"models[{i}]", base_dir, remote) for i, m in enumerate(models_raw)]
-        base = cls._model(data["base_model"], "base_model", base_dir, remote) if data.get("base_model") is not None else None
+        base = (cls._model(data["base_model"], "base_model", base_dir, remote) if data.get("base_model") is not None
+                else None)
         try:
             raw = data.get("merge") or {}
-            # a method's parameters may sit beside the fields, as in mergekit configs (merge: {method: ties, density: 0.5})
+            # a method's parameters may sit beside the fields, as in mergekit configs
+            # (merge: {method: ties, density: 0.5})
             method = raw.get("method") if isinstance(raw, Mapping) else None
             allowed = set(AMEConfig.__dataclass_fields__) | (set(get_method(method).defaults) if method else set())
             merge = AMEConfig.from_options(prefix="merge.", **_mapping(raw, "merge", allowed))
@@ -181,7 +186,8 @@ class Recipe:
         hub = _check_hub(_mapping(data.get("hub") or {}, "hub", _HUB))
         load = _mapping(data.get("load") or {}, "load", _LOAD)
         if "trust_remote_code" in load:
-            _expect(isinstance(load["trust_remote_code"], bool), "load.trust_remote_code", "true or false", load["trust_remote_code"])
+            _expect(isinstance(load["trust_remote_code"], bool), "load.trust_remote_code", "true or false",
+                    load["trust_remote_code"])
         prov = data.get("provenance")
         if prov is not None:
             _expect(isinstance(prov, Mapping), "provenance", "a mapping", prov)
@@ -263,8 +269,8 @@ class Recipe:
         o = _mapping(value, "ordering", _ORDERING)
         _expect(isinstance(o.get("metric"), str), "ordering.metric", "an evaluate metric name", o.get("metric"))
         ds = _mapping(o.get("dataset"), "ordering.dataset", _DATASET)
-        _expect(isinstance(ds.get("path"), str), "ordering.dataset.path", "a Hub dataset id, a builder name or a folder",
-                ds.get("path"))
+        _expect(isinstance(ds.get("path"), str), "ordering.dataset.path",
+                "a Hub dataset id, a builder name or a folder", ds.get("path"))
         ds["path"] = _text(ds["path"], "ordering.dataset.path", remote)
         if isinstance(ds.get("data_files"), str):
             ds["data_files"] = _text(ds["data_files"], "ordering.dataset.data_files", remote)
@@ -361,7 +367,8 @@ def _check_output(output: Dict[str, Any]) -> Dict[str, Any]:
             "a mapping of token -> {source, force}", output.get("tokens"))
     _expect(output.get("format") in (None, "model", "lora"), "output.format", "'model' or 'lora'", output.get("format"))
     _expect(output.get("rank") is None or (isinstance(output["rank"], int) and not isinstance(output["rank"], bool)
-                                           and output["rank"] > 0), "output.rank", "a LoRA rank >= 1", output.get("rank"))
+                                           and output["rank"] > 0),
+            "output.rank", "a LoRA rank >= 1", output.get("rank"))
     if output.get("chat_template") is not None:
         _expect(isinstance(output["chat_template"], str), "output.chat_template",
                 "'auto', a template name or Jinja text", output["chat_template"])
@@ -376,7 +383,8 @@ def _check_output(output: Dict[str, Any]) -> Dict[str, Any]:
 def _check_hub(hub: Dict[str, Any]) -> Dict[str, Any]:
     """A recipe's ``hub`` section: a valid repo id and a boolean ``private``."""
     if hub.get("repo_id") is not None:
-        _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'", hub["repo_id"])
+        _expect(isinstance(hub["repo_id"], str) and "/" in hub["repo_id"], "hub.repo_id", "'namespace/name'",
+                hub["repo_id"])
         # huggingface_hub.utils pulls its HTTP stack (~8 MiB): imported when a recipe names a repo
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -406,7 +414,8 @@ def _scale_setting(value: Any, where: str) -> Any:
             _expect(isinstance(c, Mapping) and set(c) <= {"filter", "value"} and "value" in c
                     and (c.get("filter") is None or isinstance(c["filter"], str)), f"{where}.filters[{k}]",
                     "{filter: <substring or null>, value: <setting>}", c)
-            conds.append({"filter": c.get("filter"), "value": _scale_setting(c["value"], f"{where}.filters[{k}].value")})
+            conds.append({"filter": c.get("filter"),
+                          "value": _scale_setting(c["value"], f"{where}.filters[{k}].value")})
         return {"filters": conds}
     raise RecipeError(f"{where}: expected a finite number, {{gradient: [...]}} or {{filters: [...]}}, got {value!r}")
 
@@ -427,9 +436,9 @@ def _reachable(repo_id: str, revision: Optional[str], token: Union[bool, str, No
             raise RecipeError(f"recipe: {repo_id!r}: {hint}") from None
 
 
-def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None, token: Union[bool, str, None] = None,
-                endpoint: Optional[str] = None, filename: str = RECIPE_FILE, trust_remote_code: bool = False,
-                strict: bool = False) -> Recipe:
+def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = None,
+                token: Union[bool, str, None] = None, endpoint: Optional[str] = None, filename: str = RECIPE_FILE,
+                trust_remote_code: bool = False, strict: bool = False) -> Recipe:
     """A recipe from a local file, or the ``ame_recipe.yaml`` of a Hub repo (``hf_hub_download``); a
     mergekit config (a file, or a repo's ``mergekit_config.yml``) is read as the same merge.
     ``trust_remote_code``: allow the recipe to run code (see :meth:`Recipe.from_dict`); default False.
@@ -453,7 +462,8 @@ def load_recipe(path_or_repo_id: Union[str, Path], *, revision: Optional[str] = 
             local = hf_hub_download(text, MERGEKIT_FILE, revision=revision, token=token, endpoint=endpoint)
         except Exception:  # noqa: BLE001 - the recipe's own error is the one to report
             raise RecipeError(f"recipe: {text!r} is not a file and neither its {filename} nor its {MERGEKIT_FILE} "
-                              f"could be read from the Hub ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                              f"could be read from the Hub "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     r = Recipe.from_file(local, trust_remote_code=trust_remote_code, remote=True, strict=strict)  # a stranger's
     r.source = f"{text}@{revision or 'main'}"
     return r

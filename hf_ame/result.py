@@ -188,14 +188,16 @@ class MergeResult:
     def write_card(self, repo_id: Optional[str] = None) -> List[str]:
         """Write README.md (model card), the scores chart and ame_recipe.yaml into ``output_dir``."""
         recipe_yaml = self.recipe(repo_id).to_yaml()
-        model_config = json.loads((self.output_dir / "config.json").read_text()) if (self.output_dir / "config.json").exists() else {}
+        model_config = (json.loads((self.output_dir / "config.json").read_text())
+                        if (self.output_dir / "config.json").exists() else {})
         ds = (self.ordering or {}).get("dataset")
         reproduce = (f"hf-ame merge {repo_id} --out merged   # reads ame_recipe.yaml from the repo" if repo_id
                      else "hf-ame merge ame_recipe.yaml --out merged")
         card, svg = render_card(config=self.config.to_dict(), ingredients=[i.to_dict() for i in self.ingredients],
-                                model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores, metric=self.metric,
-                                dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy, greedy_log=self.greedy_log,
-                                dtype=self.report.dtype, parameters=self.report.parameters, seconds=self.report.seconds,
+                                model_config=model_config, recipe_yaml=recipe_yaml, scores=self.scores,
+                                metric=self.metric, dataset=ds if isinstance(ds, dict) else None, greedy=self.greedy,
+                                greedy_log=self.greedy_log, dtype=self.report.dtype,
+                                parameters=self.report.parameters, seconds=self.report.seconds,
                                 repo_id=repo_id, reproduce=reproduce, mergekit_config=self.mergekit_config,
                                 alignment=self.alignment, search=self.search, warnings=self.warnings)
         (self.output_dir / RECIPE_FILE).write_text(recipe_yaml)

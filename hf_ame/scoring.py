@@ -77,7 +77,8 @@ def resolve_metric(metric: Union[str, Any, Callable], *, greater_is_better: Opti
     if isinstance(metric, str):
         name = metric
         if name in _LM_METRICS:  # computed from the model's own token losses
-            return Metric(name, _load_shipped("perplexity"), key=name, greater_is_better=bool(greater_is_better) if greater_is_better is not None else False,
+            return Metric(name, _load_shipped("perplexity"), key=name,
+                          greater_is_better=bool(greater_is_better) if greater_is_better is not None else False,
                           kwargs=kwargs, shipped=True)
         try:
             module = evaluate.load(name)
@@ -85,7 +86,8 @@ def resolve_metric(metric: Union[str, Any, Callable], *, greater_is_better: Opti
         except Exception as exc:  # noqa: BLE001 - offline, missing, or a network error
             if name not in SHIPPED_METRICS:
                 raise MetricError(
-                    f"metric {name!r}: evaluate.load failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}) and hf_ame ships no "
+                    f"metric {name!r}: evaluate.load failed "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}) and hf_ame ships no "
                     f"offline copy of it (shipped: {', '.join(SHIPPED_METRICS)}, plus 'loss'); pass an "
                     "evaluate.EvaluationModule or a callable (model, dataset) -> float"
                 ) from None
@@ -104,7 +106,8 @@ def resolve_metric(metric: Union[str, Any, Callable], *, greater_is_better: Opti
         name = getattr(metric, "__name__", "custom")
         gib = greater_is_better if greater_is_better is not None else name not in LOWER_IS_BETTER
         return Metric(name, fn=metric, greater_is_better=gib)
-    raise MetricError(f"order_by: expected a metric name, an evaluate.EvaluationModule or a callable, got {type(metric).__name__}")
+    raise MetricError("order_by: expected a metric name, an evaluate.EvaluationModule or a callable, "
+                      f"got {type(metric).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -129,13 +132,16 @@ class DatasetRef:
             ds = load_from_disk(str(folder))  # a folder written by Dataset.save_to_disk
             if isinstance(ds, DatasetDict):
                 if self.split not in ds:
-                    raise MetricError(f"eval_dataset: {self.path!r} has no split {self.split!r} (splits: {', '.join(ds)})")
+                    raise MetricError(f"eval_dataset: {self.path!r} has no split {self.split!r} "
+                                      f"(splits: {', '.join(ds)})")
                 ds = ds[self.split]
             return ds
         try:
-            return load_dataset(self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision)
+            return load_dataset(self.path, self.name, split=self.split, data_files=self.data_files,
+                                revision=self.revision)
         except Exception as exc:  # noqa: BLE001
-            raise MetricError(f"eval_dataset: cannot load {self.path!r} split {self.split!r}: {type(exc).__name__}: {exc}") from None
+            raise MetricError(f"eval_dataset: cannot load {self.path!r} split {self.split!r}: "
+                              f"{type(exc).__name__}: {exc}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -150,7 +156,8 @@ def resolve_dataset(dataset: Any):
     if isinstance(dataset, Mapping):
         unknown = set(dataset) - set(DatasetRef.__dataclass_fields__)
         if unknown:
-            raise MetricError(f"eval_dataset: unknown field {sorted(unknown)[0]!r}; expected {', '.join(DatasetRef.__dataclass_fields__)}")
+            raise MetricError(f"eval_dataset: unknown field {sorted(unknown)[0]!r}; "
+                              f"expected {', '.join(DatasetRef.__dataclass_fields__)}")
         dataset = DatasetRef(**dataset)
     if isinstance(dataset, DatasetRef):
         return dataset.load(), dataset
@@ -173,7 +180,8 @@ def infer_task(config: Any) -> str:
         return tag
     if tag == "text-generation":
         return "causal-lm"
-    raise MetricError(f"cannot infer a scoring task from architectures {archs!r}; pass order_by=<callable (model, dataset) -> float>")
+    raise MetricError(f"cannot infer a scoring task from architectures {archs!r}; "
+                      "pass order_by=<callable (model, dataset) -> float>")
 
 
 def _pick(columns: Sequence[str], wanted: Optional[str], candidates: Sequence[str], what: str) -> str:
@@ -252,7 +260,8 @@ def _evaluator_score(model, dataset, metric, processor, task, icol, lcol) -> flo
     from evaluate import evaluator
 
     dev = _model_device(model)
-    kwargs: Dict[str, Any] = {"feature_extractor": processor} if task == "image-classification" else {"tokenizer": processor}
+    kwargs: Dict[str, Any] = ({"feature_extractor": processor} if task == "image-classification"
+                              else {"tokenizer": processor})
     label2id = getattr(model.config, "label2id", None) or None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -273,7 +282,8 @@ def _predict(model, dataset, processor, task, icol, batch_size) -> List[int]:
             inputs = {"input_ids": torch.as_tensor(batch)}
         elif task == "image-classification":
             if processor is None:
-                raise MetricError("image scoring needs an image processor saved with the model, or a pixel_values column")
+                raise MetricError("image scoring needs an image processor saved with the model, "
+                                  "or a pixel_values column")
             inputs = processor(images=batch, return_tensors="pt")
         else:
             if processor is None:
@@ -314,7 +324,8 @@ def _lm_score(model, dataset, metric, tokenizer, col, batch_size) -> float:
 
 # -------------------------------------------------------------------------------------------- cache
 def default_cache_path() -> Path:
-    root = os.environ.get("HF_AME_CACHE") or os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hf_ame")
+    root = os.environ.get("HF_AME_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hf_ame")
     return Path(root) / "scores.json"
 
 

@@ -36,7 +36,8 @@ class Trial:
     params: Dict[str, Any] = field(default_factory=dict)  # the searched fields' values ({} for the soup)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"trial": self.number, "params": dict(self.params) if self.number else "uniform soup", "score": self.score}
+        return {"trial": self.number, "params": dict(self.params) if self.number else "uniform soup",
+                "score": self.score}
 
 
 def check_space(space: Any, n_trials: Optional[int]) -> Dict[str, Any]:
@@ -108,7 +109,8 @@ class Search:
             for key, spec in self.space.items():
                 if isinstance(spec, Mapping):
                     low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
-                    params[key] = (trial.suggest_int(key, low, high, log=log) if isinstance(low, int) and isinstance(high, int)
+                    params[key] = (trial.suggest_int(key, low, high, log=log)
+                                   if isinstance(low, int) and isinstance(high, int)
                                    else trial.suggest_float(key, float(low), float(high), log=log))
                 else:
                     params[key] = trial.suggest_categorical(key, list(spec))

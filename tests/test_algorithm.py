@@ -6,7 +6,8 @@ import torch
 
 from hf_ame import AMEConfig, ame_merge, ame_merge_many, list_optimizers, register_optimizer
 from hf_ame.algorithm import AMEStepper, plan_steps
-from hf_ame.algorithm import can_block, initial_merge, merge_tensor, resolve_pivot
+from hf_ame.algorithm import initial_merge, resolve_pivot
+from hf_ame.blocks import can_block, merge_tensor
 
 
 def _xs(n=6, shape=(7, 5), seed=0):

@@ -14,7 +14,8 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): fused kernels untested")
 
 from hf_ame import kernels  # noqa: E402
-from hf_ame.algorithm import initial_merge, merge_block, merge_tensor, plan_steps, resolve_pivot, soup  # noqa: E402
+from hf_ame.algorithm import initial_merge, plan_steps, resolve_pivot, soup  # noqa: E402
+from hf_ame.blocks import merge_block, merge_tensor  # noqa: E402
 from hf_ame.config import AMEConfig  # noqa: E402
 from hf_ame.engine import merge_checkpoints  # noqa: E402
 
@@ -106,7 +107,7 @@ def test_merge_tensor_dispatches_to_the_kernels(device, pivot, monkeypatch):
     xs = _family(4, (700,), torch.float32, device, seed=5)
     calls = []
     real = kernels.fused_merge
-    monkeypatch.setattr("hf_ame.algorithm.fused_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("hf_ame.blocks.fused_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
     steps, pv = plan_steps(4, cfg), resolve_pivot(cfg.pivot, 4)
     got = merge_tensor(xs, cfg, steps, pv, device=device, out_dtype=torch.float32, block_size=None)
     assert calls == [1]

@@ -206,7 +206,7 @@ def test_model_stock_one_ingredient_steps_are_plain_steps(fam, tmp_path):
 def test_top_k_mask_equals_argsort_with_ties():
     """The k-th value selection keeps exactly what mergekit's argsort(descending=True)[:k] keeps,
     ties at the threshold included (torch orders ties differently by size: the argsort decides)."""
-    from hf_ame.methods import top_k_mask
+    from hf_ame.sparsify import top_k_mask
 
     g = torch.Generator().manual_seed(0)
     for n, levels in ((6, 3), (1000, 7), (40000, 50), (40000, 10**9)):
@@ -319,7 +319,7 @@ def test_della_draws_as_mergekit_and_is_refused_outside_its_range(fam, tmp_path)
     probabilities per row, L1 rescale); a merge keeps about `density` of the task vector and is
     reproducible; density +- epsilon outside (0, 1) is refused before any weight is read."""
     from mergekit.sparsify import RescaleNorm, della_magprune as mk_della
-    from hf_ame.methods import della_magprune
+    from hf_ame.sparsify import della_magprune
     for shape in ((64, 48), (100,)):
         d = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(3)

@@ -154,7 +154,7 @@ def test_cuda_merge_equals_cpu(families, tmp_path):
                                  AMEConfig(optimizer="adagrad", lr=1e-2, pivot="first", adaptive_pivot=False)],
                          ids=["adamw", "soup", "adagrad-first-fixed"])
 def test_cache_blocked_merge_equals_whole_tensors_bit_for_bit(families, tmp_path, cfg, monkeypatch):
-    import hf_ame.algorithm as algo
+    import hf_ame.blocks as algo
 
     paths = families["llama"]
     calls = []

@@ -1,7 +1,6 @@
 """The merge plan (issue 10): built from headers alone, its byte totals are what the merge then
 reads and writes; the dry run reads nothing and writes nothing; one error hierarchy; a public API
-without internals; no import cycles or cycle-dodging imports; shipped metrics without scikit-learn."""
-import ast
+without internals; shipped metrics without scikit-learn (the import rules: tests/test_architecture.py)."""
 import json
 import shutil
 import subprocess
@@ -152,52 +151,6 @@ def test_public_api_is_what_users_need():
     assert hf_ame.__version__ == version.split('"')[1]
 
 
-def _module_imports():
-    """{module: [(line, imported module, inside a function?)]} for hf_ame's own modules."""
-    out = {}
-    for f in sorted((ROOT / "hf_ame").glob("*.py")):
-        mod = f.stem
-        tree = ast.parse(f.read_text())
-        funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        inner = {id(n) for fn in funcs for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
-        found = []
-        for n in ast.walk(tree):
-            if isinstance(n, ast.ImportFrom) and n.level == 1:
-                targets = [n.module] if n.module else [a.name for a in n.names]
-                found += [(n.lineno, t.split(".")[0], id(n) in inner) for t in targets]
-        out[mod] = found
-    return out
-
-
-# modules that need an optional extra at import time, imported where they are used (and only there)
-OPTIONAL = {"ui": "gradio, the ui extra"}
-
-
-def test_no_import_cycles_and_no_function_level_package_imports():
-    imports = _module_imports()
-    inner = [(m, line, t) for m, found in imports.items() for line, t, fn in found if fn and t not in OPTIONAL]
-    assert inner == []
-    graph = {m: {t for _, t, _ in found if t in imports and t != m} for m, found in imports.items()}
-    graph["__init__"] = set()  # the package's re-exports
-
-    def visit(m, stack):
-        assert m not in stack, f"import cycle: {' -> '.join(stack + [m])}"
-        for t in graph.get(m, ()):
-            visit(t, stack + [m])
-
-    for m in graph:
-        visit(m, [])
-
-
-def test_no_function_over_80_lines():
-    long = []
-    for f in sorted((ROOT / "hf_ame").glob("*.py")):
-        for n in ast.walk(ast.parse(f.read_text())):
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80:
-                long.append(f"{f.name}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
-    assert long == []
-
-
 def test_shipped_metrics_work_without_scikit_learn(tmp_path):
     """A plain `pip install hf_ame` has no scikit-learn: the shipped metrics must not need it."""
     code = r"""
@@ -273,7 +226,7 @@ print(json.dumps({"growth": peak[0] - base, "estimate": plan.peak_memory, "reade
                                                       ("tensor", "none", "tensors")])
 def test_peak_memory_estimate_bounds_the_measured_growth(tmp_path, stream, block_size, reader):
     """The plan's peak memory is an upper bound of the RSS growth a merge really has, and not a loose
-    one (measured here: 0.6-0.8x of it; tensors of 8 MiB, 4 ingredients, Adam, 2 epochs)."""
+    one (measured here: 0.55-0.8x of it; tensors of 8 MiB, 4 ingredients, Adam, 2 epochs)."""
     from test_performance import LIVE_MEMORY_ENV
 
     res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), stream, block_size], capture_output=True,

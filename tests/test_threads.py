@@ -1,0 +1,105 @@
+"""Issue 34: the grain of a merge's parallelism and the work it skips. Streamed blocks are merged by
+``torch.get_num_threads()`` workers with one intra-op thread each (same bytes as one thread, the
+user's thread count restored); plain SGD steps of lr 1 never build a torch optimizer (whose
+constructor imports torch._dynamo); a stateless run stops at a fixed point with the same bytes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import read_state
+from hf_ame import AMEConfig, merge_checkpoints
+from hf_ame.algorithm import AMEStepper, plan_steps, soup
+from hf_ame.testing import make_family
+from hf_ame.threads import merge_threads, run_in_order
+
+
+def _family(root, n=3):
+    """n bf16 tiny Llamas; merged with block_size 1024, each tensor of theirs is several blocks."""
+    return make_family("llama", root, n, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [AMEConfig.soup(), AMEConfig(optimizer="adamw", lr=1e-3, epochs=2, seed=1)],
+                         ids=["soup", "adamw"])
+def test_block_workers_give_the_bytes_of_one_thread_and_restore_the_users_threads(tmp_path, cfg):
+    paths = _family(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        merge_checkpoints(paths, tmp_path / "two", cfg, progress=False, block_size=1024)
+        assert torch.get_num_threads() == 2  # restored after the merge
+        torch.set_num_threads(1)  # the user's choice: no workers at all
+        merge_checkpoints(paths, tmp_path / "one", cfg, progress=False, block_size=1024)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    two, one = read_state(tmp_path / "two"), read_state(tmp_path / "one")
+    assert all(torch.equal(two[k], one[k]) for k in one)
+
+
+def test_merge_threads_run_work_with_one_intra_op_thread_and_raise_the_first_error():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+        with merge_threads() as pool:
+            assert pool is not None and torch.get_num_threads() == 1
+            run_in_order(pool, lambda k: seen.append((k, torch.get_num_threads())), 9)
+            assert sorted(seen) == [(k, 1) for k in range(9)]
+
+            def fail(k):
+                if k in (3, 5):
+                    raise ValueError(f"block {k}")
+            with pytest.raises(ValueError, match="block 3"):
+                run_in_order(pool, fail, 9)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        with merge_threads() as pool:
+            assert pool is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_shot_methods_never_import_torch_dynamo(tmp_path):
+    """A one-shot method is one SGD step of lr 1: w - g, the optimizer's own update, without building
+    torch.optim.SGD (its constructor imports torch._dynamo: about a second per process)."""
+    paths = _family(tmp_path)
+    code = ("import sys\nfrom hf_ame import AMEConfig, merge_checkpoints\n"
+            f"merge_checkpoints({[str(p) for p in paths[1:]]!r}, {str(tmp_path / 'o')!r}, "
+            "AMEConfig.one_shot('ties', density=0.5), base=" + repr(str(paths[0])) + ", progress=False)\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("no dynamo"), out
+    gen = torch.Generator().manual_seed(0)  # the update it replaces: torch's SGD step, lr 1, any kernel
+    w0, g = torch.randn(100_003, generator=gen), torch.randn(100_003, generator=gen) * 1e-3
+    for kernel in ({"fused": True}, {"foreach": True}, {"foreach": False}):
+        w = w0.clone().requires_grad_(True)
+        w.grad = g.clone()
+        torch.optim.SGD([w], lr=1.0, **kernel).step()
+        assert torch.equal(w.detach(), w0 - g), kernel
+
+
+def test_a_stateless_run_stops_at_a_fixed_point_with_the_same_bytes():
+    """robust(tol=0) on bf16 copies whose float32 mean is exact: step 1 changes nothing, so the 19
+    steps after it are skipped; every step run one by one gives the same bits."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(5000, generator=gen) * 0.01 + 1).to(torch.bfloat16) for _ in range(4)]
+    cfg = AMEConfig.robust(tol=0.0)
+    steps = plan_steps(4, cfg)
+    early = AMEStepper([soup(xs)], cfg, ["w"])
+    calls = []
+    real = early.step
+    early.step = lambda s, ing: (calls.append(s.t), real(s, ing))[1]
+    got = early.run(steps, [xs])[0]
+    full = AMEStepper([soup(xs)], cfg, ["w"])
+    for s in steps:
+        full.step(s, [xs])
+    assert torch.equal(got, full.weights[0]) and len(calls) == 1 < len(steps)
+    # a far-off ingredient: no fixed point for a while; tol=0 runs every step, tol=1e-6 stops
+    # once a step moves the merge by under 1e-6 of its norm, within about that of the full run
+    xs[3] = xs[3] * 40
+    full = AMEStepper([soup(xs)], cfg, ["w"]).run(steps, [xs])[0]
+    quick = AMEStepper([soup(xs)], AMEConfig.robust(), ["w"]).run(steps, [xs])[0]
+    assert float((quick - full).norm() / full.norm()) < 1e-5
+    assert not torch.equal(full, soup(xs))  # the far-off model's pull was capped
