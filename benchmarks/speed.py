@@ -202,8 +202,9 @@ def run_child(code: str, paths, out: Path, pythonpath: str = "") -> tuple:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     if pythonpath:  # another checkout's hf_ame (e.g. a git worktree of an older commit)
         env["PYTHONPATH"] = pythonpath
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, before PYTHONPATH
     res = subprocess.run([sys.executable, "-c", _HEADER + code + _FOOTER, *map(str, paths), str(out)], env=env,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tempfile.gettempdir())
     if res.returncode != 0:
         raise RuntimeError(f"child failed ({res.returncode}): {res.stderr[-2000:]}")
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -236,22 +237,35 @@ def compare_soup_mergekit(a: Path, b: Path) -> str:
 
 # The busy machine of issue 34: another torch job on every core (a merge beside a fine-tune or an
 # evaluation), started before a timed child and stopped after it.
-_BUSY = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+_BUSY = """import torch
+model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.LayerNorm(1024), torch.nn.Linear(1024, 1024))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+while True:  # a small fine-tune: many small operations, each a parallel region on every core
+    loss = model(torch.randn(128, 1024)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+BUSY_PROCESSES = 2  # two small fine-tunes beside the merge (each with torch's default threads)
 
 
 @contextlib.contextmanager
 def competitor(on: bool):
-    """A competing torch process on all cores while the block runs (nothing when ``on`` is False)."""
+    """Competing torch processes on all cores while the block runs (nothing when ``on`` is False)."""
     if not on:
         yield
         return
-    proc = subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)  # its threads are up and spinning
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(BUSY_PROCESSES)]
+    time.sleep(1.5)  # their threads are up and spinning
     try:
         yield
     finally:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def run_all(args, methods, paths_all, work: Path) -> dict:
@@ -266,6 +280,7 @@ def run_all(args, methods, paths_all, work: Path) -> dict:
             for m in methods:
                 for mode in modes:
                     out = work / f"{n}-{m.replace(' ', '_')}-{mode}-{rep}"
+                    os.sync()  # the previous output's writeback must not land in this timing
                     with competitor(mode == "busy"):
                         wall, rss, anon = run_child(CHILD[m.removesuffix(BASELINE)], paths, out,
                                                     args.baseline if m.endswith(BASELINE) else "")

@@ -17,7 +17,7 @@ from .algorithm import AMEStep, AMEStepper, NonFiniteError, Pivot, PivotSpec, in
 from .config import AMEConfig
 from .kernels import fused_merge, fused_soup, fused_supported
 from .optimizers import get_optimizer
-from .threads import intra_op, run_in_order
+from .threads import run_in_order
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "can_block", "merge_tensor", "merge_block", "merge_fused", "merge_in_blocks",
            "merge_blocks_on", "block_bounds"]
@@ -83,16 +83,15 @@ def merge_tensor(
         numel = srcs[0].numel()
         blocked = numel > block_size and all(t.device.type == "cpu" and t.is_contiguous() for t in srcs)
     if not blocked:
-        with intra_op(pool):  # whole-tensor operations (a method's ranks and norms) on the user's threads
-            # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
-            if (config.method is None and isinstance(ingredients, (list, tuple))
-                    and fused_supported(config, device, ingredients)):
-                merged = merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype,
-                                     exact_soup=exact_soup)
-            else:
-                merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
-                                     exact_soup=exact_soup, key=key, position=position).to(out_dtype)
-            return _check_finite(merged, ingredients)
+        # a real list on a CUDA device (not a lazy row): one fused kernel per step, output dtype written directly
+        if (config.method is None and isinstance(ingredients, (list, tuple))
+                and fused_supported(config, device, ingredients)):
+            merged = merge_fused(ingredients, config, steps, pivot, base=base, out_dtype=out_dtype,
+                                 exact_soup=exact_soup)
+        else:
+            merged = merge_block(ingredients, config, steps, pivot, base=base, device=device,
+                                 exact_soup=exact_soup, key=key, position=position).to(out_dtype)
+        return _check_finite(merged, ingredients)
     bounds = block_bounds(numel, block_size)
     flats = [t.view(-1) for t in srcs]
     if pool is not None:

@@ -28,7 +28,7 @@ from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
 from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
-from .threads import intra_op, merge_threads
+from .threads import merge_threads
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
@@ -180,18 +180,19 @@ class _Runner:
 
     def merge_blocks(self, tp: TensorPlan) -> torch.Tensor:
         """Every step of every epoch on one block of all copies, then the next block: each input
-        byte read once whatever E or the shuffle; memory: two blocks' slices + one block's state."""
+        byte read once whatever E or the shuffle; memory: two blocks' slices + one block's state, or with
+        merge workers one block's slices and state per worker."""
         bounds = block_bounds(tp.numel, tp.block)
         p = self.plan
+        # readers with state (a dequantized or converted tensor kept, a file position): one block at a time
         if self.pool is not None and all(c.reads_concurrently(tp.name) for c in self.srcs):
             def read_block(k: int) -> List[torch.Tensor]:  # on the worker that merges block k
                 return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
 
             return merge_blocks_on(self.pool, read_block, bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                    p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
-        with intra_op(self.pool):
-            return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
-                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
+        return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
+                               p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
     def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype,
                     base_whole: Optional[torch.Tensor]) -> torch.Tensor:

@@ -2,15 +2,18 @@
 
 torch runs each operation on all its intra-op threads (OpenMP), one parallel region per operation
 with a barrier at its end. A streamed merge does thousands of small operations (a few per block of
-2**18 coordinates); when another process holds the cores, every barrier waits for a descheduled
-thread, and the merge ran 5-30x slower (issue 34). So while a merge streams blocks, operations run
-on one thread each and the blocks of a tensor are merged by ``width`` workers side by side (each
-reading its own block): no barrier per operation, the same total work. ``width`` is
-``torch.get_num_threads()`` when the merge starts, so ``OMP_NUM_THREADS`` and
+2**18 coordinates); when other processes hold the cores, every barrier waits for a descheduled
+thread: beside two small fine-tunes on this 2-core machine a soup of 4 x 325 MB took 11.4 s instead
+of 0.56 s, and AdamW-AME 33 s instead of 2.1 s (issue 34, ``benchmarks/speed.py --busy``). So during
+a merge every operation runs on one thread, and the blocks of a tensor are merged by ``width``
+workers side by side (each reading its own block): no barrier per operation, the same total work.
+``width`` is ``torch.get_num_threads()`` when the merge starts, so ``OMP_NUM_THREADS`` and
 ``torch.set_num_threads`` set by the user are obeyed (1: no workers, everything in the caller's
-thread). Whole-tensor work (merge methods, which rank and normalise over a tensor) runs with the
-user's thread count as before (:func:`intra_op`). Elementwise results do not depend on the thread
-count, so the bytes are the same either way.
+thread), and the user's count is restored afterwards. Whole-tensor work (merge methods, which rank
+and normalise over a tensor) runs on one thread too: on this machine +10% when quiet, a third of
+the time when busy (the robust preset); on a quiet many-core machine it forgoes their intra-op
+parallelism (merging several such tensors side by side is the next step). Elementwise results do
+not depend on the thread count, so the bytes are the same either way (tested).
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["merge_threads", "intra_op", "run_in_order"]
+__all__ = ["merge_threads", "run_in_order"]
 
 
 @contextlib.contextmanager
 def merge_threads() -> Iterator[Optional[cf.ThreadPoolExecutor]]:
-    """A pool of ``torch.get_num_threads()`` workers whose operations run on one thread each, or None
-    when that count is 1; the caller's thread count is restored on exit."""
+    """A pool of ``torch.get_num_threads()`` workers, every operation of the merge on one thread
+    meanwhile, or None when that count is 1; the caller's thread count is restored on exit."""
     width = torch.get_num_threads()
     if width <= 1:
         yield None
@@ -40,21 +43,6 @@ def merge_threads() -> Iterator[Optional[cf.ThreadPoolExecutor]]:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(width)
-
-
-@contextlib.contextmanager
-def intra_op(pool: Optional[cf.ThreadPoolExecutor]) -> Iterator[None]:
-    """Whole-tensor work in the caller's thread with the user's thread count while ``pool`` (from
-    :func:`merge_threads`) has set it to 1; a no-op without a pool. The pool's workers keep one
-    thread each (a thread's count is fixed at its first operation)."""
-    if pool is None:
-        yield
-        return
-    torch.set_num_threads(pool.width)  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def run_in_order(pool: cf.ThreadPoolExecutor, work: Callable[[int], Any], count: int) -> None:
