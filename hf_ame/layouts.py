@@ -34,15 +34,21 @@ def revert(model: Any, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return revert_weight_conversion(model, state)
 
 
-def _load_transforms(model: Any) -> Tuple[list, list]:
+def _load_transforms(model: Any) -> Tuple[list, list, frozenset]:
     """The renamings and converters transformers' ``from_pretrained`` applies to ``model``'s files
-    (without legacy renamings and prefix changes, as its reverse conversion)."""
+    (without legacy renamings and prefix changes, as its reverse conversion), and the names the model
+    holds; found once per skeleton (every fused tensor read asks again)."""
+    cached = getattr(model, "_hf_ame_load_transforms", None)
+    if cached is not None:
+        return cached
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
     transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
-    return ([t for t in transforms if isinstance(t, WeightRenaming)],
-            [t for t in transforms if isinstance(t, WeightConverter)])
+    cached = ([t for t in transforms if isinstance(t, WeightRenaming)],
+              [t for t in transforms if isinstance(t, WeightConverter)], frozenset(model.state_dict()))
+    model._hf_ame_load_transforms = cached  # converters are copied before use (convert), never changed here
+    return cached
 
 
 def _forward_groups(model: Any, names: Sequence[str]) -> Dict[str, List[str]]:
@@ -51,8 +57,7 @@ def _forward_groups(model: Any, names: Sequence[str]) -> Dict[str, List[str]]:
     conversion the model does not hold, stays as it is (never converted twice)."""
     from transformers.core_model_loading import dot_natural_key, rename_source_key
 
-    in_memory = model.state_dict()
-    renamings, converters = _load_transforms(model)
+    renamings, converters, in_memory = _load_transforms(model)
     groups: Dict[str, List[str]] = {}
     for name in sorted(names, key=dot_natural_key):
         target = name
@@ -69,7 +74,7 @@ def convert(model: Any, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    renamings, converters = _load_transforms(model)
+    renamings, converters, _ = _load_transforms(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     out: Dict[str, torch.Tensor] = {}
     for target, names in _forward_groups(model, list(state)).items():
