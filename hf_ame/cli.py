@@ -20,6 +20,7 @@ from .lora_cli import add_lora_merge_arguments, add_lora_parser, cmd_extract_lor
 from .moe_cli import add_moe_parser, cmd_moe
 from .methods import get_method, list_methods
 from .optimizers import list_optimizers
+from .options import AlignOptions, add_option_flags
 from .publish import push_folder
 from .recipe import load_recipe
 from .search import split_space
@@ -121,28 +122,7 @@ def _add_method_arguments(m: argparse.ArgumentParser) -> None:
 
 def _add_alignment_arguments(m: argparse.ArgumentParser) -> None:
     """Ingredients that differ: vocabularies, heads, configs, chat template, tensor layout."""
-    m.add_argument("--tokenizer-source", default=None, metavar="SOURCE",
-                   help="ingredients with different vocabularies (added tokens): the output's vocabulary, first | base "
-                        "| union | an ingredient; embedding rows are matched by token")
-    m.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
-                   help="with --tokenizer-source: round the embedding rows up to a multiple of N")
-    m.add_argument("--missing-tokens", choices=["mergekit"], default=None,
-                   help="an embedding row some models lack: merged as mergekit does (default: over the models "
-                        "that hold its token)")
-    m.add_argument("--heads", default=None, metavar="CHOICE",
-                   help="classifiers with different label sets: union | drop | an ingredient (its head as it is); "
-                        "the same labels in another order are always aligned by name")
-    m.add_argument("--config-source", default=None, metavar="SOURCE",
-                   help="configs that differ in what the weights compute (rope_theta, ...): take first | base | an "
-                        "ingredient's; default: refuse")
-    m.add_argument("--chat-template", default=None, metavar="TEMPLATE",
-                   help="the output's chat template: auto (the one most models have), Jinja text, or a name bundled "
-                        "with mergekit (chatml, llama3, ...)")
-    m.add_argument("--layout", default=None, choices=["original", "in_memory"],
-                   help="tensors of architectures transformers converts (MoE experts): "
-                        "original (as stored: each expert "
-                        "merged on its own; default) or in_memory (one fused tensor per layer, as mergekit and "
-                        "mergekit configs merge them)")
+    add_option_flags(m, AlignOptions)
 
 
 def _add_output_arguments(m: argparse.ArgumentParser) -> None:
@@ -292,8 +272,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_LOAD_FLAGS = ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "heads", "config_source", "chat_template",
-               "layout", "dtype", "base_model")
+_LOAD_FLAGS = (*AlignOptions.flag_names(), "dtype", "base_model")
 
 
 def _recipe_merger(args: argparse.Namespace) -> AMEMerger:
@@ -317,10 +296,7 @@ def _models_merger(args: argparse.Namespace, overrides: Mapping[str, Any]) -> AM
                          if method else "--pivot base: give the base checkpoint with --base-model")
     return AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
                                      trust_remote_code=args.trust_remote_code, base_model=args.base_model,
-                                     tokenizer_source=args.tokenizer_source, pad_to_multiple_of=args.pad_to_multiple_of,
-                                     missing_tokens=args.missing_tokens, heads=args.heads,
-                                     config_source=args.config_source, chat_template=args.chat_template,
-                                     layout=args.layout)
+                                     **{k: getattr(args, k) for k in AlignOptions.flag_names()})
 
 
 _BARE_PUSH = ("--push: this recipe came from the Hub ({source}); {repo} is not pushed to without asking: type "

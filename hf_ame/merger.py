@@ -23,6 +23,7 @@ from .layouts import ConvertedCheckpoint
 from .lora_out import check_rank, lora_output
 from .limits import check_config_limits
 from .methods import check_counts, get_method
+from .options import AlignOptions
 from .output import check_output_dir, staged_output
 from .preflight import Preflight, check_and_download, open_ingredient, parse_models
 from .placement import load_model, resolve_device_map, tensor_device_lookup
@@ -84,8 +85,7 @@ class AMEMerger:
             load.setdefault("dtype", recipe.output["dtype"])
         if recipe.slices:  # layer stacking may take the layers of one model (a self-stacking)
             load.setdefault("min_models", 1)
-        for key in ("tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads", "config_source",
-                    "chat_template", "layout"):
+        for key in AlignOptions.names():
             if recipe.output.get(key) is not None:
                 load.setdefault(key, recipe.output[key])
         load.setdefault("base_model", recipe.base_model)  # a base_model given here replaces the recipe's
@@ -148,9 +148,9 @@ class AMEMerger:
         t0 = time.perf_counter()
         out_dtype = parse_dtype(dtype, "dtype")
         ings, base, least = parse_models(models, base_model, revision, min_models)
-        choices = dict(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of, heads=heads,
-                       tokens=tokens, config_source=config_source, chat_template=chat_template,
-                       missing_tokens=missing_tokens, layout=layout)
+        choices = AlignOptions(tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to_multiple_of, heads=heads,
+                               tokens=tokens, config_source=config_source, chat_template=chat_template,
+                               missing_tokens=missing_tokens, layout=layout).to_dict()
         access = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, token=token, endpoint=endpoint)
         check, t1 = _preflight(ings, base, least, choices, access, local_files_only=local_files_only)
         return cls._placed(check, device_map, max_memory, out_dtype, times=(t0, t1))

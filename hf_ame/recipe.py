@@ -32,6 +32,7 @@ from .layouts import LAYOUTS
 from .limits import MAX_PAD_TO_MULTIPLE_OF, MAX_SCORE_BATCH, check_config_limits, check_count
 from .mergekit_config import MERGEKIT_FILE, is_mergekit_config, mergekit_to_recipe_dict
 from .methods import get_method
+from .options import AlignOptions
 from .ordering import GREEDY_MODES, ORDERS
 from .writer import parse_size
 
@@ -44,8 +45,7 @@ _ORDERING = {"metric", "dataset", "order", "top_k", "greedy", "greater_is_better
              "compare_soup", "batch_size"}
 _DATASET = {"path", "name", "split", "data_files", "revision", "input_column", "label_column"}
 # format: model | lora (hf_ame.lora_out), rank: its r
-_OUTPUT = {"dtype", "max_shard_size", "tokenizer_source", "pad_to_multiple_of", "missing_tokens", "tokens", "heads",
-           "config_source", "chat_template", "format", "rank", "layout"}
+_OUTPUT = {"dtype", "max_shard_size", *AlignOptions.names(), "format", "rank"}
 _HUB = {"repo_id", "private"}
 _LOAD = {"device_map", "trust_remote_code", "max_memory"}
 

@@ -70,3 +70,25 @@ def test_flags_given_with_a_recipe_replace_its_values_and_are_recorded(fam, tmp_
     assert main(["merge", str(tmp_path / "rec" / "ame_recipe.yaml"), "--out", str(tmp_path / "again"),
                  "--no-progress"]) == 0
     assert digest(tmp_path / "again") == digest(tmp_path / "rec")
+
+
+def test_alignment_choices_are_declared_once_for_api_cli_and_recipes():
+    """Issue 29: AlignOptions names the choices from_pretrained takes; hf-ame merge's flags are generated
+    from its fields and a recipe's output section accepts and hands over each of them."""
+    import dataclasses
+    import inspect
+
+    from hf_ame.cli import build_parser
+    from hf_ame.options import AlignOptions
+    from hf_ame.recipe import Recipe
+
+    names = AlignOptions.names()
+    assert set(names) <= set(inspect.signature(AMEMerger.from_pretrained).parameters)
+    args = build_parser().parse_args(["merge", "a", "b", "--out", "o", "--layout", "in_memory", "--heads", "union",
+                                      "--pad-to-multiple-of", "8"])
+    assert (args.layout, args.heads, args.pad_to_multiple_of) == ("in_memory", "union", 8)
+    assert set(AlignOptions.flag_names()) == set(names) - {"tokens"}  # a mapping: recipes only
+    assert all(f.default is None for f in dataclasses.fields(AlignOptions))
+    recipe = Recipe.from_dict({"hf_ame": 1, "models": [{"id": "a"}, {"id": "b"}],
+                               "output": {"layout": "in_memory", "heads": "union", "config_source": "first"}})
+    assert recipe.output["layout"] == "in_memory" and recipe.output["heads"] == "union"
