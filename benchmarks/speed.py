@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -331,6 +332,8 @@ def main() -> int:
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="also run each hf_ame method with the hf_ame of this checkout (PYTHONPATH=DIR), in the same run")
     args = ap.parse_args()
+    # a kill (SIGTERM) unwinds like Ctrl-C: competitors stopped, the scratch folder removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     has_mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) is not None
     methods = [m for m in args.methods if m != "mergekit linear" or has_mergekit]
     if args.baseline:
