@@ -96,6 +96,14 @@ kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print("RESULT " + json.dumps({"t": _T1 - _T0, "rss": max(hwm, kids), "anon": _ANON[0]}))
 """
 
+def _merge_child(config: str, extra: str = "", first: int = 1) -> str:
+    """A child that times one ``merge_checkpoints`` of its arguments (inputs from ``sys.argv[first]``,
+    the output last) with the config expression ``config`` and keyword text ``extra``."""
+    return (f"\nimport sys, time\nfrom hf_ame import AMEConfig, merge_checkpoints\n_T0 = time.perf_counter()\n"
+            f"merge_checkpoints(sys.argv[{first}:-1], sys.argv[-1], {config}, progress=False, "
+            f"max_shard_size=\"2GB\"{extra})\n_T1 = time.perf_counter()\n")
+
+
 CHILD = {
     "floor": r"""
 import sys, os, time
@@ -117,56 +125,13 @@ with open(os.path.join(out, "blob"), "wb", buffering=0) as fh:
         n = min(left, len(buf)); fh.write(mv[:n]); left -= n
 _T1 = time.perf_counter()
 """,
-    "hf_ame soup": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
-    "hf_ame soup, tensor": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.soup(), progress=False, max_shard_size="2GB", stream="tensor")
-_T1 = time.perf_counter()
-""",
-    "hf_ame AdamW 1 ep": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=1), progress=False, max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
-    "hf_ame AdamW 10 ep": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=10), progress=False, max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
-    "hf_ame AdamW 3 ep": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig(optimizer="adamw", lr=1e-4, epochs=3), progress=False, max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
-    "hf_ame robust": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[1:-1], sys.argv[-1], AMEConfig.robust(), progress=False, max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
-    "hf_ame ties": r"""
-import sys, time
-from hf_ame import AMEConfig, merge_checkpoints
-_T0 = time.perf_counter()
-merge_checkpoints(sys.argv[2:-1], sys.argv[-1], AMEConfig.one_shot("ties", density=0.5), base=sys.argv[1], progress=False,
-                  max_shard_size="2GB")
-_T1 = time.perf_counter()
-""",
+    "hf_ame soup": _merge_child("AMEConfig.soup()"),
+    "hf_ame soup, tensor": _merge_child("AMEConfig.soup()", ', stream="tensor"'),
+    "hf_ame AdamW 1 ep": _merge_child('AMEConfig(optimizer="adamw", lr=1e-4, epochs=1)'),
+    "hf_ame AdamW 10 ep": _merge_child('AMEConfig(optimizer="adamw", lr=1e-4, epochs=10)'),
+    "hf_ame AdamW 3 ep": _merge_child('AMEConfig(optimizer="adamw", lr=1e-4, epochs=3)'),
+    "hf_ame robust": _merge_child("AMEConfig.robust()"),
+    "hf_ame ties": _merge_child('AMEConfig.one_shot("ties", density=0.5)', ", base=sys.argv[1]", first=2),
     "mergekit linear": r"""
 import sys, os, time
 import torch
