@@ -135,7 +135,8 @@ def _method_text(config: Dict[str, Any]) -> Optional[str]:
     entry = get_method(name)
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in (config.get("method_kwargs") or {}).items()) or "its defaults"
     return (f"Each step's pseudogradient was built by the **{name}** method ({entry.description}; "
-            f"{entry.reference}) with {params}, as mergekit names them.")
+            f"{entry.reference}) with {params} (as recipes and `--param` name them: mergekit's names for "
+            f"mergekit's methods).")
 
 
 def _card_data(ingredients: List[Dict[str, Any]], archs: Sequence[str], optimizer: str, name: str,

@@ -20,7 +20,8 @@ from .lora_cli import add_lora_merge_arguments, add_lora_parser, cmd_extract_lor
 from .moe_cli import add_moe_parser, cmd_moe
 from .methods import get_method, list_methods
 from .optimizers import list_optimizers
-from .options import AlignOptions, add_option_flags
+from .config import AMEConfig
+from .options import AlignOptions, RunOptions, add_option_flags, given_options
 from .publish import push_folder
 from .recipe import load_recipe
 from .search import split_space
@@ -84,23 +85,12 @@ def _add_merge_arguments(m: argparse.ArgumentParser) -> None:
 
 
 def _add_ame_arguments(m: argparse.ArgumentParser) -> None:
-    """The AME run: optimizer, schedule, epochs, order, pivot."""
-    m.add_argument("--optimizer", default=None, help="registry name (see `hf-ame optimizers`); default adamw")
-    m.add_argument("--lr", type=float, default=None, help="base learning rate eta_0; default 1e-3")
-    m.add_argument("--lr-schedule", default=None, choices=["constant", "harmonic", "power"], help="default harmonic")
-    m.add_argument("--lr-power", type=float, default=None, help="alpha of the power schedule; default -0.5")
-    m.add_argument("--epochs", type=int, default=None, help="passes over the ingredients; default 1")
-    m.add_argument("--batch-size", type=int, default=None, help="ingredients per step; default 1 (0: all in one step)")
-    m.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None,
-                   help="keep the given order every epoch")
-    m.add_argument("--seed", type=int, default=None, help="shuffle seed; default 0")
-    m.add_argument("--pivot", default=None,
-                   help="soup | first | ingredient index | base checkpoint folder; default soup")
-    m.add_argument("--no-adaptive-pivot", dest="adaptive_pivot", action="store_const", const=False, default=None,
-                   help="pseudogradient against the initial pivot instead of the current merge")
-    m.add_argument("--amplification", default=None, help="zeta: a number or 'linear'; default 1")
-    m.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]")
+    """The AME run: optimizer, schedule, epochs, order, pivot (AMEConfig's fields)."""
+    add_option_flags(m, AMEConfig, only=_AME_FLAGS)
+
+
+_AME_FLAGS = ("optimizer", "lr", "lr_schedule", "lr_power", "epochs", "batch_size", "shuffle", "seed", "pivot",
+              "adaptive_pivot", "amplification", "optimizer_kwargs")
 
 
 def _add_method_arguments(m: argparse.ArgumentParser) -> None:
@@ -108,9 +98,7 @@ def _add_method_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--base-model", default=None, metavar="PATH",
                    help="base checkpoint (folder or Hub id): the pivot of "
                         "--pivot base, and where --method measures task vectors from")
-    m.add_argument("--method", default=None, help="merge method shaping each step's pseudogradient ("
-                   + ", ".join(m.name for m in list_methods()) + "); alone (no optimizer option given) it is "
-                   "mergekit's one-shot merge of that name")
+    add_option_flags(m, AMEConfig, only=("method",))
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter (repeatable), mergekit's names: "
                         "--param density=0.5 --param weight=[1,0.5,0.8]")
@@ -126,20 +114,10 @@ def _add_alignment_arguments(m: argparse.ArgumentParser) -> None:
 
 
 def _add_output_arguments(m: argparse.ArgumentParser) -> None:
-    """Output dtype, shards, device and streaming."""
-    m.add_argument("--dtype", default=None, help="output dtype (float32, bfloat16, float16); default: the ingredients'")
-    m.add_argument("--compute-dtype", default=None,
-                   help="dtype of the merge arithmetic; default float32 (or the recipe's)")
-    m.add_argument("--max-shard-size", default=None, help="output shard size; default 5GB (or the recipe's)")
-    m.add_argument("--device", default=None, help="device for the merge arithmetic (cpu, cuda, cuda:1); default auto "
-                   "(Accelerate's placement: a GPU when there is one)")
-    m.add_argument("--stream", default="auto", choices=["auto", "tensor", "ingredient"],
-                   help="ingredient: on CPU, one block of every ingredient at a time, each input read once "
-                        "(elsewhere one ingredient's copy at a time): memory independent of N; tensor: the N "
-                        "copies of one tensor in memory; auto (default): ingredient on CPU, else ingredient "
-                        "only when tensor would not fit")
-    m.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
-                   help="memory 'auto' may use for ingredient copies; default half the available memory")
+    """Output dtype, shards, device and streaming (RunOptions; the arithmetic's dtype is AMEConfig's)."""
+    add_option_flags(m, RunOptions, only=("dtype",))
+    add_option_flags(m, AMEConfig, only=("compute_dtype",))
+    add_option_flags(m, RunOptions, only=("max_shard_size", "device", "stream", "memory_budget"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,8 +229,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         repo = _push_target(args.push, merger.recipe)  # refused before the merge, not after it
     else:
         merger, repo = _models_merger(args, overrides), args.push
-    kw = dict(stream=args.stream, memory_budget=args.memory_budget,
-              **({"max_shard_size": args.max_shard_size} if args.max_shard_size is not None else {}))
+    kw = RunOptions(**given_options(args, RunOptions)).run_kwargs()
     if args.dry_run:
         return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, **kw, **overrides), args.json)
     result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
@@ -272,14 +249,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_LOAD_FLAGS = (*AlignOptions.flag_names(), "dtype", "base_model")
+_LOAD_FLAGS = (*AlignOptions.flag_names(), "base_model")
 
 
 def _recipe_merger(args: argparse.Namespace) -> AMEMerger:
     """The recipe's merger, the loading flags given replacing its ``load`` / ``output`` values."""
     kwargs: Dict[str, Any] = {k: getattr(args, k) for k in _LOAD_FLAGS if getattr(args, k) is not None}
-    if args.device:
-        kwargs["device_map"] = args.device
+    kwargs.update(RunOptions(**given_options(args, RunOptions)).load_kwargs())
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if args.push == "" and not Path(args.models[0]).expanduser().exists():  # a Hub recipe: before any download
@@ -294,8 +270,8 @@ def _models_merger(args: argparse.Namespace, overrides: Mapping[str, Any]) -> AM
     if (overrides.get("pivot") == "base" or (method and get_method(method).needs_base)) and args.base_model is None:
         raise ValueError(f"--method {method}: measures task vectors from a base model: give it with --base-model"
                          if method else "--pivot base: give the base checkpoint with --base-model")
-    return AMEMerger.from_pretrained(args.models, device_map=args.device or "auto", dtype=args.dtype,
-                                     trust_remote_code=args.trust_remote_code, base_model=args.base_model,
+    return AMEMerger.from_pretrained(args.models, trust_remote_code=args.trust_remote_code, base_model=args.base_model,
+                                     **RunOptions(**given_options(args, RunOptions)).load_kwargs(),
                                      **{k: getattr(args, k) for k in AlignOptions.flag_names()})
 
 
@@ -319,22 +295,7 @@ def _push_target(push: Optional[str], recipe: Any) -> Optional[str]:
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """The AMEConfig fields given as flags (merge()'s keyword overrides): a method's parameters
     (``--param``) beside them, as ``merge(method="ties", density=0.5)`` takes them."""
-    given: Dict[str, Any] = {k: getattr(args, k) for k in ("optimizer", "lr", "lr_schedule", "lr_power", "epochs",
-                                                          "batch_size", "shuffle", "seed", "adaptive_pivot",
-                                                          "compute_dtype", "method")
-                             if getattr(args, k) is not None}
-    if given.get("batch_size") == 0:
-        given["batch_size"] = None  # all ingredients in one step
-    if args.amplification is not None:
-        try:
-            given["amplification"] = args.amplification if args.amplification == "linear" else float(args.amplification)
-        except ValueError:
-            raise SystemExit(f"hf-ame: --amplification expects a number or 'linear', "
-                             f"got {args.amplification!r}") from None
-    if args.opt:
-        given["optimizer_kwargs"] = key_values(args.opt)
-    if args.pivot is not None:
-        given["pivot"] = int(args.pivot) if args.pivot.lstrip("-").isdigit() else args.pivot
+    given = given_options(args, AMEConfig, only=(*_AME_FLAGS, "compute_dtype", "method"))
     params = key_values(args.param, "--param")
     if params and args.method is None and not _is_recipe(args.models):
         raise SystemExit("hf-ame: --param needs --method")

@@ -10,7 +10,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 
 from .errors import ConfigError
-from .methods import get_method, method_parameters
+from .cli_args import key_values
+from .methods import get_method, list_methods, method_parameters
+from .options import cli_meta
 from .optimizers import OptimizerArgumentError, UnknownOptimizerError, build_optimizer, get_optimizer
 from .schedules import LR_SCHEDULES
 
@@ -44,6 +46,28 @@ def parse_dtype(value: Union[str, torch.dtype, None], field_name: str = "dtype")
         if name in COMPUTE_DTYPES:
             return COMPUTE_DTYPES[name]
     raise ConfigError(f"{field_name}: expected one of {', '.join(COMPUTE_DTYPES)} (or 'auto'), got {value!r}")
+
+
+def _all_if_zero(value: int) -> Optional[int]:
+    return None if value == 0 else value  # 0 on the command line: every ingredient in one step
+
+
+def _index_or_name(text: str) -> Union[str, int]:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _number_or_linear(text: str) -> Union[float, str]:
+    if text == "linear":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expects a number or 'linear', got {text!r}") from None
+
+
+def _method_help() -> str:
+    return ("merge method shaping each step's pseudogradient (" + ", ".join(m.name for m in list_methods())
+            + "); alone (no optimizer option given) it is mergekit's one-shot merge of that name")
 
 
 @dataclass
@@ -83,20 +107,31 @@ class AMEConfig:
             ``weight`` / ``density`` / ``gamma`` / ``t`` may be lists, one value per ingredient.
     """
 
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    lr_schedule: str = "harmonic"
-    lr_power: float = -0.5
-    epochs: int = 1
-    batch_size: Optional[int] = 1
-    shuffle: bool = True
-    seed: int = 0
-    pivot: Union[str, int] = "soup"
-    adaptive_pivot: bool = True
-    amplification: Union[float, str, Callable[[int], float]] = 1.0
-    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
-    compute_dtype: str = "float32"
-    method: Optional[str] = None
+    # metadata: the `hf-ame merge` flag of each field (hf_ame.options.add_option_flags)
+    optimizer: str = field(default="adamw", metadata=cli_meta("registry name (see `hf-ame optimizers`); default adamw"))
+    lr: float = field(default=1e-3, metadata=cli_meta("base learning rate eta_0; default 1e-3", type=float))
+    lr_schedule: str = field(default="harmonic", metadata=cli_meta(
+        "default harmonic", choices=["constant", "harmonic", "power"]))
+    lr_power: float = field(default=-0.5, metadata=cli_meta("alpha of the power schedule; default -0.5", type=float))
+    epochs: int = field(default=1, metadata=cli_meta("passes over the ingredients; default 1", type=int))
+    batch_size: Optional[int] = field(default=1, metadata=cli_meta(
+        "ingredients per step; default 1 (0: all in one step)", type=int, parse=_all_if_zero))
+    shuffle: bool = field(default=True, metadata=cli_meta(
+        "keep the given order every epoch", flag="--no-shuffle", action="store_const", const=False))
+    seed: int = field(default=0, metadata=cli_meta("shuffle seed; default 0", type=int))
+    pivot: Union[str, int] = field(default="soup", metadata=cli_meta(
+        "soup | first | ingredient index | base checkpoint folder; default soup", parse=_index_or_name))
+    adaptive_pivot: bool = field(default=True, metadata=cli_meta(
+        "pseudogradient against the initial pivot instead of the current merge", flag="--no-adaptive-pivot",
+        action="store_const", const=False))
+    amplification: Union[float, str, Callable[[int], float]] = field(default=1.0, metadata=cli_meta(
+        "zeta: a number or 'linear'; default 1", parse=_number_or_linear))
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict, metadata=cli_meta(
+        "optimizer keyword argument (repeatable), e.g. --opt weight_decay=0 --opt betas=[0.9,0.99]", flag="--opt",
+        action="append", metavar="KEY=VALUE", parse=key_values))
+    compute_dtype: str = field(default="float32", metadata=cli_meta(
+        "dtype of the merge arithmetic; default float32 (or the recipe's)"))
+    method: Optional[str] = field(default=None, metadata=cli_meta(_method_help))
     method_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction

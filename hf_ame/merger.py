@@ -308,7 +308,7 @@ class AMEMerger:
                              else (Path(tempfile.gettempdir()) / "hf_ame-<temporary>" / "merged", True))
         if self.recipe is not None and self.recipe.slices:
             return self._slices_run(target, req, overwrite=overwrite, progress=False, dry_run=True)
-        ckpts = [open_ingredient(i) for i in self.ingredients]  # a GGUF: its named file
+        ckpts = [self.open_checkpoint(i) for i in self.ingredients]  # as merge() opens them
         plan = plan_prepared(self._prepare(req, ckpts, target, overwrite=overwrite, progress=False, lazy_base=True))
         plan.notes.extend(plan_notes(req))
         if output_dir is None:

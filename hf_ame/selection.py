@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -50,11 +51,6 @@ def metric_name(order_by: Any) -> str:
 
 
 # merge()'s keyword arguments that MergeRequest.split takes as the request's (the rest are AMEConfig fields)
-_REQUEST_ARGS = ("order_by", "eval_dataset", "order", "top_k", "greedy", "greater_is_better", "metric_key",
-                 "metric_kwargs", "input_column", "label_column", "score_batch_size", "score_cache", "compare_soup",
-                 "max_shard_size", "stream", "memory_budget", "progress", "write_card", "search", "n_trials",
-                 "output", "rank")
-
 
 @dataclass
 class MergeRequest:
@@ -126,6 +122,10 @@ class MergeRequest:
         return {"metric": metric_name(self.order_by), "dataset": ds, "order": self.order, "top_k": self.top_k,
                 "greedy": self.greedy, "greater_is_better": self.greater_is_better, "metric_key": self.metric_key,
                 "metric_kwargs": dict(self.metric_kwargs) if self.metric_kwargs else None}
+
+
+# merge()'s own keyword arguments (the rest are AMEConfig overrides)
+_REQUEST_ARGS = tuple(f.name for f in dataclasses.fields(MergeRequest) if f.name != "cfg")
 
 
 def check_selection(req: MergeRequest, rows: Optional[RowAlignment]) -> None:
@@ -288,11 +288,12 @@ class PreparedMerge:
 
 
 def plan_prepared(prep: PreparedMerge) -> MergePlan:
-    """The plan of the merge, from headers alone; greedy modes: every candidate (an upper bound)."""
+    """The plan of the merge, from headers alone; greedy modes: every candidate (an upper bound), the
+    greedy soup's final merge streamed as asked, greedy AME's held in memory."""
     req, cfg = prep.request, prep.config
     return plan_merge(prep.ckpts, prep.target, cfg, base=prep.base_for(cfg), dtype=prep.dtype,
                       max_shard_size=req.max_shard_size, overwrite=prep.overwrite, device_map=prep.device,
-                      stream=req.stream if req.greedy is None else "auto", memory_budget=req.memory_budget,
+                      stream=req.stream if req.greedy != "ame" else "auto", memory_budget=req.memory_budget,
                       min_ingredients=1 if req.greedy else 2, rows=prep.rows)
 
 
@@ -435,7 +436,8 @@ def _greedy(prep: PreparedMerge, choice: Choice) -> Outcome:
                 ing.kept = k in accepted
             cfg = prep.config  # the exact soup
             report = merge_checkpoints([ckpts[k] for k in accepted], prep.target, cfg, min_ingredients=1,
-                                       **prep.write_kwargs())
+                                       stream=prep.request.stream, memory_budget=prep.request.memory_budget,
+                                       rows=prep.rows, **prep.write_kwargs())
             return Outcome(config=cfg, report=report, greedy_log=log)
         cfg = prep.request.cfg
         state, _ = greedy_ame(ckpts, cfg, slot, base=prep.base if pivot_is_base(cfg, ckpts) else None,

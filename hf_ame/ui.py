@@ -248,8 +248,7 @@ class UIApp:
             return {**out, c["check_status"]: error_line(exc), c["models_table"]: [], c["differences"]: ""}
         out.update({c["models_table"]: rows, c["differences"]: "\n".join(f"- {n}" for n in notes)})
         try:
-            kw = {k: val for k, val in self.merge_kwargs(v).items() if k != "allow_unchanged"}
-            plan = self.merger(recipe, v, self.session(request)).plan(**kw)
+            plan = self.merger(recipe, v, self.session(request)).plan(**self.merge_kwargs(v))
         except Exception as exc:  # noqa: BLE001 - an incompatibility: named as the CLI names it
             return {**out, c["check_status"]: error_line(exc)}
         rows = [[t.name, str(list(t.shape)), t.dtype, t.transform, t.reader, t.device, t.shard, t.read_bytes,

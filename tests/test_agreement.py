@@ -92,3 +92,45 @@ def test_alignment_choices_are_declared_once_for_api_cli_and_recipes():
     recipe = Recipe.from_dict({"hf_ame": 1, "models": [{"id": "a"}, {"id": "b"}],
                                "output": {"layout": "in_memory", "heads": "union", "config_source": "first"}})
     assert recipe.output["layout"] == "in_memory" and recipe.output["heads"] == "union"
+
+
+def test_ame_and_run_flags_are_generated_from_the_declarations():
+    """Issue 29: every AMEConfig field with flag metadata and every RunOptions field is one flag of
+    hf-ame merge, read back as the API value: AMEConfig's as merge()'s overrides, RunOptions' as
+    from_pretrained's and merge()'s keywords (all of which those functions take)."""
+    import dataclasses
+    import inspect
+
+    from hf_ame.cli import _overrides, build_parser
+    from hf_ame.options import RunOptions, given_options
+
+    flags = ["--optimizer", "nadam", "--lr", "0.5", "--lr-schedule", "power", "--lr-power", "-1", "--epochs", "3",
+             "--batch-size", "0", "--no-shuffle", "--seed", "7", "--pivot", "2", "--no-adaptive-pivot",
+             "--amplification", "linear", "--opt", "weight_decay=0", "--opt", "betas=[0.9,0.99]",
+             "--compute-dtype", "bfloat16", "--method", "ties", "--param", "density=0.4",
+             "--dtype", "float16", "--max-shard-size", "1MB", "--device", "cpu", "--stream", "tensor",
+             "--memory-budget", "1000"]
+    args = build_parser().parse_args(["merge", "a", "b", "--out", "o", *flags])
+    overrides = _overrides(args)
+    assert overrides == {"optimizer": "nadam", "lr": 0.5, "lr_schedule": "power", "lr_power": -1.0, "epochs": 3,
+                         "batch_size": None, "shuffle": False, "seed": 7, "pivot": 2, "adaptive_pivot": False,
+                         "amplification": "linear", "optimizer_kwargs": {"weight_decay": 0, "betas": [0.9, 0.99]},
+                         "compute_dtype": "bfloat16", "method": "ties", "density": 0.4}
+    cli_fields = {f.name for f in dataclasses.fields(AMEConfig) if f.metadata.get("cli")}
+    assert cli_fields == set(overrides) - {"density"}  # every flagged field read back, and only those
+    assert cli_fields == {f.name for f in dataclasses.fields(AMEConfig)} - {"method_kwargs"}  # --param's
+    AMEConfig.from_options(**overrides)  # the values read are valid AMEConfig values
+    run = RunOptions(**given_options(args, RunOptions))
+    assert run.load_kwargs() == {"dtype": "float16", "device_map": "cpu"}
+    assert run.run_kwargs() == {"max_shard_size": "1MB", "stream": "tensor", "memory_budget": 1000}
+    assert set(run.load_kwargs()) <= set(inspect.signature(AMEMerger.from_pretrained).parameters)
+    assert set(run.run_kwargs()) <= set(inspect.signature(AMEMerger.merge).parameters)
+    from hf_ame.selection import MergeRequest  # plan() takes merge()'s keywords: the request's, not config fields
+    own = set(inspect.signature(AMEMerger.merge).parameters) - {"self", "config", "output_dir", "overwrite", "overrides"}
+    assert own == {f.name for f in dataclasses.fields(MergeRequest)} - {"cfg"}
+    assert MergeRequest.split({**run.run_kwargs(), "allow_unchanged": True}) == (
+        {**run.run_kwargs(), "allow_unchanged": True}, {})
+    bare = build_parser().parse_args(["merge", "a", "b", "--out", "o"])
+    assert _overrides(bare) == {} and RunOptions(**given_options(bare, RunOptions)) == RunOptions()
+    with pytest.raises(ValueError, match="--amplification: expects a number or 'linear', got 'x'"):
+        _overrides(build_parser().parse_args(["merge", "a", "b", "--out", "o", "--amplification", "x"]))

@@ -164,6 +164,9 @@ def test_mergekit_configs_trim_moe_experts_as_mergekit(arch, model_type, tmp_pat
     merger.merge(method="ties", density=0.5, output_dir=tmp_path / "asked", progress=False)
     asked, want = read_state(tmp_path / "asked"), read_state(tmp_path / "mk-ties-float32")
     assert set(asked) == set(want) and all(torch.allclose(asked[k], want[k], rtol=0, atol=1e-6) for k in want)
+    previewed = merger.plan(method="ties", density=0.5, output_dir=tmp_path / "p")  # the preview opens them as the run
+    assert {t.name for t in previewed.mine()} == set(asked)
+    assert previewed.bytes_to_write == sum(v.numel() * v.element_size() for v in asked.values())
     from hf_ame.cli import main  # the same choice from the command line
 
     assert main(["merge", *map(str, fts), "--base-model", str(base), "--method", "ties", "--param", "density=0.5",
