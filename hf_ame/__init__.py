@@ -1,7 +1,7 @@
 """hf_ame: merge fine-tuned Hugging Face checkpoints with Amortized Model Ensembling (AME).
 
 The merge is an optimizer run in weight space: (merge - ingredient) differences are
-pseudogradients fed to a real torch optimizer. See ``shared/spec/AME.md`` for the definition.
+pseudogradients fed to a real torch optimizer. See ``docs/ame.md`` for the definition.
 
 Public API: :class:`AMEMerger` (``from_pretrained`` / ``from_recipe`` -> ``plan`` / ``merge``),
 :class:`MergeResult`, :class:`AMEConfig`, recipes (mergekit configs too), the optimizer and merge-method

@@ -1,4 +1,4 @@
-"""The AME algorithm on plain tensors: no files, no models (see ``shared/spec/AME.md``).
+"""The AME algorithm on plain tensors: no files, no models (see ``docs/ame.md``).
 
 For one tensor, with ordered ingredients x_1..x_N, S = ceil(N / B) steps per epoch:
 

@@ -70,9 +70,10 @@ def _method_help() -> str:
             + "); alone (no optimizer option given) it is mergekit's one-shot merge of that name")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AMEConfig:
-    """Every hyperparameter of AME (see ``shared/spec/AME.md``; names match the public API).
+    """Every hyperparameter of AME (see ``docs/ame.md``; names match the public API). Frozen: a
+    changed value is a new config (:meth:`replace`).
 
     Attributes:
         optimizer: registry name (``sgd``/``gd``, ``adam``, ``adamw``, ``adagrad``, ``adadelta``,

@@ -104,7 +104,8 @@ def _name_of(ckpt: Union[Checkpoint, str, Path]) -> str:
     return ckpt.name if isinstance(ckpt, Checkpoint) else str(ckpt)
 
 
-def _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows=None) -> _Opened:
+def _open_and_check(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference,
+                    rows=None) -> _Opened:
     """Open and check everything a merge reads, from headers only; refuse a bad output folder first."""
     config = (config or AMEConfig()).validate()
     check_config_limits(config, len(ingredients))
@@ -178,7 +179,7 @@ def plan_merge(
     arguments, from configs and headers alone: no tensor byte is read and nothing is written
     (the output folder is checked as the merge would check it)."""
     _validate_args(stream, block_size, max_shard_size)
-    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
+    o = _open_and_check(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
     try:
         return _plan(o, output_dir, _PlanOptions(device_map, max_shard_size, stream, memory_budget, block_size,
                                                  prefetch, reference, None), None)
@@ -242,7 +243,7 @@ def merge_checkpoints(
     """
     t0 = time.perf_counter()
     _validate_args(stream, block_size, max_shard_size)
-    o = _open(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
+    o = _open_and_check(ingredients, output_dir, config, base, dtype, overwrite, min_ingredients, reference, rows)
     opts = _PlanOptions(device_map, max_shard_size, stream, memory_budget, block_size, prefetch, reference, extra_files)
     return _run_merge(o, output_dir, opts, t0, overwrite=overwrite, progress=progress, distributed=distributed,
                       tokenizer_from=tokenizer_from)
@@ -389,7 +390,7 @@ def merge_parts(
     ``dry_run``: return the combined plan, reading no weight."""
     t0 = time.perf_counter()
     parse_size(max_shard_size)
-    opened = [_open(p.ingredients, output_dir, p.config, p.base, dtype, overwrite, 1, 0, _rows_held(rows, p))
+    opened = [_open_and_check(p.ingredients, output_dir, p.config, p.base, dtype, overwrite, 1, 0, _rows_held(rows, p))
               for p in parts]
     sources = list({id(c): c for o in opened for c in o.ckpts + ([o.base] if o.base is not None else [])}.values())
     read_before = sum(c.bytes_read for c in sources)

@@ -120,6 +120,9 @@ def test_ame_and_run_flags_are_generated_from_the_declarations():
     assert cli_fields == set(overrides) - {"density"}  # every flagged field read back, and only those
     assert cli_fields == {f.name for f in dataclasses.fields(AMEConfig)} - {"method_kwargs"}  # --param's
     AMEConfig.from_options(**overrides)  # the values read are valid AMEConfig values
+    for options in (AMEConfig(), RunOptions()):  # frozen: a value changed is a new object (AMEConfig.replace)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            options.seed = 1
     run = RunOptions(**given_options(args, RunOptions))
     assert run.load_kwargs() == {"dtype": "float16", "device_map": "cpu"}
     assert run.run_kwargs() == {"max_shard_size": "1MB", "stream": "tensor", "memory_budget": 1000}
