@@ -6,7 +6,7 @@ The grid covers the executor's paths on CPU: exact soup, AdamW/Adagrad/SGD-momen
 pivot (soup, first, index, base), both stream modes, whole tensors (block_size=None), a bf16 output,
 mixed fp32/bf16 ingredients, sharded inputs and outputs, .bin inputs, a LoRA-free BERT and a ViT, and
 the greedy soup / greedy AME of ``AMEMerger`` (scored by a deterministic callable), a validation
-search, a one-shot and an AME-composed method, and a mergekit config in bfloat16. Only public
+search, a one-shot and an AME-composed method, the robust preset, and a mergekit config in bfloat16. Only public
 entry points are used, so the same script runs on any commit since the public API settled.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def greedy(fam: dict, out: Path) -> dict:
 
 
 def methods(fam: dict, out: Path) -> dict:
-    """A one-shot method, a method composed with AME, and a mergekit config in bfloat16."""
+    """A one-shot method, a method composed with AME, the robust preset, and a mergekit config in bfloat16."""
     import yaml
 
     from hf_ame import AMEConfig, AMEMerger
@@ -125,7 +125,8 @@ def methods(fam: dict, out: Path) -> dict:
     res = {}
     for name, cfg in (("ties_one_shot", AMEConfig.one_shot("ties", density=0.5)),
                       ("ties_adamw", AMEConfig(optimizer="adamw", lr=1e-3, method="ties", pivot="base",
-                                               method_kwargs={"density": 0.5}))):
+                                               method_kwargs={"density": 0.5})),
+                      ("robust", AMEConfig.robust()), ("robust_tol0", AMEConfig.robust(epochs=3, tol=0.0))):
         res[name] = digest(merger.merge(cfg, output_dir=out / name, progress=False).output_dir)
     mk = out / "mergekit.yml"
     mk.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": base, "dtype": "bfloat16",

@@ -362,7 +362,8 @@ class Checkpoint:
                 raise CheckpointError(f"{self.name}/{info.file}: cannot read tensor {name!r}: {exc}") from None
             if str(device) != "cpu":
                 t = t.to(device, non_blocking=False)
-        self.bytes_read += info.nbytes
+        with _COUNTING:  # tensors may be read by several workers at once (plan's side_by_side)
+            self.bytes_read += info.nbytes
         return t
 
     def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:

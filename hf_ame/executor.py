@@ -8,25 +8,28 @@ merged tensor to its shard at once. Never a whole model in memory. Across proces
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import threading
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
+from .allocator import heap_reuse
 from .algorithm import NonFiniteError, is_exact_soup, plan_steps
 from .blocks import block_bounds, merge_blocks_on, merge_in_blocks, merge_tensor
 from .checkpoints import Checkpoint
 from .copies import FilledCopies, GatheredRows, LazyCopies
-from .config import AMEConfig
+from .emitter import Emitter
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .plan import MergePlan, TensorPlan
+from .report import MergeReport
 from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
 from .threads import merge_threads
 from .transfer import DeviceUploader, Upload
@@ -34,52 +37,6 @@ from .writer import ShardedWriter
 
 __all__ = ["MergeReport", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer",
            "unchanged_note"]
-
-
-@dataclass
-class MergeReport:
-    """What a merge did. Times are seconds of wall clock; sizes are bytes."""
-
-    output_dir: Path
-    ingredients: List[str]
-    config: AMEConfig
-    dtype: str
-    tensors: int = 0
-    parameters: int = 0
-    merged_tensors: int = 0
-    copied_tensors: int = 0
-    steps: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    files: List[str] = field(default_factory=list)
-    seconds: float = 0.0
-    plan_seconds: float = 0.0
-    wait_read_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    write_seconds: float = 0.0
-    devices: List[str] = field(default_factory=list)
-    stream: str = "tensor"
-    rank: int = 0
-    world_size: int = 1
-    exact_soup: bool = False
-    counters_maxed: List[str] = field(default_factory=list)  # BatchNorm num_batches_tracked: the maximum
-    # merged tensors equal to their pivot (base or pivot ingredient) bit for bit while an ingredient differs
-    unchanged: List[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        how = ("the exact uniform soup (one pass)" if self.exact_soup else
-               (f"method {self.config.method}, " if self.config.method else "")
-               + f"{self.steps} {self.config.optimizer} step{'s' if self.steps != 1 else ''} per tensor, "
-               f"lr={self.config.lr}")
-        rank = (f" [this is rank {self.rank} of {self.world_size}: its share of the tensors]"
-                if self.world_size > 1 else "")
-        return (f"merged {len(self.ingredients)} ingredients -> {self.output_dir}: {self.tensors} tensors "
-                f"({self.parameters / 1e6:.2f}M parameters, {self.merged_tensors} merged, "
-                f"{self.copied_tensors} copied), {how}, "
-                f"read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB "
-                f"in {self.seconds:.2f}s "
-                f"(waiting for reads {self.wait_read_seconds:.2f}s, merging {self.compute_seconds:.2f}s, "
-                f"writing {self.write_seconds:.2f}s)" + rank)
 
 
 def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Tensor], reference: int,
@@ -150,6 +107,7 @@ class _Runner:
                          if (plan.prefetch and streams_rows) else None)
         self.devices: set = set()
         self.pool: Optional[cf.ThreadPoolExecutor] = None  # merge workers (hf_ame.threads), set by write_parts
+        self.counting = threading.Lock()  # the report's counters, updated by workers merging side by side
 
     def read(self, tp: TensorPlan) -> Union[List[torch.Tensor], Upload]:
         """What is read ahead for a tensor: its copies for the "tensors" reader (uploaded now, on
@@ -324,7 +282,8 @@ class _Runner:
         except NonFiniteError as exc:  # the culprits, by name, or the merge itself overflowed
             raise NonFiniteWeightsError(tp.name, [self.ckpts[j].name for j in exc.culprits],
                                         self.plan.config.optimizer) from None
-        self.report.merged_tensors += 1
+        with self.counting:
+            self.report.merged_tensors += 1
         return out
 
     def run(self, folder: Path, progress: bool) -> None:
@@ -336,12 +295,16 @@ class _Runner:
     def write_all(self, writer: ShardedWriter, bar: tqdm, rename: Optional[Callable[[str], str]] = None) -> None:
         """Merge this rank's tensors in order and hand each to ``writer``, under ``rename(name)`` when
         given (a part of a combined output). With prefetch, tensor k + 1 is read ahead while k merges,
-        and k is written on its own thread while k + 1 merges (one tensor waits to be written)."""
+        and k is written on its own thread while k + 1 merges (one tensor waits to be written). Tensors
+        the plan marks ``side_by_side`` are merged on the merge workers, up to one per worker at once,
+        and written in plan order."""
         mine, report = self.plan.mine(), self.report
         ahead = self.plan.prefetch and bool(mine)
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if ahead else None
         out = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-write") if ahead else None
-        written: Optional[cf.Future] = None
+        emit = Emitter(writer, out, bar, rename, report)
+        inflight: Deque[Tuple[TensorPlan, cf.Future]] = collections.deque()
+        width = getattr(self.pool, "width", 1)
         try:
             pending = pool.submit(self.read, mine[0]) if pool else None
             for k, tp in enumerate(mine):
@@ -351,36 +314,31 @@ class _Runner:
                     xs = self.uploader.wait(xs)
                 if pool is not None and k + 1 < len(mine):
                     pending = pool.submit(self.read, mine[k + 1])
-                tc = time.perf_counter()
-                report.wait_read_seconds += tc - ts
-                result = self.merge(tp, xs)
-                tw = time.perf_counter()
-                report.compute_seconds += tw - tc
-                name = rename(tp.name) if rename is not None else tp.name
-                written = self.hand_over(writer, out, written, name, result)
-                report.write_seconds += time.perf_counter() - tw
-                report.parameters += tp.numel
-                del xs, result
-                bar.update(tp.write_bytes)
-            if written is not None:
-                tw = time.perf_counter()
-                written.result()
-                report.write_seconds += time.perf_counter() - tw
+                report.wait_read_seconds += time.perf_counter() - ts
+                if tp.side_by_side and self.pool is not None:
+                    inflight.append((tp, self.pool.submit(self.merge, tp, xs)))
+                    while len(inflight) >= width + (width > 1):  # every worker busy, one waiting
+                        emit.finished(*inflight.popleft())
+                else:
+                    while inflight:
+                        emit.finished(*inflight.popleft())
+                    tc = time.perf_counter()
+                    result = self.merge(tp, xs)
+                    report.compute_seconds += time.perf_counter() - tc
+                    emit(tp, result)
+                del xs
+            while inflight:
+                emit.finished(*inflight.popleft())
+            emit.close()
         finally:
+            for _, f in inflight:
+                f.cancel()
+            cf.wait([f for _, f in inflight])
             for p in (pool, out):
                 if p is not None:
                     p.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def hand_over(writer: ShardedWriter, out: Optional[cf.ThreadPoolExecutor], written: Optional[cf.Future], name: str,
-                  tensor: torch.Tensor) -> Optional[cf.Future]:
-        """Write ``tensor`` now, or on ``out``'s thread once the previous write (``written``) is done."""
-        if out is None:
-            writer.write(name, tensor)
-            return None
-        if written is not None:
-            written.result()  # its error, if any, surfaces here; and at most one tensor waits
-        return out.submit(writer.write, name, tensor)
+        order = {tp.name: k for k, tp in enumerate(mine)}  # workers finish out of order: name them in plan order
+        report.unchanged.sort(key=lambda name: order.get(name, len(order)))
 
     def close(self) -> None:
         if self.row_pool is not None:
@@ -444,7 +402,7 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
-        with merge_threads() as pool:
+        with heap_reuse(), merge_threads() as pool:
             for runner, rename in parts:
                 runner.pool = pool
                 runner.write_all(writer, bar, rename)

@@ -384,16 +384,22 @@ def _huber(ctx: MethodContext) -> torch.Tensor:
     """One iteratively-reweighted step toward the Huber M-estimate of the batch's centre, tensor by
     tensor: r_j = |p - x_j|, s = median_j r_j, weight w_j = min(1, delta s / r_j), g = sum_j w_j (p -
     x_j) / sum_j w_j. Models within ``delta`` median distances weigh 1 (on a clean set: the soup);
-    a far-off model's pull is capped at delta s. Pass 1 the distances, pass 2 the weighted sum.
+    a far-off model's pull is capped at delta s. Pass 1 the distances (and the plain sum), pass 2 the
+    weighted sum, only when some weight is under 1.
     ``tol`` > 0: the iteration stops once a step moves the merge by at most tol x |p| (per tensor)."""
     p = ctx.pivot
     delta, eps = float(ctx.param("delta")), float(ctx.param("eps"))
-    r = [float(torch.linalg.vector_norm(ctx.get(i).sub_(p))) for i in range(ctx.n)]
+    acc, r = torch.zeros_like(p), []
+    for i in range(ctx.n):
+        d = ctx.get(i).sub_(p)
+        r.append(float(torch.linalg.vector_norm(d)))
+        acc.add_(d, alpha=1.0)  # the weighted sum when every weight is 1 (a clean set): no second pass
     cap = delta * max(statistics.median(r), eps)
     weights = [1.0 if ri <= cap else cap / ri for ri in r]
-    acc = torch.zeros_like(p)
-    for i in range(ctx.n):
-        acc.add_(ctx.get(i).sub_(p), alpha=weights[i])
+    if any(w != 1.0 for w in weights):
+        acc.zero_()
+        for i in range(ctx.n):
+            acc.add_(ctx.get(i).sub_(p), alpha=weights[i])
     g = acc.div_(sum(weights)).neg_()
     tol = float(ctx.param("tol"))  # converged: this step moves the merge by under tol x |p| (0: never)
     ctx.converged = tol > 0 and float(torch.linalg.vector_norm(g)) <= tol * float(torch.linalg.vector_norm(p))

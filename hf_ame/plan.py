@@ -21,6 +21,7 @@ from .blocks import can_block
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
+from .kernels import fused_supported
 from .methods import decoder_layers, get_method, layer_position
 from .optimizers import build_optimizer
 from .rows import RowAlignment
@@ -76,6 +77,7 @@ class TensorPlan:
     source_names: List[str] = field(default_factory=list)  # "copy": the source tensor (renamed layers)
     source_models: List[int] = field(default_factory=list)  # "copy": its checkpoint (index)
     scale: Optional[float] = None  # "copy": multiplied by this (mergekit's passthrough ``scale``)
+    side_by_side: bool = False  # merged whole on a merge worker beside other such tensors (hf_ame.threads)
 
     @property
     def numel(self) -> int:
@@ -108,6 +110,7 @@ class MergePlan:
     extra_files: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # what the plan cannot know yet (e.g. scores)
     rows: Optional[RowAlignment] = None  # rows matched by token / label ("gather" tensors)
+    workers: int = 1  # merge workers: blocks of a tensor, or whole tensors, merged side by side
 
     def mine(self) -> List[TensorPlan]:
         """The tensors this process merges and writes."""
@@ -135,7 +138,8 @@ class MergePlan:
         ahead = max(t.read_bytes for t in mine if t.reader == "tensors") if (
             self.prefetch and any(t.reader == "tensors" for t in mine)) else 0
         behind = max(t.write_bytes for t in mine) if self.prefetch else 0  # written on its own thread
-        return max(t.peak_bytes for t in mine) + ahead + behind
+        side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers]
+        return max(max(t.peak_bytes for t in mine), sum(side)) + ahead + behind
 
     @property
     def devices(self) -> List[str]:
@@ -198,10 +202,10 @@ class MergePlan:
             "stream": self.stream, "block_size": self.block_size, "dtype": self.dtype,
             "files": list(self.shards.files), "rank": self.rank, "world_size": self.world_size,
             "bytes_to_read": self.bytes_to_read, "bytes_to_write": self.bytes_to_write,
-            "peak_memory": self.peak_memory, "devices": self.devices, "notes": self.notes,
+            "peak_memory": self.peak_memory, "devices": self.devices, "notes": self.notes, "workers": self.workers,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "transform": t.transform,
                          "reader": t.reader, "device": t.device, "shard": t.shard, "rank": t.rank, "block": t.block,
-                         "read_bytes": t.read_bytes, "write_bytes": t.write_bytes,
+                         "read_bytes": t.read_bytes, "write_bytes": t.write_bytes, "side_by_side": t.side_by_side,
                          "sources": [vars(s) for s in t.sources]} for t in self.tensors],
         }
 
@@ -294,6 +298,7 @@ class _Context:
     rows: Optional[RowAlignment] = None
     base: Optional[Checkpoint] = None
     workers: int = field(default_factory=torch.get_num_threads)  # blocks merged side by side (hf_ame.threads)
+    cpu_kernels: bool = False  # the fused kernels merge CPU tensors (Triton's interpreter): one thread only
 
 
 def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
@@ -333,6 +338,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     dtype = ctx.out_dtype if (ctx.out_dtype is not None and info.is_floating) else info.dtype
     write = info.numel * _esize(dtype)
     work = info.numel * 4 * (2 + ctx.slots)  # float32 merge, pseudogradient and optimizer state
+    blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
     if not info.is_floating:
         transform, reader = "integer", "tensors"
         read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
@@ -352,11 +358,29 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     else:
         transform, reader = ctx.transform, "tensors"
         read = sum(s.nbytes for s in sources)
-        blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
         # blocked: one block's float32 state and slices; whole: the state and one float32 copy of an input
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
-                      sources, read, write, peak, block, layer_position(info.name, ctx.num_layers))
+                      sources, read, write, peak, block, layer_position(info.name, ctx.num_layers),
+                      side_by_side=_side_by_side(info, ctx, reader, dev))
+
+
+# a worker thread's glibc arena grows in heaps of 64 MiB: a larger block is mapped afresh and faulted in
+# page by page at every allocation (hf_ame.allocator), so tensors whose float32 copy exceeds half of that
+# merge on the caller's thread, from the main heap
+SIDE_BY_SIDE_MAX_BYTES = 32 << 20
+
+
+def _side_by_side(info: TensorInfo, ctx: _Context, reader: str, dev: torch.device) -> bool:
+    """A floating tensor merged whole on the CPU (a method that ranks or normalises over it, or a
+    copy streamed whole) goes to a merge worker beside others, when every copy is read positionally
+    (plain safetensors: readers with state stay on the caller's thread) and its float32 copy is at
+    most ``SIDE_BY_SIDE_MAX_BYTES``."""
+    blocked = reader == "tensors" and ctx.blocks_stream and info.numel > ctx.block_size  # blocks use the workers
+    return (ctx.workers > 1 and dev.type == "cpu" and not ctx.cpu_kernels and info.is_floating
+            and reader in ("rows", "tensors")
+            and info.numel * 4 <= SIDE_BY_SIDE_MAX_BYTES and not blocked
+            and all(c.reads_concurrently(info.name) for c in ctx.srcs))
 
 
 def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]],
@@ -423,12 +447,13 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     sequence = read_sequence(len(ckpts), pivot, steps, exact, passes)
     transform = "soup" if exact else (config.method or "ame")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
-                   where, out_dtype, transform, decoder_layers(ref.config), rows, base)
+                   where, out_dtype, transform, decoder_layers(ref.config), rows, base,
+                   cpu_kernels=config.method is None and fused_supported(config, torch.device("cpu")))
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
                      steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors,
-                     sequence, owner, reference, rank, world_size, list(extra_files), rows=rows)
+                     sequence, owner, reference, rank, world_size, list(extra_files), rows=rows, workers=ctx.workers)
     plan.notes.extend(rows.notes if rows is not None else [])
     return plan
 
@@ -454,4 +479,4 @@ def combine_plans(plans: Sequence[MergePlan], renames: Sequence[Callable[[str], 
     return MergePlan(Path(output_dir), names, ", ".join(bases) or None, first.config, first.pivot, first.steps,
                      all(p.exact_soup for p in plans), first.stream, first.block_size, first.prefetch, first.dtype,
                      shards, tensors, first.sequence, [0] * len(shards.files), extra_files=list(first.extra_files),
-                     notes=list(dict.fromkeys(n for p in plans for n in p.notes)))
+                     notes=list(dict.fromkeys(n for p in plans for n in p.notes)), workers=first.workers)

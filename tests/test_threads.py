@@ -103,3 +103,109 @@ def test_a_stateless_run_stops_at_a_fixed_point_with_the_same_bytes():
     quick = AMEStepper([soup(xs)], AMEConfig.robust(), ["w"]).run(steps, [xs])[0]
     assert float((quick - full).norm() / full.norm()) < 1e-5
     assert not torch.equal(full, soup(xs))  # the far-off model's pull was capped
+
+
+@pytest.mark.parametrize("cfg", [AMEConfig.one_shot("ties", density=0.5), AMEConfig.robust(),
+                                 AMEConfig(optimizer="adamw", lr=1e-3, method="dare_ties", method_kwargs={"density": 0.6}, seed=3,
+                                           pivot="base")],
+                         ids=["ties", "robust", "adamw-dare_ties"])
+def test_whole_tensors_merged_side_by_side_give_the_bytes_of_one_thread(tmp_path, cfg):
+    """Tensors a method merges whole go to the workers, several at once, written in plan order: the
+    same bytes, report and unchanged list (in plan order) as one thread; the plan says which."""
+    from hf_ame import plan_merge
+
+    base, *fts = make_family("llama", tmp_path, 4, dtype=torch.bfloat16, noise=0.01)
+    fts[0] = base  # an ingredient equal to the base: a tensor left unchanged by TIES-like trims is possible
+    kw = dict(base=base) if cfg.pivot == "base" else {}
+    before = torch.get_num_threads()
+    reports = {}
+    try:
+        for width in (2, 1):
+            torch.set_num_threads(width)
+            plan = plan_merge(fts, tmp_path / f"p{width}", cfg, **kw)
+            side = [t.name for t in plan.tensors if t.side_by_side]
+            assert (len(side) > 1) == (width == 2), side  # one thread: nothing beside anything
+            reports[width] = merge_checkpoints(fts, tmp_path / f"w{width}", cfg, progress=False, **kw)
+    finally:
+        torch.set_num_threads(before)
+    two, one = read_state(tmp_path / "w2"), read_state(tmp_path / "w1")
+    assert list(two) == list(one) and all(torch.equal(two[k], one[k]) for k in one)
+    for field in ("merged_tensors", "copied_tensors", "parameters", "unchanged", "bytes_written"):
+        assert getattr(reports[2], field) == getattr(reports[1], field), field
+
+
+def test_a_failure_beside_other_tensors_names_its_tensor_and_writes_nothing(tmp_path):
+    """A non-finite copy in a tensor merged on a worker: the error names that tensor (the first in
+    plan order), the workers finish, no output folder is left."""
+    import safetensors.torch as st
+
+    from hf_ame.errors import NonFiniteWeightsError
+
+    paths = make_family("llama", tmp_path, 3, dtype=torch.float32)
+    shard = next(paths[1].glob("*.safetensors"))
+    state = st.load_file(shard)
+    bad = sorted(k for k in state if k.endswith("mlp.up_proj.weight"))[0]
+    state[bad][0, 0] = float("inf")
+    st.save_file(state, shard, metadata={"format": "pt"})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(NonFiniteWeightsError, match=bad.replace(".", r"\.")):
+            merge_checkpoints(paths, tmp_path / "out", AMEConfig.one_shot("ties", density=0.5), base=paths[0],
+                              progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert not (tmp_path / "out").exists()
+
+
+def test_heap_reuse_nests_and_steps_aside_when_asked(monkeypatch):
+    from hf_ame import allocator
+
+    with allocator.heap_reuse() as outer:
+        with allocator.heap_reuse() as inner:
+            assert inner == outer
+        assert allocator._depth == (1 if outer else 0)
+    assert allocator._depth == 0
+    monkeypatch.setenv("HF_AME_MALLOC", "0")
+    with allocator.heap_reuse() as applied:
+        assert applied is False
+    monkeypatch.setenv("HF_AME_MALLOC", "1")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own allocator settings win
+    with allocator.heap_reuse() as applied:
+        assert applied is False
+
+
+def test_huber_skips_its_second_pass_on_a_clean_set_with_the_same_bytes():
+    """The robust step reads each copy once more only when some model is capped; the result is the
+    one of the two-pass form bit for bit, capped or not."""
+    import statistics
+
+    from hf_ame.methods import MethodContext, get_method
+
+    def two_pass(ctx):  # the form before issue 34
+        p = ctx.pivot
+        r = [float(torch.linalg.vector_norm(ctx.get(i).sub_(p))) for i in range(ctx.n)]
+        cap = 1.5 * max(statistics.median(r), 1e-12)
+        w = [1.0 if ri <= cap else cap / ri for ri in r]
+        acc = torch.zeros_like(p)
+        for i in range(ctx.n):
+            acc.add_(ctx.get(i).sub_(p), alpha=w[i])
+        return acc.div_(sum(w)).neg_()
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300, generator=g) for _ in range(5)]
+    for far in (False, True):
+        ys = [x.clone() for x in xs]
+        if far:
+            ys[2] = ys[2] * 50  # a diverged model: capped
+        reads = []
+
+        def get(i, ys=ys):
+            reads.append(i)
+            return ys[i].clone()
+        params = {"__method__": "huber", "delta": 1.5, "eps": 1e-12, "tol": 0.0}
+        ctx = MethodContext(pivot=sum(ys) / 5, get=get, indices=range(5), params=params, seed=0, key="t", step=1)
+        got = get_method("huber").fn(ctx)
+        assert len(reads) == (10 if far else 5)
+        assert torch.equal(got, two_pass(MethodContext(pivot=sum(ys) / 5, get=lambda i, ys=ys: ys[i].clone(),
+                                                        indices=range(5), params=params, seed=0, key="t", step=1)))
