@@ -1,7 +1,7 @@
 """Speed and memory of a merge against the I/O floor and mergekit, on a quiet and a busy machine, in ONE run.
 
     bash scripts/setup.sh && .venv/bin/pip install -e ".[bench]"     # mergekit, once
-    .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|medium|default] [--busy]
+    .venv/bin/python benchmarks/speed.py [--ns 2 4 8] [--reps 2] [--scale small|medium|default|large] [--busy]
 
 Builds N perturbed copies of one causal LM (Llama architecture, bf16 safetensors, sharded like Hub
 models) under benchmarks/.data, then runs every method in its own subprocess, interleaved
@@ -35,7 +35,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / ".data"
-SCALES = {  # ~245M parameters ("default"), ~162M ("medium": 4 x 324 MB bf16, issue 34's case), ~30M ("small")
+SCALES = {  # ~245M parameters ("default"), ~162M ("medium": 4 x 324 MB bf16, issue 34's case), ~30M ("small"),
+    # ~923M ("large": 4 x 1.8 GB bf16, issue 34's larger case)
+    "large": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=32,
+                  num_key_value_heads=4, vocab_size=32000),
     "medium": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
                    num_key_value_heads=4, vocab_size=40000),
     "default": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,

@@ -126,22 +126,31 @@ def merge_in_blocks(blocks: Iterable[Sequence[torch.Tensor]], bounds: Sequence[T
 
 def merge_blocks_on(pool: Executor, fetch: Callable[[int], Sequence[torch.Tensor]], bounds: Sequence[Tuple[int, int]],
                     shape: Sequence[int], n: int, config: AMEConfig, steps: Sequence[AMEStep], pivot: PivotSpec, *,
-                    out_dtype: Optional[torch.dtype] = None, exact_soup: bool = False) -> torch.Tensor:
+                    out_dtype: Optional[torch.dtype] = None, exact_soup: bool = False,
+                    sink: Optional[Callable[[int, torch.Tensor], None]] = None) -> Optional[torch.Tensor]:
     """:func:`merge_in_blocks` on CPU with the blocks merged side by side on ``pool``'s workers (see
     :mod:`hf_ame.threads`): block k's slices are ``fetch(k)`` (the N ingredients', then the base's),
-    fetched by the worker that merges it. The same bytes as the serial loop: blocks are independent."""
-    out = torch.empty(tuple(shape), dtype=out_dtype or config.torch_compute_dtype)
-    flat = out.view(-1)
+    fetched by the worker that merges it. The same bytes as the serial loop: blocks are independent.
+    ``sink(start, block)``: each merged block handed over (written) by its worker, nothing returned
+    (no output tensor is held); else the assembled tensor."""
+    dtype = out_dtype or config.torch_compute_dtype
+    flat = torch.empty(tuple(shape), dtype=dtype).view(-1) if sink is None else None
 
     def work(k: int) -> None:
         part = fetch(k)
-        dst = flat[bounds[k][0]:bounds[k][1]]
-        dst.copy_(merge_block(part[:n], config, steps, pivot, base=part[n] if len(part) > n else None,
-                              exact_soup=exact_soup))
-        _check_finite(dst, part[:n])
+        merged = merge_block(part[:n], config, steps, pivot, base=part[n] if len(part) > n else None,
+                             exact_soup=exact_soup)
+        if flat is None:
+            dst = merged.to(dtype)
+            _check_finite(dst, part[:n])
+            sink(bounds[k][0], dst)
+        else:
+            dst = flat[bounds[k][0]:bounds[k][1]]
+            dst.copy_(merged)
+            _check_finite(dst, part[:n])
 
     run_in_order(pool, work, len(bounds))
-    return out
+    return flat.view(tuple(shape)) if flat is not None else None
 
 
 def block_bounds(numel: int, block_size: int) -> List[Tuple[int, int]]:

@@ -18,7 +18,7 @@ from .cli_args import key_values
 from .merger import AMEMerger
 from .lora_cli import add_lora_merge_arguments, add_lora_parser, cmd_extract_lora, lora_merge_kwargs
 from .moe_cli import add_moe_parser, cmd_moe
-from .methods import get_method, list_methods
+from .methods import get_method
 from .optimizers import list_optimizers
 from .config import AMEConfig
 from .options import AlignOptions, RunOptions, add_option_flags, given_options

@@ -38,11 +38,7 @@ class LazyCopies:
         return [torch.empty((), dtype=c.tensors[self.name].dtype).element_size() for c in self.ckpts]
 
     def _read(self, j: int) -> torch.Tensor:
-        c = self.ckpts[j]
-        if self.device.type == "cpu" and c.reads_concurrently(self.name):
-            info = c.tensors[self.name]
-            return c.read_flat(self.name, 0, info.numel).view(info.shape)
-        return c.get_tensor(self.name, device=self.device)
+        return self.ckpts[j].get_tensor(self.name, device=self.device)
 
     def __getitem__(self, j: int) -> torch.Tensor:
         if self._last is not None and self._last[0] == j:

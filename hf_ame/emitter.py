@@ -36,10 +36,18 @@ class Emitter:
         self.writer, self.out, self.bar, self.rename, self.report = writer, out, bar, rename, report
         self.written: Optional[cf.Future] = None
 
-    def __call__(self, tp: TensorPlan, tensor: torch.Tensor) -> None:
+    def name(self, tp: TensorPlan) -> str:
+        """The tensor's name in the output."""
+        return self.rename(tp.name) if self.rename is not None else tp.name
+
+    def __call__(self, tp: TensorPlan, tensor: Optional[torch.Tensor]) -> None:
+        """``tensor`` written (None: its blocks are in already, written by the merge workers)."""
         tw = time.perf_counter()
-        name = self.rename(tp.name) if self.rename is not None else tp.name
-        self.written = hand_over(self.writer, self.out, self.written, name, tensor)
+        if tensor is None:
+            self.close()  # the previous tensor first: it may be the last but one of the same shard
+            self.writer.written(self.name(tp))
+        else:
+            self.written = hand_over(self.writer, self.out, self.written, self.name(tp), tensor)
         self.report.write_seconds += time.perf_counter() - tw
         self.report.parameters += tp.numel
         self.bar.update(tp.write_bytes)
@@ -56,4 +64,5 @@ class Emitter:
         if self.written is not None:
             tw = time.perf_counter()
             self.written.result()
+            self.written = None
             self.report.write_seconds += time.perf_counter() - tw

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import threading
 import os
 import time
@@ -21,7 +22,6 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from .allocator import heap_reuse
 from .algorithm import NonFiniteError, is_exact_soup, plan_steps
 from .blocks import block_bounds, merge_blocks_on, merge_in_blocks, merge_tensor
 from .checkpoints import Checkpoint
@@ -108,6 +108,8 @@ class _Runner:
         self.devices: set = set()
         self.pool: Optional[cf.ThreadPoolExecutor] = None  # merge workers (hf_ame.threads), set by write_parts
         self.counting = threading.Lock()  # the report's counters, updated by workers merging side by side
+        # where merge workers write a tensor's blocks (set by write_all): tensor -> sink(start, block)
+        self.sink: Optional[Callable[[TensorPlan], Callable[[int, torch.Tensor], None]]] = None
 
     def read(self, tp: TensorPlan) -> Union[List[torch.Tensor], Upload]:
         """What is read ahead for a tensor: its copies for the "tensors" reader (uploaded now, on
@@ -136,10 +138,11 @@ class _Runner:
             yield xs
             del xs  # merged: only the block being read stays alive
 
-    def merge_blocks(self, tp: TensorPlan) -> torch.Tensor:
+    def merge_blocks(self, tp: TensorPlan) -> Optional[torch.Tensor]:
         """Every step of every epoch on one block of all copies, then the next block: each input
         byte read once whatever E or the shuffle; memory: two blocks' slices + one block's state, or with
-        merge workers one block's slices and state per worker."""
+        merge workers one block's slices and state per worker, each writing its merged block to the
+        output (``sink``: nothing returned, no output tensor held)."""
         bounds = block_bounds(tp.numel, tp.block)
         p = self.plan
         # readers with state (a dequantized or converted tensor kept, a file position): one block at a time
@@ -148,7 +151,8 @@ class _Runner:
                 return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
 
             return merge_blocks_on(self.pool, read_block, bounds, tp.shape, len(self.ckpts), p.config, p.steps,
-                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
+                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup,
+                                   sink=self.sink(tp) if self.sink is not None else None)
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
@@ -303,6 +307,7 @@ class _Runner:
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if ahead else None
         out = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-write") if ahead else None
         emit = Emitter(writer, out, bar, rename, report)
+        self.sink = lambda tp: functools.partial(writer.write_part, emit.name(tp))
         inflight: Deque[Tuple[TensorPlan, cf.Future]] = collections.deque()
         width = getattr(self.pool, "width", 1)
         try:
@@ -402,7 +407,7 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
-        with heap_reuse(), merge_threads() as pool:
+        with merge_threads() as pool:
             for runner, rename in parts:
                 runner.pool = pool
                 runner.write_all(writer, bar, rename)

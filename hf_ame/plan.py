@@ -365,9 +365,9 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
                       side_by_side=_side_by_side(info, ctx, reader, dev))
 
 
-# a worker thread's glibc arena grows in heaps of 64 MiB: a larger block is mapped afresh and faulted in
-# page by page at every allocation (hf_ame.allocator), so tensors whose float32 copy exceeds half of that
-# merge on the caller's thread, from the main heap
+# glibc serves allocations above 32 MiB (its largest adaptive mmap threshold; a worker thread's arena
+# grows in heaps of 64 MiB) with fresh mappings faulted in page by page: tensors whose float32 copy is
+# larger merge on the caller's thread, one at a time (side by side they doubled the page faults)
 SIDE_BY_SIDE_MAX_BYTES = 32 << 20
 
 

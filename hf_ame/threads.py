@@ -11,8 +11,8 @@ workers side by side (each reading its own block): no barrier per operation, the
 ``torch.set_num_threads`` set by the user are obeyed (1: no workers, everything in the caller's
 thread), and the user's count is restored afterwards. Tensors merged whole (merge methods, which rank
 and normalise over a tensor) go to the same workers, one tensor per worker, written in plan order
-(the plan's ``side_by_side``; tensors over 32 MiB in float32 stay on the caller's thread, see
-:mod:`hf_ame.allocator`): TIES over 4 x 30M-parameter Llamas 14.3 s -> 7.4 s on this machine.
+(the plan's ``side_by_side``; tensors over 32 MiB in float32 stay on the caller's thread): TIES over
+4 x 47 MiB Llamas 11.2 s -> 6.2 s on this machine (``benchmarks/speed.py --scale small``).
 Elementwise results and each tensor's own arithmetic do not depend on the thread count, so the bytes
 are the same either way (tested).
 """
@@ -28,6 +28,12 @@ import torch
 __all__ = ["merge_threads", "run_in_order"]
 
 
+def _one_thread() -> None:
+    """A worker's own OpenMP and MKL thread counts set to 1, as the caller's are: a new thread starts
+    with the defaults, and LAPACK's results (the SVD of tsv / iso_*) depend on that count."""
+    torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
 def merge_threads() -> Iterator[Optional[cf.ThreadPoolExecutor]]:
     """A pool of ``torch.get_num_threads()`` workers, every operation of the merge on one thread
@@ -37,7 +43,7 @@ def merge_threads() -> Iterator[Optional[cf.ThreadPoolExecutor]]:
         yield None
         return
     torch.set_num_threads(1)  # before the workers start: each reads it once, at its first operation
-    pool = cf.ThreadPoolExecutor(max_workers=width, thread_name_prefix="hf_ame-merge")
+    pool = cf.ThreadPoolExecutor(max_workers=width, thread_name_prefix="hf_ame-merge", initializer=_one_thread)
     pool.width = width  # type: ignore[attr-defined]
     try:
         yield pool

@@ -8,7 +8,9 @@ safetensors (``safe_open`` / ``load_file`` / transformers read them).
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
@@ -100,7 +102,8 @@ class ShardedWriter:
     """Writes the tensors of a :class:`ShardPlan` into ``folder`` in any order.
 
     Each shard's header is written when the shard is opened; each tensor's bytes go to their
-    planned offset. A shard is closed as soon as all its tensors are in.
+    planned offset, whole (:meth:`write`) or in parts from several threads (:meth:`write_part`,
+    then :meth:`written`). A shard is closed as soon as all its tensors are in.
     """
 
     def __init__(self, folder: Union[str, Path], plan: ShardPlan, metadata: Optional[Dict[str, str]] = None,
@@ -114,6 +117,7 @@ class ShardedWriter:
         self.shards = list(range(len(plan.order))) if shards is None else list(shards)
         self._remaining = [set(names) if i in self.shards else set() for i, names in enumerate(plan.order)]
         self.bytes_written = 0
+        self._lock = threading.Lock()  # files opened and closed, bytes counted: parts come from several threads
 
     def _open(self, shard: int) -> BinaryIO:
         f = self._files.get(shard)
@@ -129,6 +133,7 @@ class ShardedWriter:
         f = open(self.folder / self.plan.files[shard], "wb")
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
+        f.flush()  # on disk before any part is written beside the buffer (write_part)
         self._files[shard] = f
         self._data_start[shard] = 8 + len(raw)
         return f
@@ -139,17 +144,44 @@ class ShardedWriter:
             raise ValueError(f"tensor {name!r}: planned {e.dtype} {e.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous()
         try:
-            f = self._open(e.shard)
+            with self._lock:
+                f = self._open(e.shard)
             f.seek(self._data_start[e.shard] + e.begin)
             if t.numel():
                 # A uint8 view of the same storage: no copy beyond the device transfer above.
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         except OSError as exc:  # a full disk: say which file
             raise write_error(exc, self.folder / self.plan.files[e.shard]) from None
-        self.bytes_written += e.nbytes
-        self._remaining[e.shard].discard(name)
-        if not self._remaining[e.shard]:
-            del self._files[e.shard]
+        self.written(name)
+
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Elements [start, start + part.numel()) of tensor ``name`` (flat), written at their offset
+        with ``os.pwrite``: blocks of one tensor may come from several threads at once; call
+        :meth:`written` once every part is in."""
+        e = self.plan.entries[name]
+        esize = part.element_size()
+        if part.dtype != e.dtype or (start + part.numel()) * esize > e.nbytes or start < 0:
+            raise ValueError(f"tensor {name!r}: planned {e.dtype} {e.shape}, got {part.dtype} elements "
+                             f"[{start}, {start + part.numel()})")
+        view = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        try:
+            with self._lock:
+                f = self._open(e.shard)
+            pos = self._data_start[e.shard] + e.begin + start * esize
+            while len(view):
+                done = os.pwrite(f.fileno(), view, pos)
+                view, pos = view[done:], pos + done
+        except OSError as exc:
+            raise write_error(exc, self.folder / self.plan.files[e.shard]) from None
+
+    def written(self, name: str) -> None:
+        """Tensor ``name`` is complete: counted, and its shard closed once all of its tensors are."""
+        e = self.plan.entries[name]
+        with self._lock:
+            self.bytes_written += e.nbytes
+            self._remaining[e.shard].discard(name)
+            f = self._files.pop(e.shard) if not self._remaining[e.shard] else None
+        if f is not None:
             try:
                 f.close()
             except OSError as exc:

@@ -1,6 +1,7 @@
 """Issue 34: the grain of a merge's parallelism and the work it skips. Streamed blocks are merged by
-``torch.get_num_threads()`` workers with one intra-op thread each (same bytes as one thread, the
-user's thread count restored); plain SGD steps of lr 1 never build a torch optimizer (whose
+``torch.get_num_threads()`` workers with one intra-op thread each and written by them at their
+offsets, whole tensors of methods merged side by side (same bytes as one thread, the user's thread
+count restored); plain SGD steps of lr 1 never build a torch optimizer (whose
 constructor imports torch._dynamo); a stateless run stops at a fixed point with the same bytes."""
 import subprocess
 import sys
@@ -106,15 +107,17 @@ def test_a_stateless_run_stops_at_a_fixed_point_with_the_same_bytes():
 
 
 @pytest.mark.parametrize("cfg", [AMEConfig.one_shot("ties", density=0.5), AMEConfig.robust(),
+                                 AMEConfig.one_shot("iso_cts", scaling=1.2, common_space_fraction=0.5),
                                  AMEConfig(optimizer="adamw", lr=1e-3, method="dare_ties", method_kwargs={"density": 0.6}, seed=3,
                                            pivot="base")],
-                         ids=["ties", "robust", "adamw-dare_ties"])
+                         ids=["ties", "robust", "iso_cts-svd", "adamw-dare_ties"])
 def test_whole_tensors_merged_side_by_side_give_the_bytes_of_one_thread(tmp_path, cfg):
     """Tensors a method merges whole go to the workers, several at once, written in plan order: the
-    same bytes, report and unchanged list (in plan order) as one thread; the plan says which."""
+    same bytes, report and unchanged list (in plan order) as one thread; the plan says which. (An SVD
+    gave other bytes on a worker until each worker set its own OpenMP/MKL count to 1.)"""
     from hf_ame import plan_merge
 
-    base, *fts = make_family("llama", tmp_path, 4, dtype=torch.bfloat16, noise=0.01)
+    base, *fts = make_family("llama", tmp_path, 4, dtype=torch.float32, noise=0.01)  # float32: no rounding hides
     fts[0] = base  # an ingredient equal to the base: a tensor left unchanged by TIES-like trims is possible
     kw = dict(base=base) if cfg.pivot == "base" else {}
     before = torch.get_num_threads()
@@ -158,23 +161,6 @@ def test_a_failure_beside_other_tensors_names_its_tensor_and_writes_nothing(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_heap_reuse_nests_and_steps_aside_when_asked(monkeypatch):
-    from hf_ame import allocator
-
-    with allocator.heap_reuse() as outer:
-        with allocator.heap_reuse() as inner:
-            assert inner == outer
-        assert allocator._depth == (1 if outer else 0)
-    assert allocator._depth == 0
-    monkeypatch.setenv("HF_AME_MALLOC", "0")
-    with allocator.heap_reuse() as applied:
-        assert applied is False
-    monkeypatch.setenv("HF_AME_MALLOC", "1")
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own allocator settings win
-    with allocator.heap_reuse() as applied:
-        assert applied is False
-
-
 def test_huber_skips_its_second_pass_on_a_clean_set_with_the_same_bytes():
     """The robust step reads each copy once more only when some model is capped; the result is the
     one of the two-pass form bit for bit, capped or not."""
@@ -209,3 +195,63 @@ def test_huber_skips_its_second_pass_on_a_clean_set_with_the_same_bytes():
         assert len(reads) == (10 if far else 5)
         assert torch.equal(got, two_pass(MethodContext(pivot=sum(ys) / 5, get=lambda i, ys=ys: ys[i].clone(),
                                                         indices=range(5), params=params, seed=0, key="t", step=1)))
+
+
+def test_blocks_written_by_workers_make_the_file_a_whole_write_makes(tmp_path):
+    """Issue 34: merge workers write their blocks at their offsets (os.pwrite), in any order and from
+    several threads; the file is byte for byte the one whole writes give, and a part outside its
+    tensor is refused by name before anything is written."""
+    import concurrent.futures as cf
+    import random
+
+    from hf_ame.writer import ShardedWriter, plan_shards
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(1000, generator=g).to(torch.bfloat16), "b": torch.randn(37, 5, generator=g),
+               "c": torch.randn(300, generator=g).to(torch.bfloat16)}
+    plan = plan_shards([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], "2KB")
+    assert len(plan.files) > 1
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    whole = ShardedWriter(tmp_path / "whole", plan)
+    for k, v in tensors.items():
+        whole.write(k, v)
+    whole.finish()
+    parts = ShardedWriter(tmp_path / "parts", plan)
+    with pytest.raises(ValueError, match="tensor 'c'"):
+        parts.write_part("c", 290, tensors["c"][:20])
+    jobs = [(k, s, v.reshape(-1)[s:s + 64]) for k, v in tensors.items() for s in range(0, v.numel(), 64)]
+    random.Random(0).shuffle(jobs)
+    with cf.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda j: parts.write_part(*j), jobs))
+    for k in tensors:
+        parts.written(k)
+    assert parts.finish() == [*plan.files, "model.safetensors.index.json"]
+    for f in plan.files:
+        assert (tmp_path / "parts" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes()
+    assert parts.bytes_written == whole.bytes_written
+
+
+def test_merge_workers_write_blocks_without_an_output_tensor():
+    from hf_ame.algorithm import resolve_pivot
+    from hf_ame.blocks import block_bounds, merge_blocks_on
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5000, generator=g).to(torch.bfloat16) for _ in range(3)]
+    cfg = AMEConfig(optimizer="adamw", lr=1e-2, epochs=2)
+    steps, bounds = plan_steps(3, cfg), block_bounds(5000, 1024)
+    got = torch.empty(5000, dtype=torch.bfloat16)
+
+    def sink(start, block):
+        got[start:start + block.numel()] = block
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # two workers, whatever the machine
+        with merge_threads() as pool:
+            whole = merge_blocks_on(pool, lambda k: [x[slice(*bounds[k])] for x in xs], bounds, (5000,), 3, cfg,
+                                    steps, resolve_pivot(cfg.pivot, 3), out_dtype=torch.bfloat16)
+            none = merge_blocks_on(pool, lambda k: [x[slice(*bounds[k])] for x in xs], bounds, (5000,), 3, cfg,
+                                   steps, resolve_pivot(cfg.pivot, 3), out_dtype=torch.bfloat16, sink=sink)
+    finally:
+        torch.set_num_threads(before)
+    assert none is None and torch.equal(got, whole)
