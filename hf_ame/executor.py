@@ -11,8 +11,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import functools
-import threading
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -322,7 +322,7 @@ class _Runner:
                 report.wait_read_seconds += time.perf_counter() - ts
                 if tp.side_by_side and self.pool is not None:
                     inflight.append((tp, self.pool.submit(self.merge, tp, xs)))
-                    while len(inflight) >= width + (width > 1):  # every worker busy, one waiting
+                    while len(inflight) > width:  # every worker busy and one waiting (its copies read)
                         emit.finished(*inflight.popleft())
                 else:
                     while inflight:

@@ -138,7 +138,8 @@ class MergePlan:
         ahead = max(t.read_bytes for t in mine if t.reader == "tensors") if (
             self.prefetch and any(t.reader == "tensors" for t in mine)) else 0
         behind = max(t.write_bytes for t in mine) if self.prefetch else 0  # written on its own thread
-        side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers]
+        # tensors merged side by side: one per worker and one waiting for a worker
+        side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers + 1]
         return max(max(t.peak_bytes for t in mine), sum(side)) + ahead + behind
 
     @property
