@@ -229,7 +229,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         repo = _push_target(args.push, merger.recipe)  # refused before the merge, not after it
     else:
         merger, repo = _models_merger(args, overrides), args.push
-    kw = RunOptions(**given_options(args, RunOptions)).run_kwargs()
+    kw = RunOptions.from_args(args).run_kwargs()
     if args.dry_run:
         return _print_plan(merger.plan(output_dir=args.out, overwrite=args.overwrite, **kw, **overrides), args.json)
     result = merger.merge(output_dir=args.out, overwrite=args.overwrite, progress=args.progress,
@@ -255,7 +255,7 @@ _LOAD_FLAGS = (*AlignOptions.flag_names(), "base_model")
 def _recipe_merger(args: argparse.Namespace) -> AMEMerger:
     """The recipe's merger, the loading flags given replacing its ``load`` / ``output`` values."""
     kwargs: Dict[str, Any] = {k: getattr(args, k) for k in _LOAD_FLAGS if getattr(args, k) is not None}
-    kwargs.update(RunOptions(**given_options(args, RunOptions)).load_kwargs())
+    kwargs.update(RunOptions.from_args(args).load_kwargs())
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     if args.push == "" and not Path(args.models[0]).expanduser().exists():  # a Hub recipe: before any download
@@ -271,7 +271,7 @@ def _models_merger(args: argparse.Namespace, overrides: Mapping[str, Any]) -> AM
         raise ValueError(f"--method {method}: measures task vectors from a base model: give it with --base-model"
                          if method else "--pivot base: give the base checkpoint with --base-model")
     return AMEMerger.from_pretrained(args.models, trust_remote_code=args.trust_remote_code, base_model=args.base_model,
-                                     **RunOptions(**given_options(args, RunOptions)).load_kwargs(),
+                                     **RunOptions.from_args(args).load_kwargs(),
                                      **{k: getattr(args, k) for k in AlignOptions.flag_names()})
 
 

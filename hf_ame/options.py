@@ -92,6 +92,11 @@ class RunOptions:
     memory_budget: Optional[int] = _option(
         "memory 'auto' may use for ingredient copies; default half the available memory", metavar="BYTES", type=int)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunOptions":
+        """The values given as ``hf-ame merge`` flags (the others None)."""
+        return cls(**given_options(args, cls))
+
     def load_kwargs(self) -> Dict[str, Any]:
         """``from_pretrained``'s keywords among the values given."""
         return {k: v for k, v in (("dtype", self.dtype), ("device_map", self.device)) if v is not None}
