@@ -145,14 +145,15 @@ class _Runner:
         output (``sink``: nothing returned, no output tensor held)."""
         bounds = block_bounds(tp.numel, tp.block)
         p = self.plan
-        # readers with state (a dequantized or converted tensor kept, a file position): one block at a time
-        if self.pool is not None and all(c.reads_concurrently(tp.name) for c in self.srcs):
+        # the plan's choice: readers with state (a dequantized or converted tensor kept, a file position) are
+        # read one block at a time; positional readers by the workers, which write their merged blocks
+        if self.pool is not None and tp.written_by_workers:
             def read_block(k: int) -> List[torch.Tensor]:  # on the worker that merges block k
                 return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
 
             return merge_blocks_on(self.pool, read_block, bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                    p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup,
-                                   sink=self.sink(tp) if self.sink is not None else None)
+                                   sink=self.sink(tp) if self.sink is not None else None)  # None: assembled
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 

@@ -78,6 +78,7 @@ class TensorPlan:
     source_models: List[int] = field(default_factory=list)  # "copy": its checkpoint (index)
     scale: Optional[float] = None  # "copy": multiplied by this (mergekit's passthrough ``scale``)
     side_by_side: bool = False  # merged whole on a merge worker beside other such tensors (hf_ame.threads)
+    written_by_workers: bool = False  # "blocks": each merge worker writes its merged block (no output tensor)
 
     @property
     def numel(self) -> int:
@@ -137,7 +138,8 @@ class MergePlan:
             return 0
         ahead = max(t.read_bytes for t in mine if t.reader == "tensors") if (
             self.prefetch and any(t.reader == "tensors" for t in mine)) else 0
-        behind = max(t.write_bytes for t in mine) if self.prefetch else 0  # written on its own thread
+        # the previous output tensor, written on its own thread (blocks written by the workers: none)
+        behind = max((t.write_bytes for t in mine if not t.written_by_workers), default=0) if self.prefetch else 0
         # tensors merged side by side: one per worker and one waiting for a worker
         side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers + 1]
         return max(max(t.peak_bytes for t in mine), sum(side)) + ahead + behind
@@ -339,6 +341,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     dtype = ctx.out_dtype if (ctx.out_dtype is not None and info.is_floating) else info.dtype
     write = info.numel * _esize(dtype)
     work = info.numel * 4 * (2 + ctx.slots)  # float32 merge, pseudogradient and optimizer state
+    direct = False
     blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
     if not info.is_floating:
         transform, reader = "integer", "tensors"
@@ -350,7 +353,10 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         held = min(per, info.numel)  # a small tensor is one short block
         # each worker holds one block's slices and state (one worker: the next block's slices read ahead)
         w = max(1, ctx.workers)
-        peak = max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n) + write
+        # with workers each writes its merged block (no output tensor), else the output is assembled
+        direct = w > 1 and all(c.reads_concurrently(info.name) for c in ctx.srcs)
+        peak = (max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n)
+                + (w * held * _esize(dtype) if direct else write))
     elif ctx.mode == "ingredient":
         transform, reader = ctx.transform, "rows"
         runs = [j for k, j in enumerate(ctx.sequence) if k == 0 or ctx.sequence[k - 1] != j]
@@ -363,7 +369,8 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers),
-                      side_by_side=_side_by_side(info, ctx, reader, dev))
+                      side_by_side=_side_by_side(info, ctx, reader, dev),
+                      written_by_workers=reader == "blocks" and direct)
 
 
 # glibc serves allocations above 32 MiB (its largest adaptive mmap threshold; a worker thread's arena

@@ -226,7 +226,8 @@ print(json.dumps({"growth": peak[0] - base, "estimate": plan.peak_memory, "reade
                                                       ("tensor", "none", "tensors")])
 def test_peak_memory_estimate_bounds_the_measured_growth(tmp_path, stream, block_size, reader):
     """The plan's peak memory is an upper bound of the RSS growth a merge really has, and not a loose
-    one (measured here: 0.55-0.8x of it; tensors of 8 MiB, 4 ingredients, Adam, 2 epochs)."""
+    one (measured here: 0.45-0.65x of it; tensors of 8 MiB, 4 ingredients, Adam, 2 epochs; the rows and
+    tensors readers merge them side by side, the blocks reader's workers write their blocks)."""
     from test_performance import LIVE_MEMORY_ENV
 
     res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), stream, block_size], capture_output=True,
