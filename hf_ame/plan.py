@@ -343,6 +343,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     work = info.numel * 4 * (2 + ctx.slots)  # float32 merge, pseudogradient and optimizer state
     direct = False
     blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
+    positional = all(c.reads_concurrently(info.name) for c in ctx.srcs)  # plain safetensors: any thread reads
     if not info.is_floating:
         transform, reader = "integer", "tensors"
         read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
@@ -354,7 +355,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         # each worker holds one block's slices and state (one worker: the next block's slices read ahead)
         w = max(1, ctx.workers)
         # with workers each writes its merged block (no output tensor), else the output is assembled
-        direct = w > 1 and all(c.reads_concurrently(info.name) for c in ctx.srcs)
+        direct = w > 1 and positional
         peak = (max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n)
                 + (w * held * _esize(dtype) if direct else write))
     elif ctx.mode == "ingredient":
@@ -369,26 +370,25 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers),
-                      side_by_side=_side_by_side(info, ctx, reader, dev),
+                      side_by_side=positional and _side_by_side(info, ctx, reader, dev),
                       written_by_workers=reader == "blocks" and direct)
 
 
 # glibc serves allocations above 32 MiB (its largest adaptive mmap threshold; a worker thread's arena
 # grows in heaps of 64 MiB) with fresh mappings faulted in page by page: tensors whose float32 copy is
-# larger merge on the caller's thread, one at a time (side by side they doubled the page faults)
+# larger merge on the caller's thread, one at a time (side by side they made more page faults, 1.49 M
+# against 1.16 M for the robust preset over 4 x 309 MiB, and were no faster)
 SIDE_BY_SIDE_MAX_BYTES = 32 << 20
 
 
 def _side_by_side(info: TensorInfo, ctx: _Context, reader: str, dev: torch.device) -> bool:
     """A floating tensor merged whole on the CPU (a method that ranks or normalises over it, or a
-    copy streamed whole) goes to a merge worker beside others, when every copy is read positionally
-    (plain safetensors: readers with state stay on the caller's thread) and its float32 copy is at
-    most ``SIDE_BY_SIDE_MAX_BYTES``."""
-    blocked = reader == "tensors" and ctx.blocks_stream and info.numel > ctx.block_size  # blocks use the workers
+    copy streamed whole) goes to a merge worker beside others when its float32 copy is at most
+    ``SIDE_BY_SIDE_MAX_BYTES`` (the caller checks that every copy is read positionally: readers with
+    state stay on the caller's thread)."""
+    in_blocks = reader == "tensors" and ctx.blocks_stream and info.numel > ctx.block_size  # workers take the blocks
     return (ctx.workers > 1 and dev.type == "cpu" and not ctx.cpu_kernels and info.is_floating
-            and reader in ("rows", "tensors")
-            and info.numel * 4 <= SIDE_BY_SIDE_MAX_BYTES and not blocked
-            and all(c.reads_concurrently(info.name) for c in ctx.srcs))
+            and reader in ("rows", "tensors") and info.numel * 4 <= SIDE_BY_SIDE_MAX_BYTES and not in_blocks)
 
 
 def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]],

@@ -11,10 +11,10 @@ stays the caller's (``PreparedMerge.load``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -49,8 +49,6 @@ def metric_name(order_by: Any) -> str:
     """How the recipe and the card name an ``order_by``: its name, or the callable's."""
     return order_by if isinstance(order_by, str) else getattr(order_by, "name", getattr(order_by, "__name__", "custom"))
 
-
-# merge()'s keyword arguments that MergeRequest.split takes as the request's (the rest are AMEConfig fields)
 
 @dataclass
 class MergeRequest:
