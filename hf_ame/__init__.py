@@ -13,6 +13,7 @@ registries, the lower-level folder-to-folder :func:`merge_checkpoints` / :func:`
 from . import adapters  # noqa: F401 - registers LoRA adapter folders as a checkpoint kind
 from . import gguf  # noqa: F401 - registers GGUF files (dequantized as read, as transformers does) as a checkpoint kind
 from . import quantization  # noqa: F401 - registers FP8 checkpoints (dequantized as read) as a checkpoint kind
+from . import robust_methods  # noqa: F401 - registers geometric_median, huber
 from . import selection_methods  # noqa: F401 - registers sce, ram, ramplus_tl, nearswap, arcee_fusion
 from . import sphere_methods  # noqa: F401 - registers nuslerp, multislerp, karcher
 from . import svd_methods  # noqa: F401 - registers tsv, iso_c, iso_cts

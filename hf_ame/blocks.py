@@ -19,16 +19,20 @@ from .kernels import fused_merge, fused_soup, fused_supported
 from .optimizers import get_optimizer
 from .threads import run_in_order
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "can_block", "merge_tensor", "merge_block", "merge_fused", "merge_in_blocks",
-           "merge_blocks_on", "block_bounds"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "all_finite", "can_block", "merge_tensor", "merge_block", "merge_fused",
+           "merge_in_blocks", "merge_blocks_on", "block_bounds"]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: a sum is one fast reduction, ~25x cheaper than isfinite().all() on
+    CPU, and finite iff every value is, unless finite values overflow it: then the exact test decides."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_finite(merged: torch.Tensor, ingredients: Sequence[torch.Tensor]) -> torch.Tensor:
     # NaN or Inf in any ingredient reaches the merge (soup and every optimizer step propagate it):
     # checking the result, while it is in cache, catches them and any overflow of the merge itself
-    # (a sum is one fast reduction, ~25x cheaper than isfinite().all() on CPU; it is finite iff
-    # every value is, unless finite values overflow it: then the exact test decides)
-    if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):
+    if not all_finite(merged):
         raise NonFiniteError(non_finite_inputs(ingredients))
     return merged
 

@@ -33,10 +33,10 @@ from .executor import MergeReport, Ranks, run_parts, run_plan
 from .limits import check_config_limits
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
-from .plan import STREAM_MODES, MergePlan, build_plan, build_stack_plan, combine_plans
+from .plan import STREAM_MODES, MergePlan, build_plan, combine_plans
 from .quantization import FP8Checkpoint, check_quantization
 from .rows import RowAlignment
-from .stacking import LayerSlice, stack_names, stacked_config
+from .stacking import LayerSlice, build_stack_plan, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards
 
 __all__ = ["MergeReport", "MergePart", "merge_checkpoints", "merge_parts", "plan_merge", "stack_checkpoints",

@@ -28,6 +28,7 @@ from .checkpoints import Checkpoint
 from .copies import FilledCopies, GatheredRows, LazyCopies
 from .emitter import Emitter
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
+from .first_step import merge_first_step
 from .plan import MergePlan, TensorPlan
 from .report import MergeReport
 from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
@@ -157,6 +158,24 @@ class _Runner:
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
 
+    def first_step_kept(self, tp: TensorPlan) -> bool:
+        """A method's first step in one pass over blocks (:mod:`hf_ame.first_step`), each block written
+        by the worker that merged it; False: not kept, the tensor is to be merged whole (and the
+        report names it). Side by side, the worker merging the tensor runs its blocks itself."""
+        bounds = block_bounds(tp.numel, tp.block)
+
+        def read_block(k: int) -> List[torch.Tensor]:
+            return [c.read_flat(tp.name, *bounds[k]) for c in self.ckpts]
+
+        p = self.plan
+        if merge_first_step(read_block, bounds, len(self.ckpts), p.config, p.steps, self.sink(tp),
+                            out_dtype=getattr(torch, tp.dtype), key=tp.name, position=tp.position,
+                            pool=None if tp.side_by_side else self.pool):
+            return True
+        with self.counting:
+            self.report.merged_whole.append(tp.name)
+        return False
+
     def merge_group(self, tp: TensorPlan, g: RowGroup, out_dtype: torch.dtype,
                     base_whole: Optional[torch.Tensor]) -> torch.Tensor:
         """One group of rows, merged over the ingredients that hold them (and the base, if it does;
@@ -235,14 +254,17 @@ class _Runner:
                 out[g.out.to(dev)] = out[torch.cat(filled).to(dev)].float().mean(0).to(out.dtype)
         return out
 
-    def merge_floating(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
+    def merge_floating(self, tp: TensorPlan, xs: List[torch.Tensor]) -> Optional[torch.Tensor]:
         p, dev, n = self.plan, torch.device(tp.device), len(self.ckpts)
         self.devices.add(str(dev))
         if tp.reader == "gather":
             return self.merge_gathered(tp)
-        if tp.reader == "blocks":
+        if tp.reader == "blocks" and not tp.first_step:
             return self.merge_blocks(tp)
-        if tp.reader == "rows":
+        if tp.reader == "blocks" and self.first_step_kept(tp):
+            return None
+        streamed = tp.reader != "tensors"  # "rows", or a first step over blocks not kept: one copy at a time
+        if streamed:
             ing: Sequence[torch.Tensor] = LazyCopies(self.ckpts, tp.name, dev, p.sequence, self.row_pool)
             base_x = self.pivot_base.get_tensor(tp.name, device=dev) if self.pivot_base is not None else None
         else:
@@ -252,7 +274,7 @@ class _Runner:
             # a streamed row is read whole per ingredient, so it is never split into blocks
             out = merge_tensor(ing, p.config, p.steps, p.pivot, base=base_x, device=dev,
                                out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup,
-                               block_size=None if tp.reader == "rows" else p.block_size,
+                               block_size=None if streamed else p.block_size,
                                key=tp.name, position=tp.position, pool=self.pool)
             self.check_moved(tp.name, out, ing, base_x)
             return out
@@ -272,7 +294,7 @@ class _Runner:
         if any(not torch.equal(ing[j].to(pivot.device), pivot) for j in range(len(ing)) if kind != "index" or j != idx):
             self.report.unchanged.append(name)
 
-    def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> torch.Tensor:
+    def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> Optional[torch.Tensor]:
         if tp.transform == "copy":
             self.report.copied_tensors += 1
             out = xs[0].to(getattr(torch, tp.dtype))
@@ -344,7 +366,8 @@ class _Runner:
                 if p is not None:
                     p.shutdown(wait=True, cancel_futures=True)
         order = {tp.name: k for k, tp in enumerate(mine)}  # workers finish out of order: name them in plan order
-        report.unchanged.sort(key=lambda name: order.get(name, len(order)))
+        for names in (report.unchanged, report.merged_whole):
+            names.sort(key=lambda name: order.get(name, len(order)))
 
     def close(self) -> None:
         if self.row_pool is not None:

@@ -16,9 +16,7 @@ builds g differently, from the task vectors d_j = x_j - p:
   between the task vectors (Model Stock);
 - ``della`` / ``della_linear``: entries kept with probabilities by magnitude rank (DELLA), then
   TIES' sign election or a sum;
-- ``geometric_median`` (Weiszfeld steps) and ``huber`` (reweighted steps toward the Huber
-  M-estimate: the soup on a clean set, far-off models capped), hf_ame's robust centres.
-
+hf_ame's robust centres (``geometric_median``, ``huber``) live in :mod:`hf_ame.robust_methods`;
 mergekit's other methods live in :mod:`hf_ame.sphere_methods` (nuslerp, multislerp, karcher) and
 :mod:`hf_ame.selection_methods` (sce, ram, ramplus_tl, nearswap, arcee_fusion); the multi-task merges
 on singular vectors (tsv, iso_c, iso_cts: not mergekit's) in :mod:`hf_ame.svd_methods`.
@@ -35,7 +33,6 @@ ingredient of a step twice instead of stacking them. Everything here is pure (te
 from __future__ import annotations
 
 import hashlib
-import statistics
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -43,12 +40,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .errors import ConfigError
-from .method_params import (BASE_ROLES, DELTA, DENSITY, EPS, EPSILON, FILTER_WISE, GAMMA, INT8_MASK, LAMBDA,
-                            NORMALIZE, RESCALE, SHARED, T, TOL, WEIGHT, Param, check_weight_sum, declarations,
-                            decoder_layers, layer_position, layer_positions, resolve_setting, setting_scalars)
+from .method_params import (BASE_ROLES, DENSITY, EPSILON, FILTER_WISE, GAMMA, INT8_MASK, LAMBDA, NORMALIZE,
+                            RESCALE, SHARED, T, WEIGHT, Param, check_weight_sum, declarations, decoder_layers,
+                            layer_position, layer_positions, resolve_setting, setting_scalars)
 from .sparsify import della_magprune, magnitude, magnitude_outliers, random_drop
 
-__all__ = ["MethodEntry", "MethodContext", "Param", "register_method", "get_method", "list_methods",
+__all__ = ["MethodEntry", "MethodContext", "FirstStep", "Param", "register_method", "get_method", "list_methods",
            "method_parameters", "PER_MODEL", "parameter_help", "resolve_setting", "layer_position", "layer_positions",
            "decoder_layers"]
 
@@ -106,6 +103,22 @@ def get_method_default(params: Mapping[str, Any], name: str) -> Any:
 
 
 @dataclass(frozen=True)
+class FirstStep:
+    """A method's first step one block of coordinates at a time (:mod:`hf_ame.first_step`), for a
+    method whose step is elementwise once a few decisions over the whole tensor are taken (huber's:
+    every model weighs 1, the step is under ``tol``). ``block(p, xs)``: ``p`` the block of the pivot
+    (float32), ``xs`` the batch's slices in batch order; returns q = -g for the block, computed by the
+    same operations in the same order as ``fn`` when its decisions come out so, and the block's
+    partial sums that the decisions need. ``keep(sums, param, last)``: from the sums over every block,
+    whether ``fn`` on the whole tensor would decide the same (with a margin: the sums round in
+    another order) and stop after this step, unless it is the ``last`` (``param(name)``: the
+    tensor's parameter values)."""
+
+    block: Callable[[torch.Tensor, Sequence[torch.Tensor]], Tuple[torch.Tensor, List[float]]]
+    keep: Callable[[Sequence[float], Callable[[str], Any], bool], bool]
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """One registered method: ``fn(ctx) -> pseudogradient`` (float, the pivot's shape and device).
 
@@ -115,7 +128,8 @@ class MethodEntry:
     models themselves: mergekit's optional base) or "unused"; ``models``: (min, max) ingredients
     besides the base; ``passes``: how many times ``fn`` reads each batch ingredient (the reader
     prefetches along it); ``check(params, prefix)``: a check across parameters, run after each
-    parameter's own (raises :class:`ConfigError`)."""
+    parameter's own (raises :class:`ConfigError`); ``first_step``: its first step over blocks, when
+    it has one (:class:`FirstStep`)."""
 
     name: str
     fn: Callable[[MethodContext], torch.Tensor]
@@ -126,6 +140,7 @@ class MethodEntry:
     passes: int = 1
     reference: str = ""
     check: Optional[Callable[[Mapping[str, Any], str], None]] = None
+    first_step: Optional[FirstStep] = None
 
     def __post_init__(self) -> None:
         if self.base not in BASE_ROLES:
@@ -163,7 +178,8 @@ def register_method(name: str, fn: Callable[[MethodContext], torch.Tensor], *, d
                     models: Tuple[int, Optional[int]] = (1, None), passes: int = 1, reference: str = "",
                     optional_base: Optional[bool] = None, overwrite: bool = False, params: Sequence[Param] = (),
                     base: Optional[str] = None,
-                    check: Optional[Callable[[Mapping[str, Any], str], None]] = None) -> MethodEntry:
+                    check: Optional[Callable[[Mapping[str, Any], str], None]] = None,
+                    first_step: Optional[FirstStep] = None) -> MethodEntry:
     """Register a pseudogradient transform under ``name`` (see :class:`MethodEntry`): its ``params``
     and ``base`` role. ``defaults`` ({name: default}: the shared declaration of that name, else true
     or false / a finite number by the default's type) and ``needs_base`` / ``optional_base`` are the
@@ -176,7 +192,7 @@ def register_method(name: str, fn: Callable[[MethodContext], torch.Tensor], *, d
     elif needs_base is not None or optional_base is not None:
         raise ValueError(f"method {key!r}: give base= or needs_base / optional_base, not both")
     entry = MethodEntry(key, fn, declarations(tuple(params), defaults), description, base, models, passes,
-                        reference, check)
+                        reference, check, first_step)
     _METHODS[key] = entry
     return entry
 
@@ -364,48 +380,6 @@ def _linear(ctx: MethodContext) -> torch.Tensor:
     return g.neg_()
 
 
-def _geometric_median(ctx: MethodContext) -> torch.Tensor:
-    """One Weiszfeld step toward the geometric median of the batch, tensor by tensor: each
-    pseudogradient normalised by its own norm, g = sum_j (p - x_j) / |p - x_j| / sum_j 1 / |p - x_j|
-    (norms clamped at ``eps``). With SGD, lr 1 and the adaptive pivot, epochs are Weiszfeld iterations."""
-    p = ctx.pivot
-    acc = torch.zeros_like(p)
-    total = 0.0
-    eps = float(ctx.param("eps"))
-    for i in range(ctx.n):
-        d = ctx.get(i).sub_(p)
-        inv = 1.0 / max(float(torch.linalg.vector_norm(d)), eps)
-        acc.add_(d, alpha=inv)
-        total += inv
-    return acc.div_(total).neg_()
-
-
-def _huber(ctx: MethodContext) -> torch.Tensor:
-    """One iteratively-reweighted step toward the Huber M-estimate of the batch's centre, tensor by
-    tensor: r_j = |p - x_j|, s = median_j r_j, weight w_j = min(1, delta s / r_j), g = sum_j w_j (p -
-    x_j) / sum_j w_j. Models within ``delta`` median distances weigh 1 (on a clean set: the soup);
-    a far-off model's pull is capped at delta s. Pass 1 the distances (and the plain sum), pass 2 the
-    weighted sum, only when some weight is under 1.
-    ``tol`` > 0: the iteration stops once a step moves the merge by at most tol x |p| (per tensor)."""
-    p = ctx.pivot
-    delta, eps = float(ctx.param("delta")), float(ctx.param("eps"))
-    acc, r = torch.zeros_like(p), []
-    for i in range(ctx.n):
-        d = ctx.get(i).sub_(p)
-        r.append(float(torch.linalg.vector_norm(d)))
-        acc.add_(d, alpha=1.0)  # the weighted sum when every weight is 1 (a clean set): no second pass
-    cap = delta * max(statistics.median(r), eps)
-    weights = [1.0 if ri <= cap else cap / ri for ri in r]
-    if any(w != 1.0 for w in weights):
-        acc.zero_()
-        for i in range(ctx.n):
-            acc.add_(ctx.get(i).sub_(p), alpha=weights[i])
-    g = acc.div_(sum(weights)).neg_()
-    tol = float(ctx.param("tol"))  # converged: this step moves the merge by under tol x |p| (0: never)
-    ctx.converged = tol > 0 and float(torch.linalg.vector_norm(g)) <= tol * float(torch.linalg.vector_norm(p))
-    return g
-
-
 def _della_window(params: Mapping[str, Any], prefix: str) -> None:
     """DELLA keeps entries with probabilities density +- epsilon: both must lie in (0, 1) (mergekit
     raises the same mid-merge; here it is refused before any weight is read). Gradients and filters
@@ -428,13 +402,6 @@ def _task_params(*extra: Param, normalize: bool, rescale: bool) -> Tuple[Param, 
             RESCALE.replace(default=rescale))
 
 
-register_method("huber", _huber, params=(DELTA, EPS.replace(default=1e-12), TOL.replace(default=0.0)), base="unused",
-                passes=2,
-                description="IRLS steps toward the Huber M-estimate: the soup on a clean set, far-off models capped",
-                reference="https://en.wikipedia.org/wiki/Huber_loss")
-register_method("geometric_median", _geometric_median, params=(EPS,), base="unused",
-                description="Weiszfeld steps toward the geometric median (robust to a few far-off models)",
-                reference="https://en.wikipedia.org/wiki/Geometric_median")
 register_method("linear", _linear, params=(WEIGHT, NORMALIZE.replace(default=True)), base="unused",
                 description="weighted average of the models (Wortsman et al. 2022's soup, with weights)",
                 reference="https://arxiv.org/abs/2203.05482")

@@ -4,7 +4,7 @@
 writes the MoE mergekit-moe writes (Mixtral, DeepSeek MoE, Qwen2-MoE or Qwen3-MoE), in three steps:
 
 1. **Plan, from headers** (``plan_moe``; ``hf-ame moe --dry-run``): every output tensor is one copy
-   (:func:`hf_ame.plan.build_stack_plan`): an expert's MLP projection into its expert slot, an
+   (:func:`hf_ame.stacking.build_stack_plan`): an expert's MLP projection into its expert slot, an
    attention / norm / embedding tensor from the base (or, with ``hf_ame.non_expert``, merged from the
    experts by a method of the registry: a second plan, combined into one set of shards), a router
    tensor from the router vectors. Every check (architecture, shapes, prompts, tokenizer, output
@@ -40,8 +40,9 @@ from .moe_layout import Slot, check_expert_shapes, expert_slots, non_expert_name
 from .moe_router import EMBEDDING, gate_vectors, prompt_tokenizer, router_dtype, warn_degenerate
 from .moe_sources import ComputedSource, ExpertSource
 from .output import check_output_dir, copy_aux_files, staged_output, write_files
-from .plan import MergePlan, build_stack_plan, combine_plans
+from .plan import MergePlan, combine_plans
 from .quantization import check_quantization
+from .stacking import build_stack_plan
 
 __all__ = ["MoEPlan", "MoEResult", "build_moe", "plan_moe"]
 

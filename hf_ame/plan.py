@@ -21,13 +21,14 @@ from .blocks import can_block
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
+from .first_step import first_step_applies
 from .kernels import fused_supported
 from .methods import decoder_layers, get_method, layer_position
 from .optimizers import build_optimizer
 from .rows import RowAlignment
 from .writer import ShardPlan, plan_shards
 
-__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "build_stack_plan", "combine_plans", "choose_stream",
+__all__ = ["MergePlan", "TensorPlan", "Source", "build_plan", "combine_plans", "choose_stream",
            "STREAM_MODES", "TRANSFORMS", "READERS", "assign_shards", "block_elements", "read_sequence"]
 
 STREAM_MODES = ("auto", "tensor", "ingredient")
@@ -79,6 +80,8 @@ class TensorPlan:
     scale: Optional[float] = None  # "copy": multiplied by this (mergekit's passthrough ``scale``)
     side_by_side: bool = False  # merged whole on a merge worker beside other such tensors (hf_ame.threads)
     written_by_workers: bool = False  # "blocks": each merge worker writes its merged block (no output tensor)
+    # "blocks": a method's first step in one pass (hf_ame.first_step); merged whole as "rows" when not kept
+    first_step: bool = False
 
     @property
     def numel(self) -> int:
@@ -209,6 +212,7 @@ class MergePlan:
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "transform": t.transform,
                          "reader": t.reader, "device": t.device, "shard": t.shard, "rank": t.rank, "block": t.block,
                          "read_bytes": t.read_bytes, "write_bytes": t.write_bytes, "side_by_side": t.side_by_side,
+                         "first_step": t.first_step,
                          "sources": [vars(s) for s in t.sources]} for t in self.tensors],
         }
 
@@ -302,6 +306,7 @@ class _Context:
     base: Optional[Checkpoint] = None
     workers: int = field(default_factory=torch.get_num_threads)  # blocks merged side by side (hf_ame.threads)
     cpu_kernels: bool = False  # the fused kernels merge CPU tensors (Triton's interpreter): one thread only
+    first_step: bool = False  # the method's first step over blocks (hf_ame.first_step), where copies read positionally
 
 
 def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
@@ -341,12 +346,20 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     dtype = ctx.out_dtype if (ctx.out_dtype is not None and info.is_floating) else info.dtype
     write = info.numel * _esize(dtype)
     work = info.numel * 4 * (2 + ctx.slots)  # float32 merge, pseudogradient and optimizer state
-    direct = False
+    direct = first = False
     blocked = ctx.block_size is not None and dev.type == "cpu" and info.numel > ctx.block_size
     positional = all(c.reads_concurrently(info.name) for c in ctx.srcs)  # plain safetensors: any thread reads
     if not info.is_floating:
         transform, reader = "integer", "tensors"
         read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
+    elif ctx.first_step and dev.type == "cpu" and positional:
+        # one pass over blocks, each copy read once; merged whole ("rows" below) where it is not kept
+        transform, reader, first = ctx.transform, "blocks", True
+        block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
+        read, held, w = sum(s.nbytes for s in sources), min(block, info.numel), max(1, ctx.workers)
+        # per worker: one block's slices, its pivot, step and difference, the merged block
+        in_blocks = w * held * (sum(_esize(c.dtype) for c in copies) + 3 * 4 + _esize(dtype))
+        peak = max(in_blocks, 2 * max(s.nbytes for s in sources[:n]) + work + write)
     elif ctx.mode == "ingredient" and ctx.blocks_stream and dev.type == "cpu":
         transform, reader = ctx.transform, "blocks"
         per = block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
@@ -370,8 +383,8 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         peak = read + (ctx.block_size * 4 * (2 + ctx.slots + n) if blocked else work + info.numel * 4) + write
     return TensorPlan(info.name, tuple(info.shape), _name(dtype), transform, reader, str(dev), shard, rank,
                       sources, read, write, peak, block, layer_position(info.name, ctx.num_layers),
-                      side_by_side=positional and _side_by_side(info, ctx, reader, dev),
-                      written_by_workers=reader == "blocks" and direct)
+                      side_by_side=positional and _side_by_side(info, ctx, reader, dev, block if first else 0),
+                      written_by_workers=reader == "blocks" and direct, first_step=first)
 
 
 # glibc serves allocations above 32 MiB (its largest adaptive mmap threshold; a worker thread's arena
@@ -381,37 +394,17 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
 SIDE_BY_SIDE_MAX_BYTES = 32 << 20
 
 
-def _side_by_side(info: TensorInfo, ctx: _Context, reader: str, dev: torch.device) -> bool:
+def _side_by_side(info: TensorInfo, ctx: _Context, reader: str, dev: torch.device, first_block: int = 0) -> bool:
     """A floating tensor merged whole on the CPU (a method that ranks or normalises over it, or a
     copy streamed whole) goes to a merge worker beside others when its float32 copy is at most
     ``SIDE_BY_SIDE_MAX_BYTES`` (the caller checks that every copy is read positionally: readers with
-    state stay on the caller's thread)."""
+    state stay on the caller's thread); so does a method's first step over blocks (``first_block``:
+    its block) on a tensor of one block."""
     in_blocks = reader == "tensors" and ctx.blocks_stream and info.numel > ctx.block_size  # workers take the blocks
+    one_block = bool(first_block) and info.numel <= first_block
     return (ctx.workers > 1 and dev.type == "cpu" and not ctx.cpu_kernels and info.is_floating
-            and reader in ("rows", "tensors") and info.numel * 4 <= SIDE_BY_SIDE_MAX_BYTES and not in_blocks)
-
-
-def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]],
-                     output_dir: Path, *, out_dtype: Optional[torch.dtype], model_dtype: torch.dtype,
-                     max_shard_size: Any = "5GB", prefetch: bool = True) -> MergePlan:
-    """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name, scale)
-    (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole (and scaled)."""
-    scales = {out: scale for out, _, _, scale in entries}
-    infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src, _ in entries]
-    target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape)
-              for out, i, _, _ in infos]
-    shards = plan_shards(target, max_shard_size)
-    tensors = []
-    for (out, info, k, src), (_, dtype, _) in zip(infos, target):
-        write = info.numel * _esize(dtype)
-        source = Source(ckpts[k].name, info.file, info.offset, _name(info.dtype), info.nbytes)
-        tensors.append(TensorPlan(out, tuple(info.shape), _name(dtype), "copy", "tensors", "cpu",
-                                  shards.entries[out].shard, 0, [source], info.nbytes, write, info.nbytes + write,
-                                  source_names=[src], source_models=[k],
-                                  scale=scales[out] if info.is_floating else None))
-    config = AMEConfig.soup()
-    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, config, Pivot("index", 0), [], False, "tensor",
-                     None, prefetch, _name(out_dtype or model_dtype), shards, tensors, [], [0] * len(shards.files))
+            and (reader in ("rows", "tensors") or one_block) and info.numel * 4 <= SIDE_BY_SIDE_MAX_BYTES
+            and not in_blocks)
 
 
 def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path, *, pivot: PivotSpec,
@@ -456,7 +449,9 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
     transform = "soup" if exact else (config.method or "ame")
     ctx = _Context(srcs, len(ckpts), mode, blocks_stream, block_size, exact, sequence, state_slots(config, exact),
                    where, out_dtype, transform, decoder_layers(ref.config), rows, base,
-                   cpu_kernels=config.method is None and fused_supported(config, torch.device("cpu")))
+                   cpu_kernels=config.method is None and fused_supported(config, torch.device("cpu")),
+                   first_step=(mode == "ingredient" and block_size is not None
+                               and first_step_applies(config, steps, pivot)))
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
     tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,

@@ -39,6 +39,9 @@ class MergeReport:
     counters_maxed: List[str] = field(default_factory=list)  # BatchNorm num_batches_tracked: the maximum
     # merged tensors equal to their pivot (base or pivot ingredient) bit for bit while an ingredient differs
     unchanged: List[str] = field(default_factory=list)
+    # tensors whose first step over blocks was not kept (hf_ame.first_step: the robust preset capped a
+    # model there, or did not converge in one step): merged whole, their copies read again
+    merged_whole: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         how = ("the exact uniform soup (one pass)" if self.exact_soup else

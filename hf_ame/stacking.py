@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+
+from .algorithm import Pivot
+from .checkpoints import Checkpoint
+from .config import AMEConfig
 from .errors import IncompatibleCheckpointsError
 from .methods import resolve_setting
+from .plan import MergePlan, Source, TensorPlan
+from .writer import plan_shards
 
-__all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index", "is_pre_layer"]
+__all__ = ["LayerSlice", "stack_names", "stacked_config", "layer_index", "is_pre_layer", "build_stack_plan"]
 
 _LAYER = re.compile(r"^(.*?\.layers\.)(\d+)(\..*)$")
 _PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|rotary_emb")
@@ -102,3 +110,30 @@ def stacked_config(configs: Sequence[Mapping[str, Any]], slices: Sequence[LayerS
             out[key] = rebuilt
     out["num_hidden_layers"] = total
     return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_stack_plan(ckpts: Sequence[Checkpoint], entries: Sequence[Tuple[str, int, str, Optional[float]]],
+                     output_dir: Path, *, out_dtype: Optional[torch.dtype], model_dtype: torch.dtype,
+                     max_shard_size: Any = "5GB", prefetch: bool = True) -> MergePlan:
+    """The plan of a layer stacking: ``entries`` are (output name, checkpoint index, source name, scale)
+    (:func:`hf_ame.stacking.stack_names`); every tensor is one copy, read whole (and scaled)."""
+    scales = {out: scale for out, _, _, scale in entries}
+    infos = [(out, ckpts[k].tensors[src], k, src) for out, k, src, _ in entries]
+    target = [(out, out_dtype if (out_dtype is not None and i.is_floating) else i.dtype, i.shape)
+              for out, i, _, _ in infos]
+    shards = plan_shards(target, max_shard_size)
+    tensors = []
+    for (out, info, k, src), (_, dtype, _) in zip(infos, target):
+        write = info.numel * dtype.itemsize
+        source = Source(ckpts[k].name, info.file, info.offset, _dtype_name(info.dtype), info.nbytes)
+        tensors.append(TensorPlan(out, tuple(info.shape), _dtype_name(dtype), "copy", "tensors", "cpu",
+                                  shards.entries[out].shard, 0, [source], info.nbytes, write, info.nbytes + write,
+                                  source_names=[src], source_models=[k],
+                                  scale=scales[out] if info.is_floating else None))
+    return MergePlan(Path(output_dir), [c.name for c in ckpts], None, AMEConfig.soup(), Pivot("index", 0), [], False,
+                     "tensor", None, prefetch, _dtype_name(out_dtype or model_dtype), shards, tensors, [],
+                     [0] * len(shards.files))
