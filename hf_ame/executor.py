@@ -29,6 +29,7 @@ from .copies import FilledCopies, GatheredRows, LazyCopies
 from .emitter import Emitter
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .first_step import merge_first_step
+from .heap import block_heap
 from .plan import MergePlan, TensorPlan
 from .report import MergeReport
 from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
@@ -431,7 +432,7 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
-        with merge_threads() as pool:
+        with merge_threads() as pool, block_heap():
             for runner, rename in parts:
                 runner.pool = pool
                 runner.write_all(writer, bar, rename)

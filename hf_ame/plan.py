@@ -22,6 +22,7 @@ from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
 from .first_step import first_step_applies
+from .heap import keeps_blocks
 from .kernels import fused_supported
 from .methods import decoder_layers, get_method, layer_position
 from .optimizers import build_optimizer
@@ -307,6 +308,7 @@ class _Context:
     workers: int = field(default_factory=torch.get_num_threads)  # blocks merged side by side (hf_ame.threads)
     cpu_kernels: bool = False  # the fused kernels merge CPU tensors (Triton's interpreter): one thread only
     first_step: bool = False  # the method's first step over blocks (hf_ame.first_step), where copies read positionally
+    kept: int = field(default_factory=lambda: 2 if keeps_blocks() else 1)  # block buffers held per live one (heap.py)
 
 
 def _out_shape(info: TensorInfo, rows: Optional[RowAlignment]) -> Tuple[int, ...]:
@@ -358,7 +360,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))
         read, held, w = sum(s.nbytes for s in sources), min(block, info.numel), max(1, ctx.workers)
         # per worker: one block's slices, its pivot, step and difference, the merged block
-        in_blocks = w * held * (sum(_esize(c.dtype) for c in copies) + 3 * 4 + _esize(dtype))
+        in_blocks = ctx.kept * w * held * (sum(_esize(c.dtype) for c in copies) + 3 * 4 + _esize(dtype))
         peak = max(in_blocks, 2 * max(s.nbytes for s in sources[:n]) + work + write)
     elif ctx.mode == "ingredient" and ctx.blocks_stream and dev.type == "cpu":
         transform, reader = ctx.transform, "blocks"
@@ -369,8 +371,8 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
         w = max(1, ctx.workers)
         # with workers each writes its merged block (no output tensor), else the output is assembled
         direct = w > 1 and positional
-        peak = (max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n)
-                + (w * held * _esize(dtype) if direct else write))
+        peak = (ctx.kept * (max(2, w) * held * sum(_esize(c.dtype) for c in copies) + w * held * 4 * (2 + ctx.slots + n)
+                            + (w * held * _esize(dtype) if direct else 0)) + (0 if direct else write))
     elif ctx.mode == "ingredient":
         transform, reader = ctx.transform, "rows"
         runs = [j for k, j in enumerate(ctx.sequence) if k == 0 or ctx.sequence[k - 1] != j]
