@@ -12,8 +12,10 @@ start of the same run:
          w read + written (the last step writes the bf16 output instead), optimizer state read +
          written (AdamW: 2 fp32 moments; the first step only writes them).
 "fused" is hf_ame.kernels (one kernel per step; up to 4 inputs passed as kernel arguments),
-"table" the same kernels reading every input's address from a table on the device; "torch" the same merge through torch.optim's
-fused AdamW with the pseudogradient formed by separate torch ops (HF_AME_FUSED=0's path).
+"table" the same kernels reading every input's address from a table on the device; "grouped" the
+tensors of at most hf_ame.groups.GROUP_MAX_ELEMENTS elements merged together, one launch per soup and
+per step for all of them (hf_ame.kernels.fused_*_many), the others as "fused"; "torch" the same merge
+through torch.optim's fused AdamW with the pseudogradient formed by separate torch ops (HF_AME_FUSED=0's path).
 Part 2 (--e2e, from disk): 4 copies of a 246M-parameter Llama saved as bf16 safetensors, merged
 by merge_checkpoints with device_map "cpu" and "cuda:0", and by AMEMerger(device_map="auto");
 time and the CPU-vs-CUDA difference of the written tensors.
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_ame import AMEConfig, AMEMerger, kernels, merge_checkpoints  # noqa: E402
 from hf_ame.algorithm import plan_steps, resolve_pivot, soup  # noqa: E402
-from hf_ame.blocks import merge_block, merge_fused  # noqa: E402
+from hf_ame.blocks import merge_block, merge_fused, merge_fused_many  # noqa: E402
+from hf_ame.groups import GROUP_MAX_ELEMENTS  # noqa: E402
 
 MODELS = {  # name: (vocab, hidden, intermediate, layers, kv dim)
     "1b": (128256, 2048, 8192, 16, 512),
@@ -103,14 +106,21 @@ def part1(args, bw: float) -> List[Dict]:
         configs = {"soup": None, "adamw 1 ep": AMEConfig(optimizer="adamw", lr=1e-3, epochs=1),
                    "adamw 10 ep": AMEConfig(optimizer="adamw", lr=1e-3, epochs=10)}
         for label, cfg in configs.items():
+            small = [xs for xs in ings if xs[0].numel() <= GROUP_MAX_ELEMENTS]
+            large = [xs for xs in ings if xs[0].numel() > GROUP_MAX_ELEMENTS]
             if cfg is None:
                 fused = lambda: [merge_fused(xs, AMEConfig.soup(), [], ("soup", None), out_dtype=torch.bfloat16,
                                              exact_soup=True) for xs in ings]
+                grouped = lambda: merge_fused_many(small, AMEConfig.soup(), [], ("soup", None), out_dtype=torch.bfloat16,
+                                                   exact_soup=True) + [merge_fused(
+                    xs, AMEConfig.soup(), [], ("soup", None), out_dtype=torch.bfloat16, exact_soup=True) for xs in large]
                 plain = lambda: [soup(xs).to(torch.bfloat16) for xs in ings]
                 floor = numel * (2 * n + 2)
             else:
                 steps, pivot = plan_steps(n, cfg), resolve_pivot(cfg.pivot, n)
                 fused = lambda: [merge_fused(xs, cfg, steps, pivot, out_dtype=torch.bfloat16) for xs in ings]
+                grouped = lambda: merge_fused_many(small, cfg, steps, pivot, out_dtype=torch.bfloat16) + [
+                    merge_fused(xs, cfg, steps, pivot, out_dtype=torch.bfloat16) for xs in large]
                 plain = lambda: [merge_block(xs, cfg, steps, pivot, device=xs[0].device).to(torch.bfloat16)
                                  for xs in ings]
                 floor = ame_floor_bytes(numel, n, len(steps), cfg.batch_size)
@@ -118,16 +128,21 @@ def part1(args, bw: float) -> List[Dict]:
             kernels.MAX_DIRECT_INPUTS = 0  # the same kernels reading every input address from a table
             ttab = timed(fused, args.reps)
             kernels.MAX_DIRECT_INPUTS = 4
+            tgr = timed(grouped, args.reps)
             a, b = fused(), plain()
+            ga = dict(zip([id(xs) for xs in small + large], grouped()))
+            grouped_same = all(torch.equal(x, ga[id(xs)]) for x, xs in zip(a, ings))
             diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
             differ = sum((x != y).sum().item() for x, y in zip(a, b)) / numel
             del a, b
             fl = floor / bw
-            row = dict(n=n, method=label, floor_s=fl, fused_s=tf, fused_table_s=ttab, torch_s=tt, fused_x_floor=tf / fl,
+            row = dict(n=n, method=label, floor_s=fl, fused_s=tf, fused_table_s=ttab, grouped_s=tgr,
+                       grouped_same_bits=grouped_same, small_tensors=len(small), torch_s=tt, fused_x_floor=tf / fl,
                        torch_x_floor=tt / fl, speedup=tt / tf, max_abs_diff=diff, frac_elements_differ=differ)
             rows.append(row)
             print(f"N={n:>2} {label:<12} floor {fl * 1e3:8.1f} ms  fused {tf * 1e3:8.1f} ms ({tf / fl:.2f}x)  "
-                  f"table {ttab * 1e3:8.1f} ms ({ttab / fl:.2f}x)  "
+                  f"table {ttab * 1e3:8.1f} ms ({ttab / fl:.2f}x)  grouped {tgr * 1e3:8.1f} ms ({tgr / fl:.2f}x, "
+                  f"{len(small)} small tensors together, same bits: {grouped_same})  "
                   f"torch {tt * 1e3:8.1f} ms ({tt / fl:.2f}x)  fused/torch speedup {tt / tf:.2f}x  "
                   f"max|diff| {diff:.2e} ({differ * 100:.3f}% of bf16 outputs differ)", flush=True)
         del ings

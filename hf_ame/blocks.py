@@ -15,12 +15,12 @@ import torch
 
 from .algorithm import AMEStep, AMEStepper, NonFiniteError, Pivot, PivotSpec, initial_merge, non_finite_inputs, soup
 from .config import AMEConfig
-from .kernels import fused_merge, fused_soup, fused_supported
+from .kernels import fused_merge, fused_merge_many, fused_soup, fused_soup_many, fused_supported
 from .optimizers import get_optimizer
 from .threads import run_in_order
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "all_finite", "can_block", "merge_tensor", "merge_block", "merge_fused",
-           "merge_in_blocks", "merge_blocks_on", "block_bounds"]
+           "merge_in_blocks", "merge_blocks_on", "block_bounds", "merge_fused_many"]
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -194,3 +194,21 @@ def merge_fused(ingredients: Sequence[torch.Tensor], config: AMEConfig, steps: S
     else:
         init = initial_merge(ingredients, pivot, base=base, dtype=torch.float32, device=ingredients[0].device)
     return fused_merge(ingredients, init, config, steps, out_dtype)
+
+
+def merge_fused_many(groups: Sequence[Sequence[torch.Tensor]], config: AMEConfig, steps: Sequence[AMEStep],
+                     pivot: PivotSpec, *, bases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                     out_dtype: torch.dtype = torch.float32, exact_soup: bool = False) -> List[torch.Tensor]:
+    """:func:`merge_fused` of several tensors (``groups[k]``: tensor k's N copies; ``bases[k]`` its
+    base copy), one kernel launch per soup and per step for all of them (:mod:`hf_ame.groups`). The
+    caller checks each result for NaN or Inf (:func:`all_finite`), naming its tensor."""
+    if exact_soup:
+        merged = fused_soup_many(groups, out_dtype)
+    else:
+        if Pivot(*pivot).is_soup:
+            inits = fused_soup_many(groups, torch.float32)
+        else:
+            inits = [initial_merge(g, pivot, base=None if bases is None else bases[k], dtype=torch.float32,
+                                   device=g[0].device) for k, g in enumerate(groups)]
+        merged = fused_merge_many(groups, inits, config, steps, out_dtype)
+    return merged  # checked by the caller

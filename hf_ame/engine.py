@@ -29,12 +29,13 @@ from .checks import check_compatible, model_dtype
 from .config import AMEConfig, ConfigError, parse_dtype
 from .devices import DeviceMap, device_lookup
 from .errors import IncompatibleCheckpointsError
-from .executor import MergeReport, Ranks, run_parts, run_plan
+from .executor import MergeReport, run_parts, run_plan
 from .limits import check_config_limits
 from .methods import check_counts, get_method
 from .output import check_output_dir, finish_output, staged_output
 from .plan import STREAM_MODES, MergePlan, build_plan, combine_plans
 from .quantization import FP8Checkpoint, check_quantization
+from .ranks import Ranks
 from .rows import RowAlignment
 from .stacking import LayerSlice, build_stack_plan, stack_names, stacked_config
 from .writer import ShardedWriter, parse_size, plan_shards

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import functools
-import os
 import threading
 import time
 import warnings
@@ -19,25 +18,26 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from .algorithm import NonFiniteError, is_exact_soup, plan_steps
-from .blocks import block_bounds, merge_blocks_on, merge_in_blocks, merge_tensor
+from .algorithm import NonFiniteError, is_exact_soup, non_finite_inputs, plan_steps
+from .blocks import all_finite, block_bounds, merge_blocks_on, merge_fused_many, merge_in_blocks, merge_tensor
 from .checkpoints import Checkpoint
 from .copies import FilledCopies, GatheredRows, LazyCopies
 from .emitter import Emitter
 from .errors import IncompatibleCheckpointsError, NonFiniteWeightsError
 from .first_step import merge_first_step
 from .heap import block_heap
+from .kernels import fused_supported
 from .plan import MergePlan, TensorPlan
+from .ranks import Ranks
 from .report import MergeReport
 from .rows import RowGroup, fill_sources, row_groups, subset_config, subset_pivot
 from .threads import merge_threads
 from .transfer import DeviceUploader, Upload
 from .writer import ShardedWriter
 
-__all__ = ["MergeReport", "Ranks", "run_plan", "run_parts", "write_parts", "merge_integer",
+__all__ = ["MergeReport", "run_plan", "run_parts", "write_parts", "merge_integer",
            "unchanged_note"]
 
 
@@ -55,44 +55,6 @@ def merge_integer(name: str, ckpts: Sequence[Checkpoint], xs: Sequence[torch.Ten
     raise IncompatibleCheckpointsError(
         f"non-floating tensor {name!r} ({xs[0].dtype}) differs between {ckpts[0].name!r} and "
         f"{ckpts[other].name!r}; integer buffers cannot be averaged")
-
-
-class Ranks:
-    """This process's place in a multi-process merge (torch.distributed, as set up by
-    ``accelerate launch`` or ``torchrun``); world size 1 otherwise."""
-
-    def __init__(self, enabled: Optional[bool]):
-        self.world, self.rank, self.pg = 1, 0, False
-        want = enabled if enabled is not None else int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if not want:
-            return
-        if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend="gloo")
-        self.world, self.rank, self.pg = torch_dist.get_world_size(), torch_dist.get_rank(), True
-
-    def local_device(self) -> Optional[torch.device]:
-        """One GPU per rank, as ``accelerate launch --multi_gpu`` sets up (None: no GPU or one process)."""
-        if self.world > 1 and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count())
-        return None
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.pg:
-            return obj
-        box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_ok(self, ok: bool) -> bool:
-        if not self.pg:
-            return ok
-        flag = torch.tensor([1 if ok else 0])
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def barrier(self) -> None:
-        if self.pg:
-            torch_dist.barrier()
 
 
 class _Runner:
@@ -295,6 +257,29 @@ class _Runner:
         if any(not torch.equal(ing[j].to(pivot.device), pivot) for j in range(len(ing)) if kind != "index" or j != idx):
             self.report.unchanged.append(name)
 
+    def merge_together(self, members: Sequence[Tuple[TensorPlan, List[torch.Tensor]]]) -> List[Optional[torch.Tensor]]:
+        """A group of small tensors (:mod:`hf_ame.groups`): one kernel launch per soup and per step for
+        all of them; one by one if their copies turn out not to suit the kernels (a reader that
+        converts them, say)."""
+        p, n = self.plan, len(self.ckpts)
+        groups = [xs[:n] for _, xs in members]
+        bases = [xs[n] if self.pivot_base is not None else None for _, xs in members]
+        dev = torch.device(members[0][0].device)
+        first = members[0][1][0]  # every copy of every member in its dtype, on its device
+        if not all(fused_supported(p.config, dev, [first, *xs]) for _, xs in members):
+            return [self.merge(tp, xs) for tp, xs in members]
+        self.devices.add(str(dev))
+        outs = merge_fused_many(groups, p.config, p.steps, p.pivot, bases=bases,
+                                out_dtype=getattr(torch, members[0][0].dtype), exact_soup=p.exact_soup)
+        for (tp, _), out, g, b in zip(members, outs, groups, bases):
+            if not all_finite(out):
+                raise NonFiniteWeightsError(tp.name, [self.ckpts[j].name for j in non_finite_inputs(g)],
+                                            p.config.optimizer)
+            self.check_moved(tp.name, out, g, b)
+        with self.counting:
+            self.report.merged_tensors += len(members)
+        return list(outs)
+
     def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> Optional[torch.Tensor]:
         if tp.transform == "copy":
             self.report.copied_tensors += 1
@@ -320,12 +305,21 @@ class _Runner:
         write_parts(folder, plan, [(self, None)], progress,
                     "hf_ame merge" + (f" [rank {plan.rank}/{plan.world_size}]" if plan.world_size > 1 else ""))
 
+    def merge_and_emit(self, members: Sequence[Tuple[TensorPlan, List[torch.Tensor]]], emit: Emitter) -> None:
+        """Merge on this thread (one tensor, or a group of small ones together) and hand over in order."""
+        tc = time.perf_counter()
+        results = self.merge_together(members) if members[0][0].group >= 0 else [self.merge(*members[0])]
+        self.report.compute_seconds += time.perf_counter() - tc
+        for (tp, _), result in zip(members, results):
+            emit(tp, result)
+
     def write_all(self, writer: ShardedWriter, bar: tqdm, rename: Optional[Callable[[str], str]] = None) -> None:
         """Merge this rank's tensors in order and hand each to ``writer``, under ``rename(name)`` when
         given (a part of a combined output). With prefetch, tensor k + 1 is read ahead while k merges,
         and k is written on its own thread while k + 1 merges (one tensor waits to be written). Tensors
         the plan marks ``side_by_side`` are merged on the merge workers, up to one per worker at once,
-        and written in plan order."""
+        and written in plan order; a group of small tensors (``group``) is merged together once its
+        last tensor is read, and written then."""
         mine, report = self.plan.mine(), self.report
         ahead = self.plan.prefetch and bool(mine)
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_ame-prefetch") if ahead else None
@@ -333,6 +327,8 @@ class _Runner:
         emit = Emitter(writer, out, bar, rename, report)
         self.sink = lambda tp: functools.partial(writer.write_part, emit.name(tp))
         inflight: Deque[Tuple[TensorPlan, cf.Future]] = collections.deque()
+        together: Dict[int, List[Tuple[TensorPlan, List[torch.Tensor]]]] = {}  # groups' tensors read so far
+        last = {tp.group: k for k, tp in enumerate(mine) if tp.group >= 0}  # merged once their last is read
         width = getattr(self.pool, "width", 1)
         try:
             pending = pool.submit(self.read, mine[0]) if pool else None
@@ -351,10 +347,9 @@ class _Runner:
                 else:
                     while inflight:
                         emit.finished(*inflight.popleft())
-                    tc = time.perf_counter()
-                    result = self.merge(tp, xs)
-                    report.compute_seconds += time.perf_counter() - tc
-                    emit(tp, result)
+                    together.setdefault(tp.group, []).append((tp, xs))
+                    if tp.group < 0 or last[tp.group] == k:
+                        self.merge_and_emit(together.pop(tp.group), emit)
                 del xs
             while inflight:
                 emit.finished(*inflight.popleft())

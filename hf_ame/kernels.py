@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-__all__ = ["HAVE_TRITON", "MAX_DIRECT_INPUTS", "fused_supported", "fused_soup", "fused_merge", "interpreting"]
+__all__ = ["HAVE_TRITON", "MAX_DIRECT_INPUTS", "fused_supported", "fused_soup", "fused_merge", "fused_soup_many",
+           "fused_merge_many", "interpreting"]
 
 HAVE_TRITON = triton is not None
 # optimizer arguments the kernels implement, with the values that change nothing; any other
@@ -96,13 +97,23 @@ def _kind(config: AMEConfig) -> Optional[str]:
 
 # ---------------------------------------------------------------- kernels (plain functions, jitted lazily)
 
-def _soup_kernel(tab, a0, a1, a2, a3, n, nf, inv_n, out, numel, X_DTYPE: tl.constexpr, WIDE: tl.constexpr,
-                 DIRECT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _soup_kernel(tab, chunks, a0, a1, a2, a3, n, nf, inv_n, out, numel, X_DTYPE: tl.constexpr,
+                 WIDE: tl.constexpr, DIRECT: tl.constexpr, OUT_BF16: tl.constexpr, MANY: tl.constexpr,
+                 OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     # torch's soup(): 16-bit inputs are summed in fp32 (exact) and divided by n; fp32 inputs as
     # x_1 + mean_i(x_i - x_1), so identical inputs give x_1 back bit for bit. Inputs: DIRECT > 0:
-    # the addresses a0..a3 (no table to copy to the device); else tab[0:n].
+    # the addresses a0..a3 (no table to copy to the device); else tab[0:n]. MANY: several tensors
+    # in one launch: program pid merges chunks[pid] = (k, start) of tensor k, whose row of tab is
+    # (numel, out, x_0 .. x_{n-1}).
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if MANY:
+        row = tab + tl.load(chunks + 2 * pid) * (2 + n)
+        offs = tl.load(chunks + 2 * pid + 1) + tl.arange(0, BLOCK)
+        numel = tl.load(row)
+        out = tl.load(row + 1).to(tl.pointer_type(OUT_DTYPE))
+        tab = row + 2
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     if DIRECT > 0:
         x0 = tl.load(a0.to(tl.pointer_type(X_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
@@ -133,7 +144,7 @@ def _soup_kernel(tab, a0, a1, a2, a3, n, nf, inv_n, out, numel, X_DTYPE: tl.cons
         bits = tl.where(res != res, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
         tl.store(out + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
-        tl.store(out + offs, res.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + offs, res.to(OUT_DTYPE), mask=mask)
 
 
 # One AME step for one tensor: g = scale * sum_{j in batch} (p - x_j), then the optimizer's
@@ -143,14 +154,29 @@ def _soup_kernel(tab, a0, a1, a2, a3, n, nf, inv_n, out, numel, X_DTYPE: tl.cons
 # to g), 2 adamw (decoupled wd), both with c1/c2 = beta1/beta2, c3 = sqrt(1 - beta2^t), lr =
 # lr / (1 - beta1^t), FLAG amsgrad; 3 adagrad (lr already decayed, c1 initial accumulator).
 # s1..s3: state tensors; FIRST: state is not read (torch's lazy init); LAST: write out (output
-# dtype) instead of w.
-def _step_kernel(w, pivot, tab, boff, a0, a1, a2, a3, nb, out, s1, s2, s3, numel,
+# dtype) instead of w. MANY: several tensors in one launch: program pid steps chunks[pid] = (k,
+# start) of tensor k, whose row of tab is (numel, w, pivot, out, s1, s2, s3, x_0 .. x_{n-1}); the
+# batch's indices are batches[boff:boff + nb].
+def _step_kernel(w, pivot, tab, chunks, batches, boff, a0, a1, a2, a3, n, nb, out, s1, s2, s3, numel,
                  scale, lr, wd, c1, c2, c3, eps,
                  X_DTYPE: tl.constexpr, OPT: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                  ADAPTIVE: tl.constexpr, MAXIMIZE: tl.constexpr, FLAG: tl.constexpr, OUT_BF16: tl.constexpr,
-                 DIRECT: tl.constexpr, BLOCK: tl.constexpr):
+                 DIRECT: tl.constexpr, MANY: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if MANY:
+        row = tab + tl.load(chunks + 2 * pid) * (7 + n)
+        offs = tl.load(chunks + 2 * pid + 1) + tl.arange(0, BLOCK)
+        numel = tl.load(row)
+        w = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        pivot = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        out = tl.load(row + 3).to(tl.pointer_type(OUT_DTYPE))
+        s1 = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        s2 = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        s3 = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+        tab = row + 7  # the inputs' addresses
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        batches = tab  # one tensor: its inputs' addresses, then every step's batch indices
     mask = offs < numel
     wv = tl.load(w + offs, mask=mask, other=0.0)
     if ADAPTIVE:
@@ -164,10 +190,10 @@ def _step_kernel(w, pivot, tab, boff, a0, a1, a2, a3, nb, out, s1, s2, s3, numel
                 a = a1 if k == 1 else (a2 if k == 2 else a3)
                 g = (g + pv) - tl.load(a.to(tl.pointer_type(X_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        j0 = tl.load(tab + boff)
+        j0 = tl.load(batches + boff)
         g = pv - tl.load(tl.load(tab + j0).to(tl.pointer_type(X_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
         for k in range(1, nb):
-            jk = tl.load(tab + boff + k)
+            jk = tl.load(batches + boff + k)
             xk = tl.load(tl.load(tab + jk).to(tl.pointer_type(X_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
             g = (g + pv) - xk
     g = g * scale
@@ -219,7 +245,7 @@ def _step_kernel(w, pivot, tab, boff, a0, a1, a2, a3, nb, out, s1, s2, s3, numel
         bits = tl.where(wv != wv, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
         tl.store(out + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     elif LAST:
-        tl.store(out + offs, wv.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + offs, wv.to(OUT_DTYPE), mask=mask)
     else:
         tl.store(w + offs, wv, mask=mask)
 
@@ -281,10 +307,36 @@ def fused_soup(ingredients: Sequence[torch.Tensor], out_dtype: torch.dtype = tor
     direct = n if _direct(n) else 0
     tab = _pointer_table(ingredients, x0.device) if not direct else out  # (any pointer when unused)
     with _on(x0.device):
-        _launch(_soup_kernel, x0.numel(), tab, *_addresses(ingredients if direct else []), n, float(n),
+        _launch(_soup_kernel, x0.numel(), tab, out, *_addresses(ingredients if direct else []), n, float(n),
                 1.0 / n, out, x0.numel(), X_DTYPE=_tl_dtype(x0.dtype), WIDE=wide, DIRECT=direct,
-                OUT_BF16=out_dtype == torch.bfloat16)
+                OUT_BF16=out_dtype == torch.bfloat16, MANY=False, OUT_DTYPE=_tl_dtype(out_dtype))
     return out
+
+
+def _chunks(numels: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(tensor k, first element) of every program of a launch over several tensors, as int64 pairs."""
+    pairs = [v for k, m in enumerate(numels) for start in range(0, max(m, 1), _BLOCK) for v in (k, start)]
+    return torch.tensor(pairs, dtype=torch.int64).to(device)
+
+
+def _table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor([list(r) for r in rows], dtype=torch.int64).to(device)
+
+
+def fused_soup_many(groups: Sequence[Sequence[torch.Tensor]], out_dtype: torch.dtype = torch.float32
+                    ) -> List[torch.Tensor]:
+    """:func:`fused_soup` of several tensors in ONE launch (``groups[k]``: tensor k's N copies; one
+    input dtype, one device, contiguous): small tensors are launch-bound one by one (a norm's 2048
+    elements are 1 us of GPU work behind 20-50 us of launch). The same arithmetic: the same bits."""
+    x0, n = groups[0][0], len(groups[0])
+    outs = [torch.empty(g[0].shape, dtype=out_dtype, device=x0.device) for g in groups]
+    tab = _table([[g[0].numel(), o.data_ptr(), *(x.data_ptr() for x in g)] for g, o in zip(groups, outs)], x0.device)
+    chunks = _chunks([g[0].numel() for g in groups], x0.device)
+    with _on(x0.device):
+        _launch(_soup_kernel, chunks.numel() // 2 * _BLOCK, tab, chunks, 0, 0, 0, 0, n, float(n), 1.0 / n, outs[0], 2,
+                X_DTYPE=_tl_dtype(x0.dtype), WIDE=x0.element_size() * 2 <= 4, DIRECT=0,
+                OUT_BF16=out_dtype == torch.bfloat16, MANY=True, OUT_DTYPE=_tl_dtype(out_dtype))
+    return outs
 
 
 def _constants(kind: str, config: AMEConfig) -> Dict[str, Any]:
@@ -348,17 +400,54 @@ def fused_merge(ingredients: Sequence[torch.Tensor], init: torch.Tensor, config:
     slots = states + [w] * (3 - len(states))  # unused slots get any valid pointer
     out = torch.empty(w.shape, dtype=out_dtype, device=dev)
     meta = dict(X_DTYPE=_tl_dtype(ingredients[0].dtype), OPT=c["OPT"], ADAPTIVE=pivot is None,
-                MAXIMIZE=c["MAXIMIZE"], FLAG=c["FLAG"], OUT_BF16=out_dtype == torch.bfloat16)
+                MAXIMIZE=c["MAXIMIZE"], FLAG=c["FLAG"], OUT_BF16=out_dtype == torch.bfloat16,
+                OUT_DTYPE=_tl_dtype(out_dtype))
     pos = n
     with _on(dev):
         for t, s in enumerate(steps, start=1):
             lr, wd, c3 = _step_scalars(c, t, s.lr)
             nb = len(s.batch)
             addresses = _addresses([ingredients[j] for j in s.batch] if direct else [])
-            _launch(_step_kernel, numel, w, w if pivot is None else pivot, tab, pos, *addresses, nb, out, *slots,
-                    numel, s.scale / nb, lr, wd, c["c1"], c["c2"], c3, c["eps"], FIRST=t == 1, LAST=t == len(steps),
-                    DIRECT=nb if direct else 0, **meta)
+            _launch(_step_kernel, numel, w, w if pivot is None else pivot, tab, w, w, pos, *addresses, n, nb, out,
+                    *slots, numel, s.scale / nb, lr, wd, c["c1"], c["c2"], c3, c["eps"], FIRST=t == 1,
+                    LAST=t == len(steps), DIRECT=nb if direct else 0, MANY=False, **meta)
             pos += nb
     if not steps:
         out.copy_(w)
     return out
+
+
+def fused_merge_many(groups: Sequence[Sequence[torch.Tensor]], inits: Sequence[torch.Tensor], config: AMEConfig,
+                     steps: Sequence[Any], out_dtype: torch.dtype) -> List[torch.Tensor]:
+    """:func:`fused_merge` of several tensors, each step ONE launch over all of them (``groups[k]``:
+    tensor k's N copies, ``inits[k]`` its w_0 in float32, consumed): the same arithmetic, the same
+    bits, len(steps) launches instead of len(steps) per tensor."""
+    kind, dev, n = _kind(config), inits[0].device, len(groups[0])
+    c = _constants(kind, config)
+    ws = [w.contiguous() for w in inits]
+    pivots = [None if config.adaptive_pivot else w.clone() for w in ws]
+    outs = [torch.empty(w.shape, dtype=out_dtype, device=dev) for w in ws]
+    states = [[torch.empty_like(w) for _ in range(_state_count(c))] if steps else [] for w in ws]
+    rows = []
+    for w, p, o, st, g in zip(ws, pivots, outs, states, groups):
+        slots = [s.data_ptr() for s in st] + [w.data_ptr()] * (3 - len(st))  # unused slots: any valid address
+        rows.append([w.numel(), w.data_ptr(), (w if p is None else p).data_ptr(), o.data_ptr(), *slots,
+                     *(x.data_ptr() for x in g)])
+    tab, chunks = _table(rows, dev), _chunks([w.numel() for w in ws], dev)
+    batches = _table([[j for s in steps for j in s.batch] or [0]], dev)
+    meta = dict(X_DTYPE=_tl_dtype(groups[0][0].dtype), OPT=c["OPT"], ADAPTIVE=config.adaptive_pivot,
+                MAXIMIZE=c["MAXIMIZE"], FLAG=c["FLAG"], OUT_BF16=out_dtype == torch.bfloat16,
+                OUT_DTYPE=_tl_dtype(out_dtype))
+    pos, w0 = 0, ws[0]
+    with _on(dev):
+        for t, s in enumerate(steps, start=1):
+            lr, wd, c3 = _step_scalars(c, t, s.lr)
+            nb = len(s.batch)
+            _launch(_step_kernel, chunks.numel() // 2 * _BLOCK, w0, w0, tab, chunks, batches, pos, 0, 0, 0, 0, n, nb,
+                    outs[0], w0, w0, w0, 2, s.scale / nb, lr, wd, c["c1"], c["c2"], c3, c["eps"], FIRST=t == 1,
+                    LAST=t == len(steps), DIRECT=0, MANY=True, **meta)
+            pos += nb
+    if not steps:
+        for o, w in zip(outs, ws):
+            o.copy_(w)
+    return outs

@@ -16,12 +16,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .algorithm import AMEStep, Pivot, PivotSpec, is_exact_soup, is_plain_sgd, plan_steps
+from .algorithm import AMEStep, PivotSpec, is_exact_soup, is_plain_sgd, plan_steps
 from .blocks import can_block
 from .checkpoints import Checkpoint, TensorInfo
 from .config import AMEConfig
 from .devices import available_memory, fits_on_gpus
 from .first_step import first_step_applies
+from .groups import group_small
 from .heap import keeps_blocks
 from .kernels import fused_supported
 from .methods import decoder_layers, get_method, layer_position
@@ -83,6 +84,7 @@ class TensorPlan:
     written_by_workers: bool = False  # "blocks": each merge worker writes its merged block (no output tensor)
     # "blocks": a method's first step in one pass (hf_ame.first_step); merged whole as "rows" when not kept
     first_step: bool = False
+    group: int = -1  # small tensors merged together by the fused kernels, one launch per step (hf_ame.groups)
 
     @property
     def numel(self) -> int:
@@ -146,7 +148,10 @@ class MergePlan:
         behind = max((t.write_bytes for t in mine if not t.written_by_workers), default=0) if self.prefetch else 0
         # tensors merged side by side: one per worker and one waiting for a worker
         side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers + 1]
-        return max(max(t.peak_bytes for t in mine), sum(side)) + ahead + behind
+        grouped: Dict[int, int] = {}  # a group's tensors are merged together
+        for t in mine:
+            grouped[t.group] = grouped.get(t.group, 0) + (t.peak_bytes if t.group >= 0 else 0)
+        return max(max(t.peak_bytes for t in mine), sum(side), *grouped.values()) + ahead + behind
 
     @property
     def devices(self) -> List[str]:
@@ -213,7 +218,7 @@ class MergePlan:
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "transform": t.transform,
                          "reader": t.reader, "device": t.device, "shard": t.shard, "rank": t.rank, "block": t.block,
                          "read_bytes": t.read_bytes, "write_bytes": t.write_bytes, "side_by_side": t.side_by_side,
-                         "first_step": t.first_step,
+                         "first_step": t.first_step, "group": t.group,
                          "sources": [vars(s) for s in t.sources]} for t in self.tensors],
         }
 
@@ -455,7 +460,9 @@ def build_plan(ckpts: Sequence[Checkpoint], config: AMEConfig, output_dir: Path,
                    first_step=(mode == "ingredient" and block_size is not None
                                and first_step_applies(config, steps, pivot)))
     owner = assign_shards([sum(shards.entries[n].nbytes for n in shard) for shard in shards.order], world_size)
-    tensors = [_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard]) for i in infos]
+    fused = lambda dev: config.method is None and fused_supported(config, torch.device(dev))  # noqa: E731
+    tensors = group_small([_plan_tensor(i, ctx, shards.entries[i.name].shard, owner[shards.entries[i.name].shard])
+                           for i in infos], fused)
     plan = MergePlan(Path(output_dir), [c.name for c in ckpts], base.name if base is not None else None, config, pivot,
                      steps, exact, mode, block_size, prefetch, _name(out_dtype or model_dtype), shards, tensors,
                      sequence, owner, reference, rank, world_size, list(extra_files), rows=rows, workers=ctx.workers)

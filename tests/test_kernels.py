@@ -164,3 +164,58 @@ def test_large_batches_read_their_inputs_through_a_table(device):
     ref = merge_block([x.cpu() for x in xs], cfg, steps, pivot)
     got = kernels.fused_merge(xs, kernels.fused_soup(xs), cfg, steps, torch.float32)
     torch.testing.assert_close(got.cpu(), ref, **tolerance(device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_tensors_in_one_launch_give_the_bits_of_one_launch_each(device, dtype):
+    """fused_soup_many / fused_merge_many (issue 34: small tensors are launch-bound one by one): one
+    launch per soup and per step over tensors of any sizes, the same arithmetic as one launch each."""
+    shapes = [(2048,), (3, 1371), (0,), (5000,), (1,)]  # a norm, odd sizes, an empty tensor, one element
+    groups = [_family(3, shape, dtype, device, seed=k) for k, shape in enumerate(shapes)]
+    for out_dtype in (torch.float32, torch.bfloat16):
+        many = kernels.fused_soup_many(groups, out_dtype)
+        assert [m.shape for m in many] == [g[0].shape for g in groups] and many[0].dtype == out_dtype
+        # (the one-tensor launch is not asked for the empty tensor: the interpreter refuses its null address)
+        assert all(torch.equal(m, kernels.fused_soup(g, out_dtype)) for m, g in zip(many, groups) if m.numel())
+    for opt, kw, adaptive in [("adamw", {"weight_decay": 0.1, "amsgrad": True}, True),
+                              ("sgd", {"momentum": 0.5, "nesterov": True}, False), ("adagrad", {}, True)]:
+        cfg = AMEConfig(optimizer=opt, lr=1e-2, epochs=3, batch_size=2, optimizer_kwargs=kw, adaptive_pivot=adaptive)
+        steps = plan_steps(3, cfg)
+        inits = kernels.fused_soup_many(groups)
+        many = kernels.fused_merge_many(groups, [w.clone() for w in inits], cfg, steps, torch.bfloat16)
+        one = [kernels.fused_merge(g, w.clone(), cfg, steps, torch.bfloat16) for g, w in zip(groups, inits) if w.numel()]
+        assert all(torch.equal(a, b) for a, b in zip([m for m in many if m.numel()], one)), opt
+        assert (many[1].float() - groups[1][0].float()).abs().max() > 0  # the steps moved the merge
+
+
+@pytest.mark.parametrize("cfg", [AMEConfig(optimizer="adamw", lr=1e-2, epochs=2, batch_size=2), AMEConfig.soup()],
+                         ids=["adamw", "soup"])
+def test_small_tensors_are_merged_together_one_launch_per_step(device, families, tmp_path, cfg, monkeypatch):
+    """The plan groups consecutive small tensors (hf_ame.groups); the executor merges a group with one
+    launch per soup and per step: the bytes of one launch per tensor, far fewer launches."""
+    from hf_ame import groups, plan_merge
+
+    paths, kw = families["llama"], dict(device_map=str(device), stream="tensor", block_size=None)
+    plan = plan_merge(paths, tmp_path / "p", cfg, **kw)
+    floating = [t for t in plan.tensors if t.transform in ("soup", "ame")]
+    grouped = [t for t in floating if t.group >= 0]
+    assert len(grouped) == len(floating) > 2 and len({t.group for t in grouped}) == 1  # tiny tensors: one group
+    assert plan.to_dict()["tensors"][0]["group"] == plan.tensors[0].group
+    launches = []
+    real = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a, **k: (launches.append(a[0].__name__), real(*a, **k))[1])
+    rep = merge_checkpoints(paths, tmp_path / "together", cfg, progress=False, **kw)
+    per_tensor = 1 if cfg.epochs == 1 and plan.exact_soup else 1 + len(plan.steps)  # the soup (pivot), each step
+    assert len(launches) == per_tensor and rep.merged_tensors == len(floating)
+    monkeypatch.setattr(groups, "GROUP_MAX_ELEMENTS", 0)  # nothing grouped: one launch per tensor and step
+    launches.clear()
+    merge_checkpoints(paths, tmp_path / "alone", cfg, progress=False, **kw)
+    assert len(launches) == per_tensor * len(floating)
+    # the norms grouped, the matrices between them alone: the group is merged when its last norm is read
+    monkeypatch.setattr(groups, "GROUP_MAX_ELEMENTS", min(t.numel for t in floating))
+    mixed = plan_merge(paths, tmp_path / "p", cfg, **kw).tensors
+    small = [k for k, t in enumerate(mixed) if t.group >= 0]
+    assert len(small) > 2 and any(mixed[k].group < 0 for k in range(small[0], small[-1]))
+    merge_checkpoints(paths, tmp_path / "mixed", cfg, progress=False, **kw)
+    a, b, c = read_state(tmp_path / "together"), read_state(tmp_path / "alone"), read_state(tmp_path / "mixed")
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)

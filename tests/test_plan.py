@@ -243,3 +243,24 @@ def test_peak_memory_estimate_bounds_the_measured_growth(tmp_path, stream, block
     print(out)
     assert out["reader"] == reader
     assert 0.4 * out["estimate"] <= out["growth"] <= out["estimate"], out
+
+
+def test_small_tensors_are_grouped_across_large_ones_within_the_caps():
+    """hf_ame.groups: small tensors the fused kernels merge share a group per rank, device and dtypes,
+    wherever they lie in the plan; caps on bytes split groups; a group of one is none."""
+    from collections import Counter
+
+    from hf_ame.groups import GROUP_MAX_ELEMENTS, group_small
+    from hf_ame.plan import Source, TensorPlan
+
+    def tp(name, numel, dtype="bfloat16", device="cuda:0", rank=0):
+        src = [Source("m", "f", 0, dtype, numel * 2)] * 2
+        return TensorPlan(name, (numel,), "bfloat16", "ame", "tensors", device, 0, rank, src, numel * 4, numel * 2, 0)
+
+    ts = [tp("norm0", 2048), tp("big", GROUP_MAX_ELEMENTS + 1), tp("k0", 1 << 20), tp("fp32", 64, dtype="float32"),
+          tp("norm1", 2048), tp("other_rank", 2048, rank=1), tp("cpu", 2048, device="cpu")]
+    groups = {t.name: t.group for t in group_small(ts, lambda dev: dev.startswith("cuda"))}
+    assert groups["norm0"] == groups["k0"] == groups["norm1"] >= 0  # across the large tensor between them
+    assert groups["big"] == groups["cpu"] == groups["fp32"] == groups["other_rank"] == -1
+    many = group_small([tp(f"t{i}", 1 << 20) for i in range(20)], lambda dev: True)  # 4 MiB read each
+    assert Counter(t.group for t in many) == {0: 16, 1: 4}  # 64 MiB of inputs per group at most
