@@ -20,7 +20,8 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 import torch
 from tqdm.auto import tqdm
 
-from .algorithm import NonFiniteError, is_exact_soup, non_finite_inputs, plan_steps
+from .algorithm import (NonFiniteError, is_exact_soup, load_optimizer_support, needs_optimizer, non_finite_inputs,
+                        plan_steps)
 from .blocks import all_finite, block_bounds, merge_blocks_on, merge_fused_many, merge_in_blocks, merge_tensor
 from .checkpoints import Checkpoint
 from .copies import FilledCopies, GatheredRows, LazyCopies
@@ -427,6 +428,8 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
+        if any(not r.plan.exact_soup and needs_optimizer(r.plan.config, r.plan.steps) for r, _ in parts):
+            load_optimizer_support()  # before the workers start (see there)
         with merge_threads() as pool, block_heap():
             for runner, rename in parts:
                 runner.pool = pool

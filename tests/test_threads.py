@@ -69,9 +69,18 @@ def test_one_shot_methods_never_import_torch_dynamo(tmp_path):
     code = ("import sys\nfrom hf_ame import AMEConfig, merge_checkpoints\n"
             f"merge_checkpoints({[str(p) for p in paths[1:]]!r}, {str(tmp_path / 'o')!r}, "
             "AMEConfig.one_shot('ties', density=0.5), base=" + repr(str(paths[0])) + ", progress=False)\n"
-            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
+            f"for i, cfg in enumerate([AMEConfig.robust(), AMEConfig.soup()]):\n"
+            f"    merge_checkpoints({[str(p) for p in paths]!r}, {str(tmp_path)!r} + f'/r{{i}}', cfg, progress=False)\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n"
+            f"merge_checkpoints({[str(p) for p in paths]!r}, {str(tmp_path / 'a')!r}, AMEConfig(optimizer='adamw'), "
+            "progress=False)\nprint('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().endswith("no dynamo"), out
+    assert out.split()[-3:] == ["no", "dynamo", "dynamo"], out  # loaded for the optimizer (before the workers)
+    from hf_ame.algorithm import needs_optimizer
+
+    assert not needs_optimizer(AMEConfig.robust(), plan_steps(3, AMEConfig.robust()))
+    assert needs_optimizer(AMEConfig(optimizer="sgd", lr=0.5), plan_steps(3, AMEConfig(optimizer="sgd", lr=0.5)))
+    assert needs_optimizer(AMEConfig(optimizer="adamw"), plan_steps(3, AMEConfig(optimizer="adamw")))
     gen = torch.Generator().manual_seed(0)  # the update it replaces: torch's SGD step, lr 1, any kernel
     w0, g = torch.randn(100_003, generator=gen), torch.randn(100_003, generator=gen) * 1e-3
     for kernel in ({"fused": True}, {"foreach": True}, {"foreach": False}):
