@@ -203,12 +203,10 @@ def merge_fused_many(groups: Sequence[Sequence[torch.Tensor]], config: AMEConfig
     base copy), one kernel launch per soup and per step for all of them (:mod:`hf_ame.groups`). The
     caller checks each result for NaN or Inf (:func:`all_finite`), naming its tensor."""
     if exact_soup:
-        merged = fused_soup_many(groups, out_dtype)
+        return fused_soup_many(groups, out_dtype)
+    if Pivot(*pivot).is_soup:
+        inits = fused_soup_many(groups, torch.float32)
     else:
-        if Pivot(*pivot).is_soup:
-            inits = fused_soup_many(groups, torch.float32)
-        else:
-            inits = [initial_merge(g, pivot, base=None if bases is None else bases[k], dtype=torch.float32,
-                                   device=g[0].device) for k, g in enumerate(groups)]
-        merged = fused_merge_many(groups, inits, config, steps, out_dtype)
-    return merged  # checked by the caller
+        inits = [initial_merge(g, pivot, base=None if bases is None else bases[k], dtype=torch.float32,
+                               device=g[0].device) for k, g in enumerate(groups)]
+    return fused_merge_many(groups, inits, config, steps, out_dtype)

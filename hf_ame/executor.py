@@ -428,7 +428,7 @@ def write_parts(folder: Path, plan: MergePlan, parts: Sequence[Tuple["_Runner", 
     bar = tqdm(total=sum(t.write_bytes for t in plan.mine()), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not progress)
     try:
-        if any(not r.plan.exact_soup and needs_optimizer(r.plan.config, r.plan.steps) for r, _ in parts):
+        if any(needs_optimizer(r.plan.config, r.plan.steps) for r, _ in parts):
             load_optimizer_support()  # before the workers start (see there)
         with merge_threads() as pool, block_heap():
             for runner, rename in parts:

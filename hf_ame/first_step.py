@@ -71,7 +71,7 @@ def merge_first_step(fetch: Callable[[int], Sequence[torch.Tensor]], bounds: Seq
     else:
         for k in range(len(bounds)):
             work(k)
-    if any(math.isnan(s[0]) for s in sums):
+    if not bounds or any(math.isnan(s[0]) for s in sums):  # (an empty tensor: merged whole, as it is)
         return False
     totals = [math.fsum(s[i] for s in sums) for i in range(len(sums[0]))]
     ctx = MethodContext(torch.empty(0), lambda i: torch.empty(0), step.batch, config.method_arguments(),

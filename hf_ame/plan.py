@@ -359,7 +359,7 @@ def _plan_tensor(info: TensorInfo, ctx: _Context, shard: int, rank: int) -> Tens
     if not info.is_floating:
         transform, reader = "integer", "tensors"
         read, peak = sum(s.nbytes for s in sources), sum(s.nbytes for s in sources) + write
-    elif ctx.first_step and dev.type == "cpu" and positional:
+    elif ctx.first_step and dev.type == "cpu" and positional and info.numel > 0:
         # one pass over blocks, each copy read once; merged whole ("rows" below) where it is not kept
         transform, reader, first = ctx.transform, "blocks", True
         block = block_elements(ctx.block_size, len(sources), _esize(info.dtype))

@@ -64,6 +64,9 @@ def _huber(ctx: MethodContext) -> torch.Tensor:
 # a decision taken from sums over blocks must clear its threshold by this factor: torch's whole-tensor
 # norms add in another order (relative differences near 1e-7); a closer call is left to the whole step
 _MARGIN = 0.99
+# torch's float32 vector_norm adds squares in float32: it is inf once the norm passes sqrt(3.4e38) = 1.84e19
+# (a diverged model), where a sum over blocks stays finite; such a tensor is left to the whole step
+_NORM_LIMIT = 1e19
 
 
 def _huber_block(p: torch.Tensor, xs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[float]]:
@@ -71,7 +74,9 @@ def _huber_block(p: torch.Tensor, xs: Sequence[torch.Tensor]) -> Tuple[torch.Ten
     its operations in its order (q = -g); the block's |x_j - p|^2 for each j, then |q|^2 and |p|^2."""
     acc, d, sums = torch.zeros_like(p), torch.empty_like(p), []
     for x in xs:
-        torch.sub(x, p, out=d)  # x upcast exactly, one rounding: the bits of x.float().sub_(p)
+        # x.float().sub_(p): a narrower x is upcast exactly inside the subtraction (one rounding); a wider
+        # one is rounded to float32 first, as the whole step's copy is (float64 in one step: other bits)
+        torch.sub(x if x.element_size() <= p.element_size() else x.to(p.dtype), p, out=d)
         sums.append(float(torch.linalg.vector_norm(d)) ** 2)
         acc.add_(d, alpha=1.0)
     q = acc.div_(float(len(xs)))  # sum(weights) of n ones
@@ -82,7 +87,7 @@ def _huber_keeps(sums: Sequence[float], param: Callable[[str], Any], last: bool)
     """Whether :func:`_huber` on the whole tensor weighs every model 1 and, unless this step is the
     ``last``, meets its ``tol`` (the stepper stops there)."""
     norms = [math.sqrt(s) for s in sums]
-    if not all(math.isfinite(v) and v < 1e37 for v in norms):  # near float32's overflow: the whole step decides
+    if not all(math.isfinite(v) and v < _NORM_LIMIT for v in norms):  # the whole step's norm may overflow
         return False
     r, g, p = norms[:-2], norms[-2], norms[-1]
     cap = float(param("delta")) * max(statistics.median(r), float(param("eps")))

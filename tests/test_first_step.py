@@ -109,3 +109,38 @@ def test_which_merges_take_the_first_step():
     assert not applies(AMEConfig.robust().replace(optimizer="adam"))
     assert not applies(AMEConfig.robust().replace(method="geometric_median", method_kwargs={}))  # no FirstStep
     assert not applies(AMEConfig.soup())
+
+
+def _edit(path, fn):
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    save_file(fn(load_file(f)), f, metadata={"format": "pt"})
+
+
+def _same(tmp_path, paths, cfg, name):
+    """The first step over blocks and the whole-tensor merge: the same tensors, bit for bit."""
+    one = merge_checkpoints(paths, tmp_path / f"{name}1", cfg, progress=False, block_size=1024)
+    merge_checkpoints(paths, tmp_path / f"{name}2", cfg, progress=False, block_size=None)
+    a, b = read_state(tmp_path / f"{name}1"), read_state(tmp_path / f"{name}2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return one
+
+
+def test_inputs_that_part_the_two_paths_are_left_to_the_whole_step(tmp_path):
+    """Found by attacking the one pass (session 12): (1) a diverged model whose distance overflows
+    torch's float32 norm of the whole tensor (inf past 1.84e19: the whole step gives it weight 0)
+    while the sum over blocks stays finite; (2) float64 copies, rounded to float32 before the whole
+    step subtracts; (3) a tensor of no elements."""
+    import math
+
+    paths = make_family("llama", tmp_path / "f", 4, seed=5, hidden_size=64, intermediate_size=128)
+    name = "model.layers.0.mlp.up_proj.weight"  # 128 x 64: 8 blocks of 1024
+    g = torch.Generator().manual_seed(0)
+    for k, p in enumerate(paths):
+        x = torch.randn(128, 64, generator=g) * (1.95e19 / math.sqrt(8192)) * (1.25 if k == 3 else 1.0)
+        _edit(p, lambda sd, x=x: {**sd, name: x, "model.extra_empty": torch.zeros(0, 64)})
+    one = _same(tmp_path, paths, AMEConfig.robust(), "overflow")
+    assert one.merged_whole == [name]
+    wide = make_family("llama", tmp_path / "w", 3, seed=6, dtype=torch.float64)
+    assert _same(tmp_path, wide, AMEConfig.robust(), "float64").merged_whole == []
