@@ -9,7 +9,8 @@ kernels merge them (CUDA; CPU under Triton's interpreter, in tests). The executo
 copies as it reads them in plan order, merges the group once its last tensor is read, with
 :func:`hf_ame.kernels.fused_soup_many` / :func:`~hf_ame.kernels.fused_merge_many` (the same
 arithmetic as one launch each: the same bits), and writes its tensors then (the writer takes
-tensors in any order).
+tensors in any order). So with several bad tensors (NaN or Inf) the error may name a later, larger
+one than without groups: the one merged first.
 """
 from __future__ import annotations
 

@@ -14,14 +14,17 @@ holds up to twice its live block buffers, which the plan's memory estimate count
 (:func:`keeps_blocks`). Afterwards the freed memory is given back (``malloc_trim``) and the
 thresholds are left where glibc's dynamic rule ends in a process that has freed a 32 MiB tensor
 (32 MiB and 64 MiB: setting any of them turns that rule off for good, so they cannot be put back
-as they were). A user who set glibc's malloc parameters (``MALLOC_*_`` or ``GLIBC_TUNABLES``)
-keeps them: nothing is changed; nor with another C library.
+as they were). A user who set these parameters themselves (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_``, even empty, or the same
+``glibc.malloc.*`` tunables in ``GLIBC_TUNABLES``, as glibc read them when the process started)
+keeps them: nothing is changed; nor with another C library or another system.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from typing import Any, Iterator, Optional
 
@@ -31,6 +34,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _DURING = {_M_MMAP_THRESHOLD: 4 << 20, _M_TRIM_THRESHOLD: 64 << 20}
 _AFTER = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}  # glibc's dynamic maximum and twice it
 _USER_SET = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                  "glibc.malloc.mmap_max")
 
 _lock = threading.Lock()
 _active = 0  # merges running now (the UI and the greedy modes may nest or overlap them)
@@ -38,13 +43,15 @@ _active = 0  # merges running now (the UI and the greedy modes may nest or overl
 
 def _glibc() -> Optional[Any]:
     """glibc's malloc functions, or None (another C library, or the user set its parameters)."""
-    if any(k in os.environ for k in _USER_SET) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or any(k in os.environ for k in _USER_SET)
+            or any(t in tunables for t in _USER_TUNABLES)):
         return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
 
 

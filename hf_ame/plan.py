@@ -148,10 +148,14 @@ class MergePlan:
         behind = max((t.write_bytes for t in mine if not t.written_by_workers), default=0) if self.prefetch else 0
         # tensors merged side by side: one per worker and one waiting for a worker
         side = sorted((t.peak_bytes for t in mine if t.side_by_side), reverse=True)[:self.workers + 1]
-        grouped: Dict[int, int] = {}  # a group's tensors are merged together
+        grouped: Dict[int, List[int]] = {}  # a group's tensors: merged together, copies held until then
         for t in mine:
-            grouped[t.group] = grouped.get(t.group, 0) + (t.peak_bytes if t.group >= 0 else 0)
-        return max(max(t.peak_bytes for t in mine), sum(side), *grouped.values()) + ahead + behind
+            if t.group >= 0:
+                grouped.setdefault(t.group, [0, 0])[0] += t.peak_bytes
+                grouped[t.group][1] += t.read_bytes
+        held = max((r for _, r in grouped.values()), default=0)  # while the tensors between its members merge
+        together = max((b for b, _ in grouped.values()), default=0)
+        return max(max(t.peak_bytes for t in mine) + held, sum(side), together) + ahead + behind
 
     @property
     def devices(self) -> List[str]:

@@ -77,3 +77,8 @@ def test_nested_merges_set_and_restore_once(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
     assert heap._glibc() is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # another parameter: the thresholds are ours
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert heap._glibc() is not None
+    monkeypatch.setattr(heap.sys, "platform", "win32")  # (ctypes.CDLL(None) raises TypeError there)
+    assert heap._glibc() is None
