@@ -6,7 +6,7 @@ written against those keeps working. Messages name the model, tensor, file or fi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 __all__ = [
     "HFAMEError",
@@ -61,14 +61,18 @@ class IncompatibleCheckpointsError(HFAMEError, ValueError):
 
 class NonFiniteWeightsError(IncompatibleCheckpointsError):
     """A NaN or Inf in an ingredient's tensor (or produced by the merge): the merge stops before its
-    output lands. ``models``: the ingredients at fault (empty when the merge itself overflowed)."""
+    output lands. ``models``: the ingredients at fault (empty when the merge itself overflowed);
+    ``optimizer``: the merge's (None: the exact soup, which has no learning rate to blame)."""
 
-    def __init__(self, tensor: str, models: Sequence[str], optimizer: str = ""):
+    def __init__(self, tensor: str, models: Sequence[str], optimizer: Optional[str] = ""):
         self.tensor, self.models = tensor, list(models)
         if self.models:
             msg = (f"model {self.models[0]!r} has NaN or Inf values in tensor {tensor!r}"
                    + (f" (so do {', '.join(repr(m) for m in self.models[1:])})" if len(self.models) > 1 else "")
                    + "; the merge was stopped and nothing was written")
+        elif optimizer is None:
+            msg = (f"tensor {tensor!r}: the average of finite ingredients is NaN or Inf in the output dtype (values "
+                   "beyond its range, or sums beyond float32's); nothing was written")
         else:
             msg = (f"tensor {tensor!r}: the merge produced NaN or Inf values from finite ingredients (a learning "
                    f"rate or amplification too large for {optimizer or 'the optimizer'}, or an output dtype too "

@@ -274,12 +274,17 @@ class _Runner:
                                 out_dtype=getattr(torch, members[0][0].dtype), exact_soup=p.exact_soup)
         for (tp, _), out, g, b in zip(members, outs, groups, bases):
             if not all_finite(out):
-                raise NonFiniteWeightsError(tp.name, [self.ckpts[j].name for j in non_finite_inputs(g)],
-                                            p.config.optimizer)
+                raise self.non_finite(tp.name, non_finite_inputs(g))
             self.check_moved(tp.name, out, g, b)
         with self.counting:
             self.report.merged_tensors += len(members)
         return list(outs)
+
+    def non_finite(self, name: str, culprits: Sequence[int]) -> NonFiniteWeightsError:
+        """The error for a tensor whose merge holds NaN or Inf: its ingredients at fault, by name."""
+        p = self.plan
+        return NonFiniteWeightsError(name, [self.ckpts[j].name for j in culprits],
+                                     None if p.exact_soup else p.config.optimizer)
 
     def merge(self, tp: TensorPlan, xs: List[torch.Tensor]) -> Optional[torch.Tensor]:
         if tp.transform == "copy":
@@ -294,8 +299,7 @@ class _Runner:
         try:
             out = self.merge_floating(tp, xs)
         except NonFiniteError as exc:  # the culprits, by name, or the merge itself overflowed
-            raise NonFiniteWeightsError(tp.name, [self.ckpts[j].name for j in exc.culprits],
-                                        self.plan.config.optimizer) from None
+            raise self.non_finite(tp.name, exc.culprits) from None
         with self.counting:
             self.report.merged_tensors += 1
         return out

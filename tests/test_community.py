@@ -107,3 +107,15 @@ def test_non_finite_via_cli_and_overflow_of_the_merge(tmp_path, capsys):
         merge_checkpoints(clean, tmp_path / "o2", AMEConfig(optimizer="sgd", lr=1e7, adaptive_pivot=False, pivot="first"),
                           dtype="float16", progress=False)
     assert not (tmp_path / "o2").exists()
+    # a soup has no learning rate to blame: finite float32 values beyond float16's range
+    from safetensors.torch import load_file, save_file
+
+    big = make_family("llama", tmp_path / "h", 2, seed=3, noise=0.0)
+    for p in big:
+        f = p / "model.safetensors"
+        save_file({k: v * 1e5 if v.is_floating_point() else v for k, v in load_file(f).items()}, f,
+                  metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightsError, match=r"the average of finite ingredients is NaN or Inf in the output "
+                                                    r"dtype") as info:
+        merge_checkpoints(big, tmp_path / "o3", AMEConfig.soup(), dtype="float16", progress=False)
+    assert "learning rate" not in str(info.value) and not (tmp_path / "o3").exists()
