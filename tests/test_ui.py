@@ -10,6 +10,7 @@ import base64
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -480,8 +481,14 @@ def test_hf_ame_ui_serves_on_localhost_and_ctrl_c_stops_it(tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.3)
         assert "Shared page" in config and "Running on local URL:  http://127.0.0.1:" in _read_until(proc, "http")
+        printed: list = []  # the rest of its output, read as it comes (a full pipe would block it)
+        threading.Thread(target=lambda: printed.extend(proc.stdout), daemon=True).start()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # seen once in CI (session 12), never reproduced: say what it printed
+            pytest.fail("hf-ame ui did not stop within 30 s of Ctrl-C; it printed after its URL:\n" + "".join(printed))
+        assert code == 0, "".join(printed)
         assert list(tmp_path.glob("hf_ame-ui-*")) == []  # its folder removed
     finally:
         proc.kill()
