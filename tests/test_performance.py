@@ -99,7 +99,8 @@ def test_peak_memory_independent_of_n(tmp_path):
 def test_two_processes_equal_one_bit_for_bit(tmp_path):
     paths = make_family("llama", tmp_path / "m", 3, seed=4, max_shard_size="30KB")
     args = [str(p) for p in paths] + ["--max-shard-size", "20KB", "--no-progress", "--optimizer", "adam", "--epochs", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # (torchrun keeps its logs in a torchelastic_* folder of TMPDIR, and does not always remove it: ours)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     one = subprocess.run([sys.executable, "-m", "hf_ame", "merge", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert one.returncode == 0, one.stderr
