@@ -26,9 +26,7 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -347,35 +345,22 @@ def serve(host: str = "127.0.0.1", port: Optional[int] = None, share_safe: bool 
     app = UIApp(Settings(share_safe=share_safe))
     # Gradio's copies of the files it serves (recipes, zips, uploads): in the page's folder, removed with it
     os.environ["GRADIO_TEMP_DIR"] = _GRADIO_CACHE or str(app.root / "gradio")
-    stop = threading.Event()
-    with _stop_on_signals(stop) if block else contextlib.nullcontext():
-        try:
-            _launch(app, host, port, quiet)
-            while block and not stop.wait(0.2):  # until Ctrl-C or SIGTERM
-                pass
-        except BaseException:
-            app.close()
-            raise
-    if block:
+    try:
+        _launch(app, host, port, quiet)
+    except BaseException as exc:
+        app.close()
+        if block and isinstance(exc, KeyboardInterrupt):  # Ctrl-C while starting: the same clean stop
+            return app
+        raise
+    if not block:
+        return app
+    try:
+        app.demo.block_thread()  # until Ctrl-C (or, through the CLI, SIGTERM)
+    except KeyboardInterrupt:
+        pass
+    finally:
         app.close()
     return app
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM set ``stop`` instead of raising: raised while Gradio was still starting, the
-    interrupt was once swallowed inside ``launch`` and the page then ran on, deaf to further signals
-    (the CLI ignores a second one). Main thread only (elsewhere Python cannot take signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)
-           if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _launch(app: UIApp, host: str, port: Optional[int], quiet: bool) -> None:
