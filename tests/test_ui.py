@@ -187,7 +187,10 @@ def page(tmp_path_factory):
     opts.binary_location = CHROMIUM
     opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                            "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
+    # chromium leaves its singleton socket folder (org.chromium.Chromium.*) in TMPDIR: keep it in ours
+    scratch = tmp_path_factory.mktemp("chromium-tmp")
+    service = webdriver.ChromeService(executable_path=DRIVER, env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=opts)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     try:
         yield Page(driver, app, downloads)
