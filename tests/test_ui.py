@@ -469,8 +469,11 @@ def test_hf_ame_ui_serves_on_localhost_and_ctrl_c_stops_it(tmp_path):
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # the CLI imports gradio lazily
     port = ui.free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    # a suite started in the background (`cmd &`) ignores SIGINT, and so would the command it starts (the CLI
+    # keeps a signal its parent ignores): it then ran on after the Ctrl-C below (seen in session 12)
     proc = subprocess.Popen([sys.executable, "-m", "hf_ame", "ui", "--port", str(port), "--share-safe"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while True:
