@@ -89,11 +89,13 @@ class _Runner:
             return self.uploader.upload(xs, dev)
         return xs
 
+    def read_block(self, name: str, bounds: Sequence[tuple], k: int) -> List[torch.Tensor]:
+        """Block k (of ``bounds``) of every source's copy of tensor ``name``, flat."""
+        return [c.read_flat(name, *bounds[k]) for c in self.srcs]
+
     def blocks(self, tp: TensorPlan, bounds: Sequence[tuple]) -> Iterator[List[torch.Tensor]]:
         """Block k of every source; block k + 1 is read on the row pool's thread while k is merged."""
-        def read_block(k: int) -> List[torch.Tensor]:
-            return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
-
+        read_block = functools.partial(self.read_block, tp.name, bounds)
         pool = self.row_pool
         pending = pool.submit(read_block, 0) if pool is not None else None
         for k in range(len(bounds)):
@@ -112,12 +114,10 @@ class _Runner:
         p = self.plan
         # the plan's choice: readers with state (a dequantized or converted tensor kept, a file position) are
         # read one block at a time; positional readers by the workers, which write their merged blocks
-        if self.pool is not None and tp.written_by_workers:
-            def read_block(k: int) -> List[torch.Tensor]:  # on the worker that merges block k
-                return [c.read_flat(tp.name, *bounds[k]) for c in self.srcs]
-
-            return merge_blocks_on(self.pool, read_block, bounds, tp.shape, len(self.ckpts), p.config, p.steps,
-                                   p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup,
+        if self.pool is not None and tp.written_by_workers:  # block k read by the worker that merges it
+            return merge_blocks_on(self.pool, functools.partial(self.read_block, tp.name, bounds), bounds, tp.shape,
+                                   len(self.ckpts), p.config, p.steps, p.pivot, out_dtype=getattr(torch, tp.dtype),
+                                   exact_soup=p.exact_soup,
                                    sink=self.sink(tp) if self.sink is not None else None)  # None: assembled
         return merge_in_blocks(self.blocks(tp, bounds), bounds, tp.shape, len(self.ckpts), p.config, p.steps,
                                p.pivot, out_dtype=getattr(torch, tp.dtype), exact_soup=p.exact_soup)
@@ -126,14 +126,10 @@ class _Runner:
         """A method's first step in one pass over blocks (:mod:`hf_ame.first_step`), each block written
         by the worker that merged it; False: not kept, the tensor is to be merged whole (and the
         report names it). Side by side, the worker merging the tensor runs its blocks itself."""
-        bounds = block_bounds(tp.numel, tp.block)
-
-        def read_block(k: int) -> List[torch.Tensor]:
-            return [c.read_flat(tp.name, *bounds[k]) for c in self.ckpts]
-
-        p = self.plan
-        if merge_first_step(read_block, bounds, len(self.ckpts), p.config, p.steps, self.sink(tp),
-                            out_dtype=getattr(torch, tp.dtype), key=tp.name, position=tp.position,
+        bounds, p = block_bounds(tp.numel, tp.block), self.plan  # (the pivot is the soup: the sources are the N)
+        if merge_first_step(functools.partial(self.read_block, tp.name, bounds), bounds, len(self.ckpts), p.config,
+                            p.steps, self.sink(tp), out_dtype=getattr(torch, tp.dtype), key=tp.name,
+                            position=tp.position,
                             pool=None if tp.side_by_side else self.pool):
             return True
         with self.counting:
